@@ -1,0 +1,111 @@
+"""What AsyncTLS needs to know about a model's attention, and the checks that refuse what it cannot serve.
+
+`ModelAttention` is built from SGLang's `ModelConfig` in the launcher (plugin.py) and from a Hugging Face style
+config in the fidelity tools; both go through `check_model`, so every entry point refuses the same models.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from sglang_asynctls.config import FLAGS, AsyncTLSConfig, AsyncTLSConfigError
+
+
+@dataclass(frozen=True)
+class ModelAttention:
+    """kind: "gqa" (GQA/MHA) or "mla" (decode as MQA over the latent: one KV head of kv_lora_rank + rope dims)."""
+
+    kind: str
+    num_layers: int
+    num_qo_heads: int
+    num_kv_heads: int
+    head_dim: int  # width of keys as stored in the KV cache (MLA: kv_lora_rank + qk_rope_head_dim)
+    v_head_dim: int  # width of values (MLA: kv_lora_rank)
+
+    @property
+    def group_size(self) -> int:
+        return self.num_qo_heads // self.num_kv_heads
+
+
+class UnsupportedModelError(AsyncTLSConfigError):
+    """The model's attention is neither GQA/MHA nor MLA (or mixes in layers AsyncTLS cannot index)."""
+
+
+def from_sglang_model_config(mc) -> ModelAttention:
+    """Read SGLang 0.5.17's ModelConfig; refuse hybrid (linear / sliding-window) and encoder-decoder models."""
+    arch = getattr(mc.attention_arch, "name", str(mc.attention_arch))
+    archs = list(getattr(mc.hf_config, "architectures", None) or ["?"])
+    reasons = []
+    if getattr(mc, "is_encoder_decoder", False):
+        reasons.append("encoder-decoder")
+    if getattr(mc, "is_hybrid_swa", False) or getattr(mc.hf_text_config, "sliding_window_pattern", None):
+        reasons.append("hybrid sliding-window attention")
+    if getattr(mc, "full_attention_interval", None) or mc.linear_attn_registry_result() is not None:
+        reasons.append("hybrid linear attention")
+    if getattr(mc, "use_alibi", False):
+        reasons.append("ALiBi")
+    if reasons:
+        raise UnsupportedModelError(
+            f"{FLAGS['enabled']} supports GQA/MHA and MLA decoder-only models; {archs[0]} uses "
+            f"{', '.join(reasons)}")
+    if arch == "MLA":
+        rank, rope = mc.kv_lora_rank, mc.qk_rope_head_dim
+        return ModelAttention("mla", mc.num_hidden_layers, mc.num_attention_heads, 1, rank + rope, rank)
+    if arch != "MHA":
+        raise UnsupportedModelError(f"{FLAGS['enabled']} supports GQA/MHA and MLA attention, not {arch}")
+    return check_model(ModelAttention("gqa", mc.num_hidden_layers, mc.num_attention_heads,
+                                      mc.num_key_value_heads, mc.head_dim, mc.v_head_dim))
+
+
+def check_model(model: ModelAttention) -> ModelAttention:
+    if model.kind not in ("gqa", "mla"):
+        raise UnsupportedModelError(f"{FLAGS['enabled']} supports GQA/MHA and MLA attention, not {model.kind!r}")
+    if model.num_kv_heads < 1 or model.num_qo_heads % model.num_kv_heads:
+        raise UnsupportedModelError(
+            f"{FLAGS['enabled']} needs query heads to be a multiple of KV heads "
+            f"(got {model.num_qo_heads} query heads, {model.num_kv_heads} KV heads)")
+    if model.head_dim is None or model.head_dim < 8:
+        raise UnsupportedModelError(f"{FLAGS['enabled']} needs a head dim >= 8 (got {model.head_dim})")
+    return model
+
+
+def check_config_for_model(cfg: AsyncTLSConfig, model: ModelAttention) -> Optional[torch.Tensor]:
+    """Model-dependent checks; returns the channel table [layers, kv_heads, d_c] if a config file was given."""
+    check_model(model)
+    d_c = cfg.resolved_label_channels(model.kind)
+    if d_c > model.head_dim:
+        raise AsyncTLSConfigError(
+            f"{FLAGS['label_channels']} must be an even integer in [2, {model.head_dim}] for this model's "
+            f"head dim {model.head_dim} (got {d_c})")
+    if cfg.channel_config is None:
+        return None
+    return load_channel_config(cfg.channel_config, model, d_c)
+
+
+def load_channel_config(path: str, model: ModelAttention, label_channels: int) -> torch.Tensor:
+    """Load `calibrate`'s JSON: {"channels": [layer][kv_head][d_c] ints, ...}. One clear error per problem."""
+    flag = FLAGS["channel_config"]
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        channels = torch.tensor(data["channels"], dtype=torch.int64)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise AsyncTLSConfigError(f"{flag} must be a readable channel JSON from sglang_asynctls.calibrate "
+                                  f"(got {path!r}: {type(e).__name__}: {e})") from None
+    want = (model.num_layers, model.num_kv_heads)
+    if channels.dim() != 3 or tuple(channels.shape[:2]) != want:
+        raise AsyncTLSConfigError(f"{flag} must hold channels for {want[0]} layers x {want[1]} KV heads of this "
+                                  f"model (got shape {tuple(channels.shape)} in {path!r})")
+    if channels.shape[2] < label_channels:
+        raise AsyncTLSConfigError(f"{flag} ranks only {channels.shape[2]} channels per head but "
+                                  f"{FLAGS['label_channels']} is {label_channels} (in {path!r})")
+    channels = channels[:, :, :label_channels]
+    if channels.min() < 0 or channels.max() >= model.head_dim:
+        raise AsyncTLSConfigError(f"{flag} has channel ids outside [0, {model.head_dim}) (in {path!r})")
+    if any(len(set(row.tolist())) != label_channels for row in channels.reshape(-1, label_channels)):
+        raise AsyncTLSConfigError(f"{flag} repeats a channel within one head (in {path!r})")
+    return channels
