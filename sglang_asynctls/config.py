@@ -75,14 +75,11 @@ class AsyncTLSConfig:
         bs = self.block_size
         if not (isinstance(bs, int) and 16 <= bs <= 512 and bs & (bs - 1) == 0):
             _fail("block_size", "a power of two in [16, 512]", bs)
-        _check_int("block_budget", self.block_budget, 1, 1 << 16)
         _check_int("sink_tokens", self.sink_tokens, 0)
         _check_int("local_window", self.local_window, 0)
         _check_int("dense_below", self.dense_below, 0)
-        forced = self.forced_blocks
-        if self.block_budget < forced:
-            _fail("block_budget", f"at least {forced} (the sink, local-window and open blocks are always kept)",
-                  self.block_budget)
+        # the sink, local-window and open blocks are always kept, so the budget must hold them
+        _check_int("block_budget", self.block_budget, self.forced_blocks, 1 << 16)
         cap = self.block_budget * bs
         _check_int("token_budget", self.token_budget, 1, cap)
         always = self.sink_tokens + self.local_window

@@ -44,7 +44,7 @@ def from_sglang_model_config(mc) -> ModelAttention:
         reasons.append("encoder-decoder")
     if getattr(mc, "is_hybrid_swa", False) or getattr(mc.hf_text_config, "sliding_window_pattern", None):
         reasons.append("hybrid sliding-window attention")
-    if getattr(mc, "full_attention_interval", None) or mc.linear_attn_registry_result() is not None:
+    if getattr(mc, "full_attention_interval", None) or getattr(mc, "linear_attn_registry_result", None) is not None:
         reasons.append("hybrid linear attention")
     if getattr(mc, "use_alibi", False):
         reasons.append("ALiBi")

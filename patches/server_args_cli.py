@@ -1,0 +1,45 @@
+"""Hook: add the `--asynctls-*` flags to SGLang's argument parser.
+
+Target:  sglang.srt.server_args.ServerArgs.add_cli_args (staticmethod), HookType.AFTER
+SGLang:  0.5.17
+Reason:  SGLang has no plugin API for CLI flags; `launch_server` / `sglang serve` call `load_plugins()` before
+         building the parser, so an AFTER hook here makes the flags appear in `--help` and parse normally.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from sglang_asynctls.config import FLAGS, AsyncTLSConfig
+
+TARGET = "sglang.srt.server_args.ServerArgs.add_cli_args"
+_D = AsyncTLSConfig()
+
+
+def add_asynctls_args(_result, parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("AsyncTLS sparse decode (sglang-asynctls)")
+    g.add_argument(FLAGS["enabled"], action="store_true",
+                   help="Decode long sequences with AsyncTLS two-level sparse attention (prefill stays dense).")
+    ints = [
+        ("block_size", "Tokens per coarse block (power of two in [16, 512])."),
+        ("block_budget", "k_b: blocks kept per KV group by the coarse stage (forced sink/window blocks included)."),
+        ("token_budget", "k_t: tokens attended per KV group (sink and window included; <= k_b x block size)."),
+        ("sink_tokens", "First tokens always attended."),
+        ("local_window", "Last tokens always attended."),
+        ("dense_below", "Sequences shorter than this decode densely."),
+    ]
+    for field, text in ints:
+        g.add_argument(FLAGS[field], type=int, default=getattr(_D, field), help=f"{text} Default: %(default)s.")
+    g.add_argument(FLAGS["label_channels"], type=int, default=None,
+                   help="d_c: heavy key channels kept as INT4 labels (even). Default: 32 for GQA, 128 for MLA.")
+    g.add_argument(FLAGS["channel_config"], type=str, default=None, metavar="PATH",
+                   help="Heavy-channel JSON from `python -m sglang_asynctls.calibrate`.")
+    g.add_argument(FLAGS["offload"], action="store_true",
+                   help="Keep full KV in pinned host memory with a resident block set on the GPU.")
+
+
+def config_from_namespace(args: argparse.Namespace) -> AsyncTLSConfig:
+    """Build (and so validate) the config from parsed flags; raises AsyncTLSConfigError naming the flag."""
+    values = {field: getattr(args, "enable_asynctls" if field == "enabled" else f"asynctls_{field}")
+              for field in FLAGS}
+    return AsyncTLSConfig(**values)

@@ -1,0 +1,62 @@
+"""Hook: turn the parsed `--asynctls-*` flags into one validated AsyncTLSConfig carried by ServerArgs.
+
+Target:  sglang.srt.server_args.ServerArgs.from_cli_args (classmethod), HookType.AROUND
+SGLang:  0.5.17
+Reason:  `from_cli_args` keeps only dataclass fields, so our flags would be dropped. Around it we validate the
+         flags (before the model is touched), route the attention backend to `asynctls`, and after SGLang has
+         resolved the model config, check that the model is GQA/MHA or MLA. Any error ends the launch in the
+         launcher process with one line naming the flag — no scheduler process starts half-configured.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from sglang_asynctls.config import FLAGS, AsyncTLSConfigError
+from sglang_asynctls.runtime_config import BACKEND_NAME, attach_config
+
+TARGET = "sglang.srt.server_args.ServerArgs.from_cli_args"
+logger = logging.getLogger(__name__)
+
+
+def _route_backend(args) -> None:
+    chosen = {f"--{k.replace('_', '-')}": getattr(args, k, None)
+              for k in ("attention_backend", "prefill_attention_backend", "decode_attention_backend")}
+    clash = {flag: v for flag, v in chosen.items() if v not in (None, BACKEND_NAME)}
+    if clash:
+        flag, value = next(iter(clash.items()))
+        raise AsyncTLSConfigError(f"{FLAGS['enabled']} selects the '{BACKEND_NAME}' attention backend itself "
+                                  f"(it runs prefill through SGLang's dense kernels); drop {flag} {value}")
+    args.attention_backend = BACKEND_NAME
+
+
+def _check_model(server_args, cfg) -> None:
+    from sglang_asynctls.model_spec import check_config_for_model, from_sglang_model_config
+
+    if cfg.offload:
+        # the offload engine is its own piece of work; refusing beats silently serving without it
+        raise AsyncTLSConfigError(f"{FLAGS['offload']} is not available in this version of sglang-asynctls")
+    if server_args.model_path.lower() in ("none", "dummy"):
+        return
+    check_config_for_model(cfg, from_sglang_model_config(server_args.get_model_config()))
+
+
+def from_cli_args_with_asynctls(original, cls, args):
+    from sglang_asynctls.patches.server_args_cli import config_from_namespace
+
+    try:
+        cfg = config_from_namespace(args)
+        if getattr(args, "attention_backend", None) == BACKEND_NAME and not cfg.enabled:
+            cfg = type(cfg)(**{**cfg.__dict__, "enabled": True})
+        if cfg.enabled:
+            _route_backend(args)
+        server_args = original(cls, args)
+        if cfg.enabled:
+            _check_model(server_args, cfg)
+            attach_config(server_args, cfg)
+            logger.info("AsyncTLS enabled: %s", cfg)
+    except AsyncTLSConfigError as e:
+        sys.stderr.write(f"sglang-asynctls: error: {e}\n")
+        raise SystemExit(2) from None
+    return server_args

@@ -1,0 +1,40 @@
+"""SGLang plugin entry point (`sglang.srt.plugins: asynctls = sglang_asynctls.plugin:register`).
+
+`register()` runs in every SGLang process (launcher, schedulers, detokenizer) before arguments are parsed. It must
+stay cheap: no CUDA initialisation and no kernel imports — the backend module is imported only when a scheduler
+builds the `asynctls` backend.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from sglang_asynctls.runtime_config import BACKEND_NAME
+
+logger = logging.getLogger(__name__)
+_registered = False
+
+
+def _create_backend(model_runner):
+    from sglang_asynctls.backend import create_asynctls_backend
+
+    return create_asynctls_backend(model_runner)
+
+
+def register() -> None:
+    global _registered
+    if _registered:
+        return
+    from sglang.srt.layers.attention.attention_registry import register_attention_backend
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+    from sglang.srt.server_args import ATTENTION_BACKEND_CHOICES, add_attention_backend_choices
+
+    from sglang_asynctls.patches import server_args_cli, server_args_from_cli
+
+    if BACKEND_NAME not in ATTENTION_BACKEND_CHOICES:
+        add_attention_backend_choices([BACKEND_NAME])
+    register_attention_backend(BACKEND_NAME)(_create_backend)
+    HookRegistry.register(server_args_cli.TARGET, server_args_cli.add_asynctls_args, HookType.AFTER)
+    HookRegistry.register(server_args_from_cli.TARGET, server_args_from_cli.from_cli_args_with_asynctls,
+                          HookType.AROUND)
+    _registered = True

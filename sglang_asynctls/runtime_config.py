@@ -1,0 +1,31 @@
+"""How the one validated AsyncTLSConfig travels from the launcher to every scheduler process.
+
+The launcher attaches it to the ServerArgs instance (pickled into each scheduler process by SGLang's spawn) and
+mirrors it in the environment, which spawned processes inherit; the backend factory reads it back. Programs that
+build ServerArgs without the CLI (`sgl.Engine(attention_backend="asynctls")`) get the environment's config or the
+defaults.
+"""
+
+from __future__ import annotations
+
+import os
+
+from sglang_asynctls.config import AsyncTLSConfig
+
+BACKEND_NAME = "asynctls"
+ENV_VAR = "SGLANG_ASYNCTLS_CONFIG"
+_ATTR = "_asynctls_config"  # leading underscore: ServerArgs allows private attributes after resolution
+
+
+def attach_config(server_args, cfg: AsyncTLSConfig) -> None:
+    object.__setattr__(server_args, _ATTR, cfg)
+    os.environ[ENV_VAR] = cfg.to_json()
+
+
+def config_of(server_args) -> AsyncTLSConfig:
+    cfg = getattr(server_args, _ATTR, None)
+    if cfg is not None:
+        return cfg
+    if os.environ.get(ENV_VAR):
+        return AsyncTLSConfig.from_json(os.environ[ENV_VAR])
+    return AsyncTLSConfig(enabled=True)
