@@ -42,8 +42,12 @@ def from_sglang_model_config(mc) -> ModelAttention:
     reasons = []
     if getattr(mc, "is_encoder_decoder", False):
         reasons.append("encoder-decoder")
-    if getattr(mc, "is_hybrid_swa", False) or getattr(mc.hf_text_config, "sliding_window_pattern", None):
-        reasons.append("hybrid sliding-window attention")
+    tc = mc.hf_text_config
+    window = getattr(tc, "sliding_window", None) and getattr(tc, "use_sliding_window", True)
+    if getattr(mc, "is_hybrid_swa", False) or window or getattr(tc, "sliding_window_pattern", None):
+        reasons.append("sliding-window attention")
+    if getattr(tc, "attn_logit_softcapping", None):
+        reasons.append("attention logit soft-capping")
     if getattr(mc, "full_attention_interval", None) or getattr(mc, "linear_attn_registry_result", None) is not None:
         reasons.append("hybrid linear attention")
     if getattr(mc, "use_alibi", False):

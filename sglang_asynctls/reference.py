@@ -30,6 +30,11 @@ import torch
 NEG_INF = float("-inf")
 POS_INF = float("inf")
 
+
+def _f(x: torch.Tensor) -> torch.Tensor:
+    """Accumulation dtype: float32 for 16-bit inputs, the input's own dtype for float32/float64."""
+    return x.float() if x.element_size() < 4 or not x.is_floating_point() else x
+
 # ---------------------------------------------------------------------------------------------- index build
 
 
@@ -102,12 +107,12 @@ def block_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, block_
     """
     b, hq, d = q.shape
     hkv = kmin.shape[1]
-    qg = q.float().view(b, hkv, hq // hkv, d)
+    qg = _f(q).view(b, hkv, hq // hkv, d)
     q_pos = qg.clamp(min=0).sum(dim=2)  # sum over heads commutes with the dot: [B, Hkv, D]
     q_neg = qg.clamp(max=0).sum(dim=2)
     entries = block_table.long().clamp(min=0)
-    kmax_b = kmax[entries].float()  # [B, NB, Hkv, D]
-    kmin_b = kmin[entries].float()
+    kmax_b = _f(kmax[entries])  # [B, NB, Hkv, D]
+    kmin_b = _f(kmin[entries])
     scores = torch.einsum("bhd,bnhd->bhn", q_pos, kmax_b) + torch.einsum("bhd,bnhd->bhn", q_neg, kmin_b)
     nb = block_table.shape[1]
     complete = torch.arange(nb, device=q.device)[None] < num_complete_blocks(seq_lens, block_size)[:, None]
@@ -119,10 +124,10 @@ def quest_block_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, 
     """Quest's elementwise form: sum_h sum_d max(q_d * Kmax_d, q_d * Kmin_d). Equal to `block_scores`."""
     b, hq, d = q.shape
     hkv = kmin.shape[1]
-    qg = q.float().view(b, hkv, hq // hkv, 1, d)
+    qg = _f(q).view(b, hkv, hq // hkv, 1, d)
     entries = block_table.long().clamp(min=0)
-    kmax_b = kmax[entries].float().permute(0, 2, 1, 3)[:, :, None]  # [B, Hkv, 1, NB, D]
-    kmin_b = kmin[entries].float().permute(0, 2, 1, 3)[:, :, None]
+    kmax_b = _f(kmax[entries]).permute(0, 2, 1, 3)[:, :, None]  # [B, Hkv, 1, NB, D]
+    kmin_b = _f(kmin[entries]).permute(0, 2, 1, 3)[:, :, None]
     scores = torch.maximum(qg * kmax_b, qg * kmin_b).sum(dim=-1).sum(dim=2)
     nb = block_table.shape[1]
     complete = torch.arange(nb, device=q.device)[None] < num_complete_blocks(seq_lens, block_size)[:, None]
@@ -182,7 +187,7 @@ def token_scores(q: torch.Tensor, labels: torch.Tensor, label_scale: torch.Tenso
     hkv, dc = channels.shape
     g = hq // hkv
     idx = channels.long()[None, :, None, :].expand(b, hkv, g, dc)
-    q_lab = torch.gather(q.float().view(b, hkv, g, d), 3, idx)  # [B, Hkv, G, Dc]
+    q_lab = torch.gather(_f(q).view(b, hkv, g, d), 3, idx).float()  # [B, Hkv, G, Dc]
     valid = positions >= 0
     slots = req_to_token[req_pool_indices.long()[:, None, None], positions.clamp(min=0)].long()  # [B, Hkv, C]
     heads = torch.arange(hkv, device=q.device)[None, :, None]
@@ -233,9 +238,9 @@ def sparse_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tenso
     valid = token_slots >= 0
     slots = token_slots.long().clamp(min=0)
     heads = torch.arange(hkv, device=q.device)[None, :, None]
-    k = k_buffer[slots, heads].float()  # [B, Hkv, K, D]
-    v = v_buffer[slots, heads].float()  # [B, Hkv, K, Dv]
-    logits = torch.einsum("bhgd,bhkd->bhgk", q.float().view(b, hkv, g, d), k) * sm_scale
+    k = _f(k_buffer[slots, heads])  # [B, Hkv, K, D]
+    v = _f(v_buffer[slots, heads])  # [B, Hkv, K, Dv]
+    logits = torch.einsum("bhgd,bhkd->bhgk", _f(q).view(b, hkv, g, d), k) * sm_scale
     logits = logits.masked_fill(~valid[:, :, None, :], NEG_INF)
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
     o = torch.einsum("bhgk,bhkv->bhgv", probs, v)

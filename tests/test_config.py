@@ -1,0 +1,60 @@
+"""AsyncTLSConfig validation: every bad value fails with a message naming its flag and the allowed range."""
+
+import pytest
+
+from sglang_asynctls.config import PRESETS, AsyncTLSConfig, AsyncTLSConfigError
+
+
+def test_defaults_are_valid_and_match_the_paper():
+    cfg = AsyncTLSConfig()
+    assert (cfg.block_size, cfg.block_budget, cfg.token_budget) == (64, 128, 1024)
+    assert cfg.resolved_label_channels("gqa") == 32 and cfg.resolved_label_channels("mla") == 128
+    assert cfg.forced_blocks == 1 + 2 + 1
+
+
+@pytest.mark.parametrize("kwargs, flag, allowed", [
+    (dict(block_size=48), "--asynctls-block-size", "power of two"),
+    (dict(block_size=8), "--asynctls-block-size", "[16, 512]"),
+    (dict(block_size=1024), "--asynctls-block-size", "[16, 512]"),
+    (dict(block_budget=0), "--asynctls-block-budget", "[4, 65536]"),
+    (dict(block_budget=-3), "--asynctls-block-budget", "[4, 65536]"),
+    (dict(block_budget=3), "--asynctls-block-budget", "[4, 65536]"),
+    (dict(token_budget=0), "--asynctls-token-budget", "[1, 8192]"),
+    (dict(token_budget=8193), "--asynctls-token-budget", "[1, 8192]"),
+    (dict(token_budget=1000, block_budget=8, block_size=64, local_window=64), "--asynctls-token-budget",
+     "[1, 512]"),
+    (dict(token_budget=192), "--asynctls-token-budget", "greater than"),
+    (dict(label_channels=31), "--asynctls-label-channels", "even"),
+    (dict(label_channels=0), "--asynctls-label-channels", "[2, 1024]"),
+    (dict(sink_tokens=-1), "--asynctls-sink-tokens", ">= 0"),
+    (dict(local_window=-5), "--asynctls-local-window", ">= 0"),
+    (dict(dense_below=-1), "--asynctls-dense-below", ">= 0"),
+    (dict(block_budget=2.5), "--asynctls-block-budget", "integer"),
+    (dict(token_budget=True), "--asynctls-token-budget", "integer"),
+])
+def test_bad_values_name_the_flag_and_range(kwargs, flag, allowed):
+    with pytest.raises(AsyncTLSConfigError) as err:
+        AsyncTLSConfig(**kwargs)
+    msg = str(err.value)
+    assert msg.startswith(flag) and allowed in msg and "got" in msg
+
+
+def test_forced_blocks_scale_with_sink_and_window():
+    cfg = AsyncTLSConfig(block_size=16, sink_tokens=17, local_window=40, block_budget=8, token_budget=100)
+    assert cfg.forced_blocks == 2 + 3 + 1
+
+
+def test_json_round_trip_and_unknown_keys():
+    cfg = AsyncTLSConfig(enabled=True, token_budget=512, label_channels=16)
+    assert AsyncTLSConfig.from_json(cfg.to_json()) == cfg
+    with pytest.raises(AsyncTLSConfigError, match="unknown"):
+        AsyncTLSConfig.from_json('{"token_budgets": 5}')
+
+
+def test_config_is_frozen():
+    with pytest.raises(Exception):
+        AsyncTLSConfig().token_budget = 5
+
+
+def test_presets_are_the_paper_budgets():
+    assert [p.token_budget for p in PRESETS.values()] == [512, 1024, 2048]

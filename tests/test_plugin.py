@@ -1,0 +1,157 @@
+"""The plugin inside stock SGLang 0.5.17: flags, backend routing, launch-time validation, cheap registration."""
+
+import importlib.metadata
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+sglang_server_args = pytest.importorskip("sglang.srt.server_args")
+HERE = os.path.dirname(__file__)
+FLAGS = ["--enable-asynctls", "--asynctls-block-size", "--asynctls-block-budget", "--asynctls-token-budget",
+         "--asynctls-label-channels", "--asynctls-channel-config", "--asynctls-sink-tokens",
+         "--asynctls-local-window", "--asynctls-dense-below", "--asynctls-offload"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Model dirs holding only a config.json, as SGLang needs to resolve ServerArgs on CPU."""
+    out = {}
+    for name in ("tiny_llama", "tiny_deepseek_mla", "tiny_gemma2_swa"):
+        d = tmp_path_factory.mktemp(name)
+        shutil.copy(os.path.join(HERE, "models", f"{name}.json"), d / "config.json")
+        out[name] = str(d)
+    return out
+
+
+@pytest.fixture(scope="module")
+def parse():
+    from sglang.srt.plugins import load_plugins
+
+    load_plugins()  # discovers our entry point exactly as launch_server does
+
+    def _parse(model, *argv):
+        return sglang_server_args.prepare_server_args(["--model-path", model, "--device", "cpu", *argv])
+
+    return _parse
+
+
+def test_entry_point_is_registered():
+    eps = importlib.metadata.entry_points(group="sglang.srt.plugins")
+    assert {ep.name: ep.value for ep in eps}.get("asynctls") == "sglang_asynctls.plugin:register"
+
+
+def test_enable_routes_to_asynctls_backend_and_carries_config(parse, models):
+    sa = parse(models["tiny_llama"], "--enable-asynctls", "--asynctls-token-budget", "512",
+               "--asynctls-local-window", "256", "--asynctls-label-channels", "16")
+    assert sa.attention_backend == "asynctls"
+    assert sa.get_attention_backends() == ("asynctls", "asynctls")
+    from sglang_asynctls.runtime_config import config_of
+
+    cfg = config_of(pickle.loads(pickle.dumps(sa)))  # as a spawned scheduler process receives it
+    assert (cfg.enabled, cfg.token_budget, cfg.local_window, cfg.label_channels) == (True, 512, 256, 16)
+
+
+def test_without_the_flag_nothing_changes(parse, models):
+    sa = parse(models["tiny_llama"])
+    assert sa.attention_backend != "asynctls" and not hasattr(sa, "_asynctls_config")
+
+
+def test_attention_backend_name_alone_enables_defaults(parse, models):
+    sa = parse(models["tiny_llama"], "--attention-backend", "asynctls")
+    assert sa._asynctls_config.enabled and sa._asynctls_config.token_budget == 1024
+
+
+def test_mla_model_is_accepted_as_mqa_over_the_latent(parse, models):
+    from sglang_asynctls.model_spec import from_sglang_model_config
+
+    sa = parse(models["tiny_deepseek_mla"], "--enable-asynctls", "--asynctls-label-channels", "32")
+    spec = from_sglang_model_config(sa.get_model_config())
+    assert (spec.kind, spec.num_kv_heads, spec.head_dim, spec.v_head_dim) == ("mla", 1, 64 + 16, 64)
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--asynctls-block-budget", "0"], "--asynctls-block-budget"),
+    (["--asynctls-block-size", "48"], "--asynctls-block-size"),
+    (["--asynctls-token-budget", "9000"], "--asynctls-token-budget"),
+    (["--asynctls-token-budget", "600", "--asynctls-block-budget", "8"], "--asynctls-token-budget"),
+    (["--asynctls-label-channels", "64"], "--asynctls-label-channels"),
+    (["--asynctls-channel-config", "/nonexistent/channels.json"], "--asynctls-channel-config"),
+    (["--attention-backend", "flashinfer"], "--attention-backend"),
+    (["--decode-attention-backend", "triton"], "--decode-attention-backend"),
+    (["--asynctls-offload"], "--asynctls-offload"),
+])
+def test_bad_values_fail_at_launch_naming_the_flag(parse, models, capsys, argv, flag):
+    with pytest.raises(SystemExit) as e:
+        parse(models["tiny_llama"], "--enable-asynctls", *argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("sglang-asynctls: error:") and flag in err
+
+
+def test_sliding_window_model_is_refused(parse, models, capsys):
+    with pytest.raises(SystemExit):
+        parse(models["tiny_gemma2_swa"], "--enable-asynctls")
+    assert "sliding-window" in capsys.readouterr().err
+
+
+def test_mla_default_label_channels_must_fit_the_latent(parse, models, capsys):
+    with pytest.raises(SystemExit):  # d_c defaults to 128 for MLA; this toy latent is 80 wide
+        parse(models["tiny_deepseek_mla"], "--enable-asynctls")
+    assert "--asynctls-label-channels must be an even integer in [2, 80]" in capsys.readouterr().err
+
+
+def _channel_json(path, layers, heads, dim, width):
+    ranked = [[list(range(dim))[:width] for _ in range(heads)] for _ in range(layers)]
+    path.write_text(json.dumps({"channels": ranked}))
+    return str(path)
+
+
+def test_channel_config_is_checked_against_the_model(parse, models, tmp_path, capsys):
+    good = _channel_json(tmp_path / "good.json", layers=2, heads=2, dim=32, width=32)
+    sa = parse(models["tiny_llama"], "--enable-asynctls", "--asynctls-channel-config", good,
+               "--asynctls-label-channels", "16")
+    assert sa._asynctls_config.channel_config == good
+    bad = _channel_json(tmp_path / "bad.json", layers=3, heads=2, dim=32, width=32)
+    with pytest.raises(SystemExit):
+        parse(models["tiny_llama"], "--enable-asynctls", "--asynctls-channel-config", bad)
+    assert "2 layers x 2 KV heads" in capsys.readouterr().err
+
+
+def test_hybrid_linear_attention_is_refused():
+    from sglang_asynctls.model_spec import UnsupportedModelError, from_sglang_model_config
+
+    mc = SimpleNamespace(attention_arch=SimpleNamespace(name="MHA"), hf_config=SimpleNamespace(
+        architectures=["Qwen3NextForCausalLM"]), hf_text_config=SimpleNamespace(), is_encoder_decoder=False,
+        is_hybrid_swa=False, full_attention_interval=4, linear_attn_registry_result=("gdn", None))
+    with pytest.raises(UnsupportedModelError, match="hybrid linear attention"):
+        from_sglang_model_config(mc)
+
+
+def test_backend_factory_is_registered(parse):
+    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
+
+    assert "asynctls" in ATTENTION_BACKENDS and "asynctls" in sglang_server_args.ATTENTION_BACKEND_CHOICES
+
+
+def test_register_is_cheap_and_touches_no_gpu_or_kernels():
+    code = ("import sys, time, torch; t = time.time(); import sglang_asynctls.plugin as p; p.register(); "
+            "print(round(time.time() - t, 2), torch.cuda.is_initialized(), "
+            "any(m.startswith('sglang_asynctls.kernels') or m == 'sglang_asynctls.backend' for m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    seconds, cuda, kernels = out.stdout.split()
+    assert cuda == "False" and kernels == "False"
+
+
+def test_help_lists_every_flag():
+    out = subprocess.run([sys.executable, "-m", "sglang.launch_server", "--help"], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for flag in FLAGS:
+        assert flag in out.stdout
+    assert "AsyncTLS sparse decode" in out.stdout
