@@ -1,0 +1,136 @@
+"""Whole decode steps on the GPU: AsyncTLS two-level sparse decode and the baselines, composed from the kernels.
+
+Every method has `reference.METHODS`' signature. No host synchronisation and no data-dependent shape anywhere
+(shapes follow block_table's NB and the budgets), so a step can be captured in a CUDA graph.
+
+asynctls, 6 kernels: block_scores -> select_blocks -> token_logits -> fine-select (softmax combine + top-Kt +
+slot lookup) -> sparse_decode split-K -> combine.
+"""
+
+from typing import Optional
+
+import torch
+
+from sglang_asynctls import reference
+
+from .block_scores import block_scores
+from .candidate_slots import candidate_slots
+from .fine_select import fine_select, fine_select_candidates
+from .select_blocks import select_blocks
+from .select_tokens import MAX_FUSED_CANDIDATES
+from .sparse_decode import sparse_decode
+from .token_scores import token_scores
+
+
+def coarse_select(q, kmin, kmax, block_table, seq_lens, *, block_size, block_budget, sink_tokens,
+                  local_window) -> torch.Tensor:
+    """Coarse stage (see `reference.coarse_select`): [B, Hkv, Kb] int32 block ids (M_t), ascending id order."""
+    scores = block_scores(q, kmin, kmax, block_table, seq_lens, block_size)
+    return select_blocks(scores, seq_lens, block_size, block_budget, sink_tokens, local_window)
+
+
+def asynctls_select(q, req_to_token, req_pool_indices, seq_lens, kmin, kmax, block_table, labels, label_scale,
+                    channels, *, block_size, block_budget, token_budget, sink_tokens, local_window, sm_scale,
+                    candidate_blocks: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Both selection levels: [B, Hkv, Kt] int32 KV slots (-1 padded) that `asynctls_decode` attends over."""
+    if candidate_blocks is None:
+        candidate_blocks = coarse_select(q, kmin, kmax, block_table, seq_lens, block_size=block_size,
+                                         block_budget=block_budget, sink_tokens=sink_tokens,
+                                         local_window=local_window)
+    kw = dict(token_budget=token_budget, sink_tokens=sink_tokens, local_window=local_window, sm_scale=sm_scale)
+    if candidate_blocks.shape[2] * block_size <= MAX_FUSED_CANDIDATES:
+        return fine_select_candidates(q, labels, label_scale, channels, req_to_token, req_pool_indices, seq_lens,
+                                      candidate_blocks.contiguous(), block_size=block_size, **kw)
+    positions = reference.candidate_positions(candidate_blocks, seq_lens, block_size)
+    return fine_select(q, labels, label_scale, channels, req_to_token, req_pool_indices, seq_lens, positions, **kw)
+
+
+def asynctls_decode(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, kmin, kmax, block_table,
+                    labels, label_scale, channels, *, block_size, block_budget, token_budget, sink_tokens,
+                    local_window, sm_scale, candidate_blocks: Optional[torch.Tensor] = None,
+                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Two-level sparse decode (see `reference.asynctls_decode`). q: [B, Hq, D] -> o: [B, Hq, Dv] in q's dtype."""
+    slots = asynctls_select(q, req_to_token, req_pool_indices, seq_lens, kmin, kmax, block_table, labels,
+                            label_scale, channels, block_size=block_size, block_budget=block_budget,
+                            token_budget=token_budget, sink_tokens=sink_tokens, local_window=local_window,
+                            sm_scale=sm_scale, candidate_blocks=candidate_blocks)
+    return sparse_decode(q, k_buffer, v_buffer, slots, sm_scale, out=out)
+
+
+def quest_decode(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, kmin, kmax, block_table,
+                 labels, label_scale, channels, *, block_size, block_budget, token_budget, sink_tokens,
+                 local_window, sm_scale, candidate_blocks: Optional[torch.Tensor] = None,
+                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Quest (see `reference.quest_decode`): attention over every token of the Kb kept blocks."""
+    if candidate_blocks is None:
+        candidate_blocks = coarse_select(q, kmin, kmax, block_table, seq_lens, block_size=block_size,
+                                         block_budget=block_budget, sink_tokens=sink_tokens,
+                                         local_window=local_window)
+    slots = candidate_slots(candidate_blocks.contiguous(), req_to_token, req_pool_indices, seq_lens, block_size)
+    return sparse_decode(q, k_buffer, v_buffer, slots, sm_scale, out=out)
+
+
+def _all_blocks(seq_lens: torch.Tensor, num_kv_heads: int, num_blocks: int) -> torch.Tensor:
+    """[B, Hkv, NB] block ids 0..NB-1 (a broadcast view): every position < NB * BS is a candidate."""
+    ids = torch.arange(num_blocks, dtype=torch.int32, device=seq_lens.device)
+    return ids.expand(len(seq_lens), num_kv_heads, num_blocks)
+
+
+def token_only_decode(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, kmin, kmax, block_table,
+                      labels, label_scale, channels, *, block_size, block_budget, token_budget, sink_tokens,
+                      local_window, sm_scale, candidate_blocks: Optional[torch.Tensor] = None,
+                      out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """DoubleSparse-style (see `reference.token_only_decode`): label scores over every token (positions up to
+    NB * BS, so no host sync for the longest request), top-Kt, exact attention."""
+    hkv = k_buffer.shape[1]
+    nb = block_table.shape[1]
+    kw = dict(token_budget=token_budget, sink_tokens=sink_tokens, local_window=local_window, sm_scale=sm_scale)
+    if nb * block_size <= MAX_FUSED_CANDIDATES:
+        slots = fine_select_candidates(q, labels, label_scale, channels, req_to_token, req_pool_indices, seq_lens,
+                                       _all_blocks(seq_lens, hkv, nb), block_size=block_size, **kw)
+    else:
+        slots = _token_only_topk(q, labels, label_scale, channels, req_to_token, req_pool_indices, seq_lens,
+                                 nb * block_size, **kw)
+    return sparse_decode(q, k_buffer, v_buffer, slots, sm_scale, out=out)
+
+
+def _token_only_topk(q, labels, label_scale, channels, req_to_token, req_pool_indices, seq_lens, max_len, *,
+                     token_budget, sink_tokens, local_window, sm_scale) -> torch.Tensor:
+    """Scores of all positions < max_len, then torch.topk (too many candidates for one program's registers)."""
+    b = q.shape[0]
+    hkv = channels.shape[0]
+    pos = torch.arange(max_len, device=q.device)
+    lens = seq_lens[:, None].long()
+    positions = torch.where(pos[None] < lens, pos[None], -1)[:, None, :].expand(b, hkv, max_len)
+    scores = token_scores(q, labels, label_scale, channels, req_to_token, req_pool_indices, positions, sm_scale)
+    forced = (pos[None] < lens) & ((pos[None] < sink_tokens) | (pos[None] >= lens - local_window))
+    top = torch.topk(scores.masked_fill(forced[:, None, :], float("inf")), min(token_budget, max_len), dim=2)
+    # positions past the pool row only carry -inf scores; clamp so the gather stays in bounds
+    slots = req_to_token[req_pool_indices.long()[:, None, None], top.indices.clamp(max=req_to_token.shape[1] - 1)]
+    slots = torch.where(top.values > float("-inf"), slots, -1).to(torch.int32)
+    if slots.shape[2] < token_budget:
+        slots = torch.cat([slots, slots.new_full((b, hkv, token_budget - slots.shape[2]), -1)], dim=2)
+    return slots
+
+
+def dense_slots(req_to_token, req_pool_indices, seq_lens, num_kv_heads: int, max_len: int) -> torch.Tensor:
+    """[B, Hkv, max_len] int32 slots of every position (-1 beyond each request's length)."""
+    pos = torch.arange(max_len, device=seq_lens.device)
+    slots = req_to_token[req_pool_indices.long()[:, None], pos.clamp(max=req_to_token.shape[1] - 1)[None]]
+    slots = torch.where(pos[None] < seq_lens[:, None].long(), slots.int(), -1).to(torch.int32)
+    return slots[:, None, :].expand(-1, num_kv_heads, -1)
+
+
+def dense_method(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, kmin, kmax, block_table,
+                 labels, label_scale, channels, *, block_size, block_budget, token_budget, sink_tokens,
+                 local_window, sm_scale, candidate_blocks: Optional[torch.Tensor] = None,
+                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Dense decode over every position < NB * BS with `sparse_decode` (the benchmark also times SGLang's)."""
+    slots = dense_slots(req_to_token, req_pool_indices, seq_lens, k_buffer.shape[1],
+                        block_table.shape[1] * block_size)
+    return sparse_decode(q, k_buffer, v_buffer, slots, sm_scale, out=out)
+
+
+# name -> GPU decode method, signatures as reference.METHODS
+METHODS = {"dense": dense_method, "quest": quest_decode, "token_only": token_only_decode,
+           "asynctls": asynctls_decode}

@@ -1,0 +1,53 @@
+"""Coarse level: top-Kb blocks per KV group, forced blocks (sink, window, open last block) always kept."""
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._topk import ordered_key, topk_compact
+
+
+@triton.jit
+def _select_blocks_kernel(scores, seq_lens, block_ids, NB, sink_tokens, local_window,
+                          stride_sb, stride_sh, stride_ob, stride_oh,
+                          HKV: tl.constexpr, BS: tl.constexpr, KB: tl.constexpr, NBP: tl.constexpr,
+                          KBP: tl.constexpr):
+    pid = tl.program_id(0)
+    b = pid // HKV
+    h = pid % HKV
+    j = tl.arange(0, NBP)
+    seq_len = tl.load(seq_lens + b)
+    s = tl.load(scores + b * stride_sb + h * stride_sh + j, mask=j < NB, other=float("-inf"))
+    start = j * BS
+    forced = (j < NB) & (start < seq_len) & ((start < sink_tokens) | (start + BS > seq_len - local_window))
+    key = tl.where(forced, ordered_key(tl.full([NBP], float("inf"), tl.float32)), ordered_key(s))
+    key = tl.where(forced | (s > float("-inf")), key, 0)
+    keep, rank, num_kept = topk_compact(key, KB)
+    out = block_ids + b * stride_ob + h * stride_oh
+    tl.store(out + rank, j, mask=keep)
+    pad = tl.arange(0, KBP)
+    tl.store(out + pad, tl.full([KBP], -1, tl.int32), mask=(pad >= num_kept) & (pad < KB))
+
+
+def select_blocks(scores: torch.Tensor, seq_lens: torch.Tensor, block_size: int, block_budget: int,
+                  sink_tokens: int, local_window: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Top-Kb blocks per KV group (see `reference.select_blocks`).
+
+    scores: [B, Hkv, NB] float32 from `block_scores`; seq_lens: [B]. Returns block ids [B, Hkv, Kb] int32, -1
+    padded. Same set as the reference (ties to lower block ids) but listed in ascending block id rather than
+    priority order: every consumer treats M_t as a set, and id order reads the candidates sequentially.
+    """
+    b, hkv, nb = scores.shape
+    assert scores.dtype == torch.float32 and scores.stride(2) == 1 and seq_lens.shape == (b,)
+    if out is None:
+        out = torch.empty(b, hkv, block_budget, dtype=torch.int32, device=scores.device)
+    assert out.shape == (b, hkv, block_budget) and out.dtype == torch.int32 and out.stride(2) == 1
+    nbp = triton.next_power_of_2(nb)
+    assert nbp < (1 << 21), "topk_compact counts in 21-bit fields"
+    _select_blocks_kernel[(b * hkv,)](
+        scores, seq_lens, out, nb, sink_tokens, local_window, scores.stride(0), scores.stride(1),
+        out.stride(0), out.stride(1), HKV=hkv, BS=block_size, KB=block_budget, NBP=nbp,
+        KBP=triton.next_power_of_2(block_budget), num_warps=4 if nbp <= 2048 else 8)
+    return out

@@ -1,0 +1,66 @@
+"""Fine level: group-mean softmax of label scores over the candidate tokens."""
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .token_logits import token_logits
+
+
+@triton.jit
+def group_softmax_stats(stats, NSPLIT: tl.constexpr, GP: tl.constexpr, G: tl.constexpr):
+    """Combine per-split (max, sum) [NSPLIT, G, 2] into per-head (max, 1 / sum); 1 / sum = 0 for empty heads."""
+    offs_s = tl.arange(0, NSPLIT)
+    offs_g = tl.arange(0, GP)
+    ptr = stats + offs_s[:, None] * (2 * G) + offs_g[None, :] * 2
+    mask = (offs_g < G)[None, :]
+    m = tl.load(ptr, mask=mask, other=float("-inf"))
+    s = tl.load(ptr + 1, mask=mask, other=0.0)
+    m_all = tl.max(m, axis=0)
+    m_safe = tl.where(m_all > float("-inf"), m_all, 0.0)
+    total = tl.sum(s * tl.exp(m - m_safe[None, :]), axis=0)
+    return m_safe, tl.where(total > 0, 1.0 / total, 0.0)
+
+
+@triton.jit
+def _token_scores_kernel(logits, stats, scores, C, stride_lb, stride_lh, stride_lg, stride_tb, stride_th,
+                         stride_ob, stride_oh, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
+                         NSPLIT: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid = tl.program_id(0)
+    b = pid // HKV
+    h = pid % HKV
+    m, inv_s = group_softmax_stats(stats + b * stride_tb + h * stride_th, NSPLIT, GP, G)
+    offs_g = tl.arange(0, GP)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    lg = tl.load(logits + b * stride_lb + h * stride_lh + offs_g[:, None] * stride_lg + offs_c[None, :],
+                 mask=(offs_g < G)[:, None] & (offs_c < C)[None, :], other=float("-inf"))
+    p = tl.sum(tl.exp(lg - m[:, None]) * inv_s[:, None], axis=0) / G
+    valid = tl.max(lg, axis=0) > float("-inf")
+    tl.store(scores + b * stride_ob + h * stride_oh + offs_c, tl.where(valid, p, float("-inf")), mask=offs_c < C)
+
+
+def token_scores(q: torch.Tensor, labels: torch.Tensor, label_scale: torch.Tensor, channels: torch.Tensor,
+                 req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, positions: torch.Tensor,
+                 sm_scale: float, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Group-mean softmax of label scores (see `reference.token_scores`).
+
+    q: [B, Hq, D]; labels: [S, Hkv, Dc // 2] uint8; label_scale: [S, Hkv] float32; channels: [Hkv, Dc];
+    positions: [B, Hkv, C] (-1 = invalid). Returns [B, Hkv, C] float32 in [0, 1], -inf where invalid.
+    Two kernels: `token_logits` (split over candidates) and this combine.
+    """
+    b, hkv, c = positions.shape
+    g = q.shape[1] // hkv
+    logits, stats = token_logits(q, labels, label_scale, channels, req_to_token, req_pool_indices, None,
+                                 positions, sm_scale)
+    if out is None:
+        out = torch.empty(b, hkv, c, dtype=torch.float32, device=q.device)
+    assert out.shape == (b, hkv, c) and out.dtype == torch.float32 and out.stride(2) == 1
+    block_c = 256
+    nsplit = stats.shape[2]
+    _token_scores_kernel[(b * hkv, triton.cdiv(c, block_c))](
+        logits, stats, out, c, logits.stride(0), logits.stride(1), logits.stride(2), stats.stride(0),
+        stats.stride(1), out.stride(0), out.stride(1), HKV=hkv, G=g, GP=triton.next_power_of_2(g),
+        NSPLIT=nsplit, BLOCK_C=block_c, num_warps=4)
+    return out
