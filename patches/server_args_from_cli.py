@@ -31,6 +31,23 @@ def _route_backend(args) -> None:
     args.attention_backend = BACKEND_NAME
 
 
+def _match_page_size(args, cfg) -> None:
+    # a KV page is exactly one block, so a block's Kmin/Kmax row is addressed by page id and radix-shared pages
+    # share their index (sglang_asynctls/index.py)
+    if getattr(args, "page_size", None) in (None, cfg.block_size):
+        args.page_size = cfg.block_size
+        return
+    raise AsyncTLSConfigError(f"{FLAGS['enabled']} needs --page-size equal to {FLAGS['block_size']} "
+                              f"({cfg.block_size}); got --page-size {args.page_size}")
+
+
+def _check_kv_dtype(args) -> None:
+    dtype = getattr(args, "kv_cache_dtype", "auto")
+    if dtype not in ("auto", "bfloat16", "bf16", "float16", "fp16"):
+        raise AsyncTLSConfigError(f"{FLAGS['enabled']} needs a 16-bit KV cache: --kv-cache-dtype must be auto, "
+                                  f"bfloat16 or float16 (got {dtype})")
+
+
 def _check_model(server_args, cfg) -> None:
     from sglang_asynctls.model_spec import check_config_for_model, from_sglang_model_config
 
@@ -51,6 +68,8 @@ def from_cli_args_with_asynctls(original, cls, args):
             cfg = type(cfg)(**{**cfg.__dict__, "enabled": True})
         if cfg.enabled:
             _route_backend(args)
+            _match_page_size(args, cfg)
+            _check_kv_dtype(args)
         server_args = original(cls, args)
         if cfg.enabled:
             _check_model(server_args, cfg)

@@ -1,25 +1,123 @@
-"""The `asynctls` attention backend as SGLang builds it in each scheduler process.
+"""AsyncTLSAttnBackend: SGLang's Triton backend for prefill and short sequences, two-level sparse decode for long.
 
-Current state (stated plainly, also in README): the sparse decode path is not wired into the server yet, so the
-backend validates the per-process configuration and model, then serves every forward pass — prefill and decode —
-through SGLang's own Triton backend. Outputs therefore equal `--attention-backend triton` exactly.
+- Prefill (extend) runs SGLang's own Triton extend kernels unchanged; afterwards each layer labels the new KV slots
+  and recomputes Kmin/Kmax of the pages the new tokens fall in (`IndexPool.write_extend`). Pages a request takes
+  from the radix cache are already indexed and are not touched.
+- Decode runs SGLang's Triton decode kernel over the requests shorter than `dense_below` only (longer requests are
+  given zero length in its metadata, so it reads none of their KV), and the AsyncTLS path over every request; the
+  long requests take the sparse output. Everything in decode has static shapes and no host synchronisation, so
+  SGLang's CUDA-graph runner captures it as it is.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 
+import torch
+
+from sglang_asynctls.index import IndexPool, plan_extend
 from sglang_asynctls.model_spec import check_config_for_model, from_sglang_model_config
 from sglang_asynctls.runtime_config import config_of
 
 logger = logging.getLogger(__name__)
 
 
+def _sparse_decode_fn():
+    """The fused Triton decode when it imports on this device, else the pure-torch reference (same signature)."""
+    if torch.cuda.is_available():
+        try:
+            from sglang_asynctls.kernels.asynctls_decode import asynctls_decode
+
+            return asynctls_decode, "triton"
+        except ImportError as e:
+            logger.warning("asynctls: Triton kernels unavailable (%s); using the torch reference", e)
+    from sglang_asynctls.reference import asynctls_decode
+
+    return asynctls_decode, "reference"
+
+
 def create_asynctls_backend(model_runner):
     from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
 
-    cfg = config_of(model_runner.server_args)
-    check_config_for_model(cfg, from_sglang_model_config(model_runner.model_config))
-    logger.warning("asynctls backend: sparse decode is not wired into the server yet; "
-                   "serving prefill and decode densely through SGLang's triton backend (config %s)", cfg)
-    return TritonAttnBackend(model_runner)
+    class AsyncTLSAttnBackend(_AsyncTLSMixin, TritonAttnBackend):
+        pass
+
+    return AsyncTLSAttnBackend(model_runner)
+
+
+class _AsyncTLSMixin:
+    """Mixed into SGLang's TritonAttnBackend (imported lazily: the plugin must not import it at registration)."""
+
+    def __init__(self, model_runner):
+        super().__init__(model_runner)
+        self.cfg = cfg = config_of(model_runner.server_args)
+        spec = from_sglang_model_config(model_runner.model_config)
+        channels = check_config_for_model(cfg, spec)
+        if model_runner.page_size != cfg.block_size:
+            raise ValueError(f"asynctls needs --page-size equal to --asynctls-block-size ({cfg.block_size}); "
+                             f"got {model_runner.page_size}")
+        pool = model_runner.token_to_kv_pool
+        k0 = pool.get_key_buffer(pool.start_layer if hasattr(pool, "start_layer") else 0)
+        self.layer_offset = getattr(pool, "start_layer", 0) or 0
+        d_c = cfg.resolved_label_channels(spec.kind)
+        if channels is not None and self.num_kv_head != spec.num_kv_heads:  # tensor parallel: this rank's heads
+            raise ValueError("asynctls: channel configs are not yet sliced per tensor-parallel rank")
+        self.index = IndexPool(pool.layer_num, k0.shape[0], k0.shape[1], k0.shape[2], d_c, cfg.block_size,
+                               k0.dtype, k0.device, channels)
+        self.num_blocks = -(-model_runner.model_config.context_len // cfg.block_size)
+        self.sparse_fn, impl = _sparse_decode_fn()
+        self.stats = {"index_pages_written": 0, "index_slots_labelled": 0}
+        logger.info("asynctls backend: %s, sparse decode via %s, index %.1f MiB, %d blocks per request max",
+                    cfg, impl, self.index.nbytes() / 2**20, self.num_blocks)
+
+    # ------------------------------------------------------------------ metadata: hide long requests from dense
+    def _dense_lens(self, seq_lens: torch.Tensor) -> torch.Tensor:
+        return torch.where(seq_lens < self.cfg.dense_below, seq_lens, torch.zeros_like(seq_lens))
+
+    def _update_decode_kv_buffers(self, bs, seq_lens, req_pool_indices):
+        # CUDA-graph capture and replay path of the Triton backend
+        return super()._update_decode_kv_buffers(bs, self._dense_lens(seq_lens), req_pool_indices)
+
+    def init_forward_metadata(self, forward_batch):
+        self._extend_plan = None
+        if forward_batch.forward_mode.is_decode_or_idle() and forward_batch.spec_info is None:
+            masked = copy.copy(forward_batch)
+            masked.seq_lens = self._dense_lens(forward_batch.seq_lens)
+            if forward_batch.seq_lens_cpu is not None:
+                masked.seq_lens_sum = int(self._dense_lens(forward_batch.seq_lens_cpu).sum())
+            return super().init_forward_metadata(masked)
+        super().init_forward_metadata(forward_batch)
+        if forward_batch.forward_mode.is_extend():
+            self._extend_plan = plan_extend(self.req_to_token, forward_batch.req_pool_indices,
+                                            list(forward_batch.extend_prefix_lens_cpu),
+                                            forward_batch.seq_lens_cpu.tolist(), self.cfg.block_size)
+            self.stats["index_pages_written"] += self._extend_plan.num_pages
+            self.stats["index_slots_labelled"] += int(forward_batch.out_cache_loc.numel())
+
+    # ------------------------------------------------------------------ forward
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, *args, **kwargs):
+        o = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache, *args, **kwargs)
+        if self._extend_plan is not None and save_kv_cache:
+            lid = layer.layer_id - self.layer_offset
+            k_buffer = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
+            self.index.write_extend(lid, k_buffer, forward_batch.out_cache_loc, self._extend_plan)
+        return o
+
+    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, *args, **kwargs):
+        o_dense = super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache, *args, **kwargs)
+        lid = layer.layer_id - self.layer_offset
+        k_buffer = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
+        v_buffer = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
+        seq_lens, rpi = forward_batch.seq_lens, forward_batch.req_pool_indices
+        if save_kv_cache:
+            self.index.write_decode(lid, k_buffer, forward_batch.out_cache_loc, seq_lens)
+        ix, cfg = self.index, self.cfg
+        o_sparse = self.sparse_fn(
+            q.view(-1, layer.tp_q_head_num, layer.qk_head_dim), k_buffer, v_buffer, self.req_to_token, rpi,
+            seq_lens, ix.kmin[lid], ix.kmax[lid], ix.block_table(self.req_to_token, rpi, self.num_blocks),
+            ix.labels[lid], ix.label_scale[lid], ix.channels[lid], block_size=cfg.block_size,
+            block_budget=cfg.block_budget, token_budget=cfg.token_budget, sink_tokens=cfg.sink_tokens,
+            local_window=cfg.local_window, sm_scale=layer.scaling)
+        long_seq = (seq_lens >= cfg.dense_below)[:, None]
+        return torch.where(long_seq, o_sparse.reshape(o_dense.shape).to(o_dense.dtype), o_dense)

@@ -51,6 +51,7 @@ def test_enable_routes_to_asynctls_backend_and_carries_config(parse, models):
                "--asynctls-local-window", "256", "--asynctls-label-channels", "16")
     assert sa.attention_backend == "asynctls"
     assert sa.get_attention_backends() == ("asynctls", "asynctls")
+    assert sa.page_size == 64  # a KV page is one block
     from sglang_asynctls.runtime_config import config_of
 
     cfg = config_of(pickle.loads(pickle.dumps(sa)))  # as a spawned scheduler process receives it
@@ -85,6 +86,8 @@ def test_mla_model_is_accepted_as_mqa_over_the_latent(parse, models):
     (["--attention-backend", "flashinfer"], "--attention-backend"),
     (["--decode-attention-backend", "triton"], "--decode-attention-backend"),
     (["--asynctls-offload"], "--asynctls-offload"),
+    (["--page-size", "16"], "--page-size"),
+    (["--kv-cache-dtype", "fp8_e4m3"], "--kv-cache-dtype"),
 ])
 def test_bad_values_fail_at_launch_naming_the_flag(parse, models, capsys, argv, flag):
     with pytest.raises(SystemExit) as e:

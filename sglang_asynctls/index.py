@@ -1,0 +1,115 @@
+"""The AsyncTLS index beside SGLang's KV pool: block Kmin/Kmax per page and INT4 labels per KV slot.
+
+Addressing follows the KV pool, so a prefix that the radix cache shares shares its index too:
+- labels, label_scale: one row per KV slot (written when the slot's key is written);
+- kmin, kmax: one row per page, page id = slot // block_size (the backend runs with page_size == block_size,
+  so a block is exactly one page and its row is final once the page is full — pages are immutable after that).
+
+Notations for shapes: see `sglang_asynctls/reference.py`. All methods take tensors and ints; none syncs the host
+except `plan_extend`, which runs once per prefill batch from host-side lengths SGLang already holds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+
+from sglang_asynctls import reference as R
+
+
+@dataclass(frozen=True)
+class ExtendIndexPlan:
+    """Pages a prefill batch touches. page_slots [M, BS] int64 (-1 past the request's length), page_ids [M]."""
+
+    page_slots: torch.Tensor
+    page_ids: torch.Tensor
+
+    @property
+    def num_pages(self) -> int:
+        return self.page_ids.numel()
+
+
+def pages_to_rewrite(prefix_lens: List[int], seq_lens: List[int], block_size: int):
+    """(request, page) pairs that new tokens [prefix, seq) fall in; pages wholly inside the prefix are reused."""
+    pairs = []
+    for r, (p, n) in enumerate(zip(prefix_lens, seq_lens)):
+        pairs += [(r, j) for j in range(p // block_size, -(-n // block_size))]
+    return pairs
+
+
+def plan_extend(req_to_token, req_pool_indices, prefix_lens: List[int], seq_lens: List[int],
+                block_size: int) -> ExtendIndexPlan:
+    pairs = pages_to_rewrite(prefix_lens, seq_lens, block_size)
+    dev = req_to_token.device
+    reqs = torch.tensor([r for r, _ in pairs], dtype=torch.long, device=dev)
+    blocks = torch.tensor([j for _, j in pairs], dtype=torch.long, device=dev)
+    lens = torch.tensor([seq_lens[r] for r, _ in pairs], dtype=torch.long, device=dev)
+    pos = blocks[:, None] * block_size + torch.arange(block_size, device=dev)
+    rows = req_pool_indices.long()[reqs] if pairs else reqs
+    slots = req_to_token[rows[:, None], pos.clamp(max=req_to_token.shape[1] - 1)].long()
+    slots = torch.where(pos < lens[:, None], slots, torch.full_like(slots, -1))
+    return ExtendIndexPlan(slots, torch.div(slots[:, 0], block_size, rounding_mode="floor"))
+
+
+class IndexPool:
+    """Index tensors of every layer. channels [L, Hkv, Dc] int64: calibrated, or ranked by |K| at first prefill."""
+
+    def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int, head_dim: int, label_channels: int,
+                 block_size: int, dtype: torch.dtype, device, channels: Optional[torch.Tensor] = None):
+        self.block_size = block_size
+        num_pages = -(-num_slots // block_size)
+        shape = (num_pages, num_kv_heads, head_dim)
+        self.kmin = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.kmax = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.labels = [torch.zeros((num_slots, num_kv_heads, label_channels // 2), dtype=torch.uint8,
+                                   device=device) for _ in range(num_layers)]
+        self.label_scale = [torch.zeros((num_slots, num_kv_heads), dtype=torch.float32, device=device)
+                            for _ in range(num_layers)]
+        self.channels = torch.zeros((num_layers, num_kv_heads, label_channels), dtype=torch.long, device=device)
+        self.channels_ready = [channels is not None] * num_layers
+        if channels is not None:
+            self.channels.copy_(channels.to(device))
+
+    def nbytes(self) -> int:
+        tensors = self.kmin + self.kmax + self.labels + self.label_scale
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def write_extend(self, layer: int, k_buffer: torch.Tensor, new_loc: torch.Tensor, plan: ExtendIndexPlan):
+        """After prefill wrote keys at new_loc: label the new slots, recompute the pages they fall in."""
+        if not self.channels_ready[layer]:
+            self._rank_channels_by_key_magnitude(layer, k_buffer[new_loc.long()])
+        labels, scale = R.quantize_labels(k_buffer[new_loc.long()], self.channels[layer])
+        self.labels[layer][new_loc.long()] = labels
+        self.label_scale[layer][new_loc.long()] = scale
+        if plan.num_pages:
+            keys = k_buffer[plan.page_slots.clamp(min=0)]  # [M, BS, Hkv, D]
+            valid = (plan.page_slots >= 0)[:, :, None, None]
+            big = torch.finfo(keys.dtype).max
+            self.kmin[layer][plan.page_ids] = torch.where(valid, keys, big).amin(dim=1)
+            self.kmax[layer][plan.page_ids] = torch.where(valid, keys, -big).amax(dim=1)
+
+    def write_decode(self, layer: int, k_buffer: torch.Tensor, new_loc: torch.Tensor, seq_lens: torch.Tensor):
+        """After decode wrote one key per request: label it and fold it into its page's running min/max."""
+        loc = new_loc.long()
+        k_new = k_buffer[loc]  # [B, Hkv, D]
+        labels, scale = R.quantize_labels(k_new, self.channels[layer])
+        self.labels[layer][loc] = labels
+        self.label_scale[layer][loc] = scale
+        page = torch.div(loc, self.block_size, rounding_mode="floor")
+        first = ((seq_lens - 1) % self.block_size == 0)[:, None, None]  # the token opens a new page
+        kmin, kmax = self.kmin[layer], self.kmax[layer]
+        kmin[page] = torch.where(first, k_new, torch.minimum(kmin[page], k_new))
+        kmax[page] = torch.where(first, k_new, torch.maximum(kmax[page], k_new))
+
+    def block_table(self, req_to_token, req_pool_indices, num_blocks: int) -> torch.Tensor:
+        """[B, NB] page id of every block of each request (entries of unwritten blocks are never scored)."""
+        first_slots = req_to_token[req_pool_indices.long(), : num_blocks * self.block_size: self.block_size]
+        return torch.div(first_slots, self.block_size, rounding_mode="floor").to(torch.int32)
+
+    def _rank_channels_by_key_magnitude(self, layer: int, keys: torch.Tensor):
+        # without a calibration file: the channels with the largest |K| in the first prefill this layer sees
+        d_c = self.channels.shape[2]
+        self.channels[layer] = torch.topk(keys.abs().amax(dim=0).float(), d_c, dim=1).indices
+        self.channels_ready[layer] = True
