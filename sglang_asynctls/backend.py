@@ -92,8 +92,12 @@ class _AsyncTLSMixin:
             self._extend_plan = plan_extend(self.req_to_token, forward_batch.req_pool_indices,
                                             list(forward_batch.extend_prefix_lens_cpu),
                                             forward_batch.seq_lens_cpu.tolist(), self.cfg.block_size)
+            new, reused = int(forward_batch.out_cache_loc.numel()), sum(forward_batch.extend_prefix_lens_cpu)
             self.stats["index_pages_written"] += self._extend_plan.num_pages
-            self.stats["index_slots_labelled"] += int(forward_batch.out_cache_loc.numel())
+            self.stats["index_slots_labelled"] += new
+            # one line per prefill batch: radix reuse is visible as pages written << prompt pages
+            logger.info("asynctls index: prefill of %d new tokens wrote %d pages; %d prefix tokens reused",
+                        new, self._extend_plan.num_pages, reused)
 
     # ------------------------------------------------------------------ forward
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, *args, **kwargs):
@@ -114,7 +118,7 @@ class _AsyncTLSMixin:
             self.index.write_decode(lid, k_buffer, forward_batch.out_cache_loc, seq_lens)
         ix, cfg = self.index, self.cfg
         o_sparse = self.sparse_fn(
-            q.view(-1, layer.tp_q_head_num, layer.qk_head_dim), k_buffer, v_buffer, self.req_to_token, rpi,
+            q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim).contiguous(), k_buffer, v_buffer, self.req_to_token, rpi,
             seq_lens, ix.kmin[lid], ix.kmax[lid], ix.block_table(self.req_to_token, rpi, self.num_blocks),
             ix.labels[lid], ix.label_scale[lid], ix.channels[lid], block_size=cfg.block_size,
             block_budget=cfg.block_budget, token_budget=cfg.token_budget, sink_tokens=cfg.sink_tokens,
