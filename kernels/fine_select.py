@@ -40,7 +40,7 @@ def _fine_select_kernel(logits, stats, cand, req_to_token, req_pool_indices, seq
         m_all = tl.max(m, axis=0)
         m_all = tl.where(m_all > float("-inf"), m_all, 0.0)
         total = tl.sum(tl.load(st + 1) * tl.exp(m - m_all), axis=0)
-        inv = tl.where(total > 0, 1.0 / total, 0.0)
+        inv = tl.where(total > 0, 1.0 / tl.where(total > 0, total, 1.0), 0.0)
         lg = tl.load(logits + b * stride_lb + h * stride_lh + g * stride_lg + offs, mask=offs < C,
                      other=float("-inf"))
         score += tl.exp(lg - m_all) * inv

@@ -21,7 +21,7 @@ def group_softmax_stats(stats, NSPLIT: tl.constexpr, GP: tl.constexpr, G: tl.con
     m_all = tl.max(m, axis=0)
     m_safe = tl.where(m_all > float("-inf"), m_all, 0.0)
     total = tl.sum(s * tl.exp(m - m_safe[None, :]), axis=0)
-    return m_safe, tl.where(total > 0, 1.0 / total, 0.0)
+    return m_safe, tl.where(total > 0, 1.0 / tl.where(total > 0, total, 1.0), 0.0)
 
 
 @triton.jit

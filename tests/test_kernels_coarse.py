@@ -1,0 +1,56 @@
+"""Coarse level kernels vs reference: block_scores, select_blocks."""
+
+import pytest
+import torch
+
+from sglang_asynctls import reference as R
+from sglang_asynctls.kernels.block_scores import block_scores
+from sglang_asynctls.kernels.select_blocks import select_blocks
+
+from kernel_cases import SHAPES, TOL, assert_topk_set, make_cache
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", ["gqa", "mha", "mla"])
+def test_block_scores_match_reference(shape, dtype):
+    c = make_cache([27, 61, 113], **SHAPES[shape], dtype=dtype, device=DEV)
+    kmin, kmax, table, _, _ = c["index"]
+    s = block_scores(c["q"], kmin, kmax, table, c["seq_lens"], c["bs"])
+    r = R.block_scores(c["q"], kmin, kmax, table, c["seq_lens"], c["bs"])
+    assert torch.equal(s.isinf(), r.isinf())
+    torch.testing.assert_close(s[r.isfinite()], r[r.isfinite()], rtol=1e-5, atol=1e-4)
+    out = torch.empty_like(s)
+    assert block_scores(c["q"], kmin, kmax, table, c["seq_lens"], c["bs"], out=out) is out
+
+
+def _check_select_blocks(scores, seq_lens, bs, budget, sink, window):
+    ids = select_blocks(scores, seq_lens, bs, budget, sink, window)
+    assert ids.shape == (*scores.shape[:2], budget) and ids.dtype == torch.int32
+    nb = scores.shape[2]
+    forced = R.forced_block_mask(seq_lens, nb, bs, sink, window)[:, None, :].expand_as(scores)
+    pri = scores.masked_fill(forced, float("inf"))
+    cand = torch.arange(nb, device=scores.device).expand_as(scores)
+    assert_topk_set(ids, cand, pri, budget)
+    return ids
+
+
+@pytest.mark.parametrize("budget", [1, 3, 7, 40])
+def test_select_blocks_is_a_top_k_with_forced_blocks(budget):
+    lens = torch.tensor([27, 61, 113, 2047])
+    g = torch.Generator().manual_seed(budget)
+    scores = torch.round(torch.randn(4, 2, 2047 // 8 + 1, generator=g) * 4) / 4  # many ties
+    scores = scores.masked_fill(torch.arange(scores.shape[2]) >= (lens // 8)[:, None, None], float("-inf"))
+    _check_select_blocks(scores.to(DEV), lens.to(DEV), 8, budget, 4, 12)
+
+
+def test_select_blocks_budget_covering_everything_keeps_every_block():
+    c = make_cache([27, 61, 113], **SHAPES["gqa"], device=DEV)
+    kmin, kmax, table, _, _ = c["index"]
+    s = R.block_scores(c["q"], kmin, kmax, table, c["seq_lens"], c["bs"])
+    ids = _check_select_blocks(s, c["seq_lens"], c["bs"], 20, 4, 8)
+    nblocks = -(-c["seq_lens"] // c["bs"])
+    assert torch.equal((ids >= 0).sum(dim=2).cpu(), nblocks[:, None].expand(-1, 2).cpu())
+    out = torch.empty_like(ids)
+    assert select_blocks(s, c["seq_lens"], c["bs"], 20, 4, 8, out=out) is out and torch.equal(out, ids)

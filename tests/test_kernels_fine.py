@@ -1,0 +1,77 @@
+"""Fine level kernels vs reference: token_scores, select_tokens, fine_select (fused)."""
+
+import pytest
+import torch
+
+from sglang_asynctls import reference as R
+from sglang_asynctls.kernels.fine_select import fine_select, fine_select_candidates
+from sglang_asynctls.kernels.select_tokens import select_tokens
+from sglang_asynctls.kernels.token_scores import token_scores
+
+from kernel_cases import SHAPES, assert_topk_set, make_cache
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+SINK, WINDOW = 4, 6
+
+
+def _candidates(c, budget):
+    kmin, kmax, table, _, _ = c["index"]
+    blocks = R.coarse_select(c["q"], kmin, kmax, table, c["seq_lens"], block_size=c["bs"], block_budget=budget,
+                             sink_tokens=SINK, local_window=WINDOW)
+    return blocks, R.candidate_positions(blocks, c["seq_lens"], c["bs"])
+
+
+def _ref_scores(c, positions):
+    _, _, _, labels, scale = c["index"]
+    return R.token_scores(c["q"], labels, scale, c["channels"], c["r2t"], c["rows"], positions, c["sm_scale"])
+
+
+def _priority(scores, positions, seq_lens):
+    lens = seq_lens[:, None, None]
+    forced = (positions >= 0) & ((positions < SINK) | (positions >= lens - WINDOW))
+    return scores.masked_fill(forced, float("inf"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", ["gqa", "mha", "mla"])
+def test_token_scores_match_reference(shape, dtype):
+    c = make_cache([27, 61, 113], **SHAPES[shape], dtype=dtype, device=DEV)
+    _, positions = _candidates(c, 5)
+    positions = positions[..., torch.randperm(positions.shape[2], generator=torch.Generator().manual_seed(1))]
+    _, _, _, labels, scale = c["index"]
+    s = token_scores(c["q"], labels, scale, c["channels"], c["r2t"], c["rows"], positions, c["sm_scale"])
+    r = _ref_scores(c, positions)
+    assert torch.equal(s.isinf(), r.isinf())
+    torch.testing.assert_close(s[r.isfinite()], r[r.isfinite()], rtol=1e-4, atol=1e-6)
+    out = torch.empty_like(s)
+    token_scores(c["q"], labels, scale, c["channels"], c["r2t"], c["rows"], positions, c["sm_scale"], out=out)
+    assert torch.equal(out, s)
+
+
+@pytest.mark.parametrize("budget", [1, 9, 20, 300])
+def test_select_tokens_is_a_top_k_with_forced_tokens(budget):
+    c = make_cache([27, 61, 2047], **SHAPES["gqa"], device=DEV)
+    _, positions = _candidates(c, 12)
+    scores = torch.round(_ref_scores(c, positions) * 64) / 64  # ties
+    picked = select_tokens(scores, positions, c["seq_lens"], budget, SINK, WINDOW)
+    assert picked.shape == (3, 2, budget) and picked.dtype == torch.int64
+    assert_topk_set(picked, positions, _priority(scores, positions, c["seq_lens"]), budget)
+    out = torch.empty_like(picked)
+    assert select_tokens(scores, positions, c["seq_lens"], budget, SINK, WINDOW, out=out) is out
+
+
+@pytest.mark.parametrize("shape", ["gqa", "mha", "mla"])
+@pytest.mark.parametrize("budget", [7, 64])
+def test_fine_select_picks_a_top_k_of_the_reference_scores(shape, budget):
+    c = make_cache([27, 61, 113], **SHAPES[shape], device=DEV)
+    blocks, positions = _candidates(c, 6)
+    _, _, _, labels, scale = c["index"]
+    kw = dict(token_budget=budget, sink_tokens=SINK, local_window=WINDOW, sm_scale=c["sm_scale"])
+    args = (c["q"], labels, scale, c["channels"], c["r2t"], c["rows"], c["seq_lens"])
+    slots = fine_select(*args, positions, **kw)
+    from_blocks = fine_select_candidates(*args, blocks, block_size=c["bs"], **kw)
+    assert slots.dtype == torch.int32 and slots.shape == (3, positions.shape[1], budget)
+    pri = _priority(_ref_scores(c, positions), positions, c["seq_lens"])
+    cand_slots = R.positions_to_slots(positions, c["r2t"], c["rows"])
+    assert_topk_set(slots, cand_slots, pri, budget, tol=1e-6)
+    assert_topk_set(from_blocks, cand_slots, pri, budget, tol=1e-6)
