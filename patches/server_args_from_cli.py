@@ -69,6 +69,9 @@ def from_cli_args_with_asynctls(original, cls, args):
         if cfg.enabled:
             _route_backend(args)
             _match_page_size(args, cfg)
+            # the index plan of a prefill batch is built on the host per batch; a captured prefill graph would
+            # replay the capture-time plan, so prefill runs eagerly (decode graphs stay on)
+            args.cuda_graph_backend_prefill = "disabled"
             _check_kv_dtype(args)
         server_args = original(cls, args)
         if cfg.enabled:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 
 import torch
 
@@ -25,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 def _sparse_decode_fn():
     """The fused Triton decode when it imports on this device, else the pure-torch reference (same signature)."""
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and os.environ.get("SGLANG_ASYNCTLS_DECODE_IMPL", "triton") == "triton":
         try:
             from sglang_asynctls.kernels.asynctls_decode import asynctls_decode
 
@@ -68,8 +69,9 @@ class _AsyncTLSMixin:
         self.num_blocks = -(-model_runner.model_config.context_len // cfg.block_size)
         self.sparse_fn, impl = _sparse_decode_fn()
         self.stats = {"index_pages_written": 0, "index_slots_labelled": 0}
-        logger.info("asynctls backend: %s, sparse decode via %s, index %.1f MiB, %d blocks per request max",
-                    cfg, impl, self.index.nbytes() / 2**20, self.num_blocks)
+        logger.info("asynctls backend: %s, sparse decode via %s, index %.1f MiB, %d blocks per request max, "
+                    "label channels %s", cfg, impl, self.index.nbytes() / 2**20, self.num_blocks,
+                    "calibrated" if channels is not None else "ranked by |K| at the first long prefill")
 
     # ------------------------------------------------------------------ metadata: hide long requests from dense
     def _dense_lens(self, seq_lens: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,8 @@ import torch
 
 from sglang_asynctls import reference as R
 
+MIN_RANKING_TOKENS = 256  # without a calibration file, rank channels from the first prefill at least this long
+
 
 @dataclass(frozen=True)
 class ExtendIndexPlan:
@@ -78,7 +80,7 @@ class IndexPool:
 
     def write_extend(self, layer: int, k_buffer: torch.Tensor, new_loc: torch.Tensor, plan: ExtendIndexPlan):
         """After prefill wrote keys at new_loc: label the new slots, recompute the pages they fall in."""
-        if not self.channels_ready[layer]:
+        if not self.channels_ready[layer] and new_loc.numel() >= MIN_RANKING_TOKENS:
             self._rank_channels_by_key_magnitude(layer, k_buffer[new_loc.long()])
         labels, scale = R.quantize_labels(k_buffer[new_loc.long()], self.channels[layer])
         self.labels[layer][new_loc.long()] = labels

@@ -7,6 +7,7 @@ config in the fidelity tools; both go through `check_model`, so every entry poin
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -78,16 +79,29 @@ def check_model(model: ModelAttention) -> ModelAttention:
 
 
 def check_config_for_model(cfg: AsyncTLSConfig, model: ModelAttention) -> Optional[torch.Tensor]:
-    """Model-dependent checks; returns the channel table [layers, kv_heads, d_c] if a config file was given."""
+    """Model-dependent checks; returns the channel table [layers, kv_heads, d_c] from the given config file, else
+    from a packaged calibration of the same attention shape, else None (ranked from K at the first prefill)."""
     check_model(model)
     d_c = cfg.resolved_label_channels(model.kind)
     if d_c > model.head_dim:
         raise AsyncTLSConfigError(
             f"{FLAGS['label_channels']} must be an even integer in [2, {model.head_dim}] for this model's "
             f"head dim {model.head_dim} (got {d_c})")
-    if cfg.channel_config is None:
-        return None
-    return load_channel_config(cfg.channel_config, model, d_c)
+    path = cfg.channel_config or packaged_channel_config(model)
+    return None if path is None else load_channel_config(path, model, d_c)
+
+
+def packaged_channel_config(model: ModelAttention) -> Optional[str]:
+    """A calibration shipped in sglang_asynctls/data whose layer / KV-head / head-dim shape matches the model."""
+    data = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+    for name in sorted(os.listdir(data)) if os.path.isdir(data) else []:
+        if name.endswith("_channels.json"):
+            with open(os.path.join(data, name)) as f:
+                meta = json.load(f)
+            if (meta.get("num_layers"), meta.get("num_kv_heads"), meta.get("head_dim")) == (
+                    model.num_layers, model.num_kv_heads, model.head_dim):
+                return os.path.join(data, name)
+    return None
 
 
 def load_channel_config(path: str, model: ModelAttention, label_channels: int) -> torch.Tensor:

@@ -70,11 +70,13 @@ def test_second_turn_reuses_the_shared_prefix_index():
 
 
 def test_channels_ranked_by_key_magnitude_without_a_calibration_file():
-    k = torch.randn(4 * BS, HKV, D) * 0.1
+    k = torch.randn(16 * BS, HKV, D) * 0.1
     k[:, 0, 7] = 5.0
     k[:, 1, 3] = -6.0
-    pool = IndexPool(2, 4 * BS, HKV, D, DC, BS, torch.float32, "cpu")
-    r2t = torch.arange(4 * BS)[None]
-    pool.write_extend(1, k, r2t[0, :40], plan_extend(r2t, torch.tensor([0]), [0], [40], BS))
+    pool = IndexPool(2, 16 * BS, HKV, D, DC, BS, torch.float32, "cpu")
+    r2t = torch.arange(16 * BS)[None]
+    pool.write_extend(1, k, r2t[0, :40], plan_extend(r2t, torch.tensor([0]), [0], [40], BS))  # too short: wait
+    assert pool.channels_ready == [False, False]
+    pool.write_extend(1, k, r2t[0, :256], plan_extend(r2t, torch.tensor([0]), [0], [256], BS))
     assert pool.channels[1, 0, 0] == 7 and pool.channels[1, 1, 0] == 3
     assert pool.channels_ready == [False, True]

@@ -72,3 +72,10 @@ def test_config_checks_against_real_shapes(tmp_path):
 def test_unsupported_attention_shapes(model):
     with pytest.raises(UnsupportedModelError, match="--enable-asynctls"):
         check_model(model)
+
+
+def test_packaged_smollm2_calibration_is_found_by_shape():
+    smollm2 = ModelAttention("gqa", 30, 9, 3, 64, 64)
+    ch = check_config_for_model(AsyncTLSConfig(label_channels=16), smollm2)
+    assert ch.shape == (30, 3, 16)
+    assert check_config_for_model(AsyncTLSConfig(), QWEN3_8B) is None  # no calibration shipped for this shape

@@ -1,0 +1,136 @@
+"""End-to-end decode throughput: stock SGLang 0.5.17 (flashinfer, triton) vs --enable-asynctls, same install,
+same dummy-weight Qwen3-8B, same flags except the attention path (../shared/BENCHMARKS.md, End-to-end).
+
+    python3 benchmarks/e2e_throughput.py run --methods flashinfer triton asynctls --points 1x32768 2x98304 4x49152
+    python3 benchmarks/e2e_throughput.py summarize --json benchmarks/results/e2e_throughput_h100.json
+`run` appends one row per (method, batch, input) to RESULTS (jsonl) so a sweep can span several device calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+METHOD_ARGS = {
+    "flashinfer": ["--attention-backend", "flashinfer"],
+    "triton": ["--attention-backend", "triton"],
+    "asynctls": ["--enable-asynctls"],
+}
+COMMON = ["--load-format", "dummy", "--mem-fraction-static", "0.6", "--output-len", "32", "--cuda-graph-max-bs", "8"]
+
+
+def run_point(method: str, batch: int, input_len: int, model: str, raw: str, timeout: int, extra) -> dict:
+    cmd = [sys.executable, os.path.join(HERE, "one_batch.py"), "--model-path", model, *COMMON,
+           "--batch-size", str(batch), "--input-len", str(input_len), "--result-filename", raw,
+           "--run-name", method, *METHOD_ARGS[method], *(extra if method == "asynctls" else [])]
+    t0 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    row = {"method": method, "batch": batch, "input_len": input_len, "rc": proc.returncode,
+           "wall_s": round(time.time() - t0, 1), "command": " ".join(cmd)}
+    lines = [ln for ln in proc.stdout.splitlines() + proc.stderr.splitlines()
+             if ln.startswith(("Prefill.", "Decode.", "Total.")) or "Error" in ln]
+    row["log"] = lines[-8:]
+    if proc.returncode == 0 and os.path.exists(raw):
+        last = json.loads(open(raw).read().strip().splitlines()[-1])
+        row["median_decode_latency_s"] = last.get("median_decode_latency")
+        row["median_decode_tok_s"] = last.get("median_decode_throughput")
+        row["prefill_latency_s"] = last.get("prefill_latency")
+    else:
+        row["tail"] = (proc.stdout + proc.stderr)[-3000:]
+    return row
+
+
+def cmd_run(args) -> None:
+    for method in args.methods:
+        for point in args.points:
+            b, n = (int(x) for x in point.split("x"))
+            row = run_point(method, b, n, args.model, args.raw, args.timeout, args.asynctls_args)
+            with open(args.results, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(json.dumps({k: v for k, v in row.items() if k not in ("command", "tail")}))
+            if "tail" in row:
+                print(row["tail"][-1500:])
+
+
+def _ratio(rows, b, n, num, den):
+    get = lambda m: next((r.get("median_decode_tok_s") for r in rows  # noqa: E731
+                          if r["method"] == m and r["batch"] == b and r["input_len"] == n), None)
+    x, y = get(num), get(den)
+    return round(x / y, 3) if x and y else None
+
+
+def cmd_summarize(args) -> None:
+    import torch
+
+    rows = [json.loads(ln) for ln in open(args.results)]
+    summary = {"decode_speedup_96k_b2": _ratio(rows, 2, 98304, "asynctls", "flashinfer"),
+               "decode_speedup_48k_b4": _ratio(rows, 4, 49152, "asynctls", "flashinfer"),
+               "decode_speedup_96k_b2_vs_triton": _ratio(rows, 2, 98304, "asynctls", "triton"),
+               "decode_speedup_32k_b1": _ratio(rows, 1, 32768, "asynctls", "flashinfer")}
+    out = {"benchmark": "e2e_throughput", "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"),
+           "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+           "torch": torch.__version__, "triton": _version("triton"), "sglang": _version("sglang"),
+           "config": {"model": args.model, "common_flags": COMMON}, "rows": rows, "summary": summary}
+    json.dump(out, open(args.json, "w"), indent=1)
+    _plot(rows, args.json.replace(".json", ".png"))
+    print(json.dumps(summary, indent=1))
+
+
+def _version(pkg: str) -> str:
+    import importlib.metadata as md
+
+    try:
+        return md.version(pkg)
+    except md.PackageNotFoundError:
+        return "absent"
+
+
+def _plot(rows, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = sorted({(r["batch"], r["input_len"]) for r in rows})
+    methods = sorted({r["method"] for r in rows})
+    fig, ax = plt.subplots(figsize=(7, 4))
+    w = 0.8 / max(1, len(methods))
+    for i, m in enumerate(methods):
+        ys = [next((r.get("median_decode_tok_s") or 0 for r in rows if r["method"] == m
+                    and (r["batch"], r["input_len"]) == p), 0) for p in points]
+        ax.bar([j + i * w for j in range(len(points))], ys, w, label=m)
+    ax.set_xticks([j + w * (len(methods) - 1) / 2 for j in range(len(points))])
+    ax.set_xticklabels([f"b{b} x {n // 1024}k" for b, n in points])
+    ax.set_ylabel("decode tokens/s (median)")
+    ax.set_title("Qwen3-8B (dummy weights), SGLang 0.5.17 bench_one_batch")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--methods", nargs="+", default=list(METHOD_ARGS))
+    r.add_argument("--points", nargs="+", default=["1x32768", "2x98304", "4x49152"])
+    r.add_argument("--model", default=os.environ.get("MODEL", "/root/qwen3_8b_dummy"))
+    r.add_argument("--results", default="/root/e2e_rows.jsonl")
+    r.add_argument("--raw", default="/root/e2e_raw.jsonl")
+    r.add_argument("--timeout", type=int, default=420)
+    r.add_argument("--asynctls-args", nargs="*", default=[])
+    s = sub.add_parser("summarize")
+    s.add_argument("--results", default="/root/e2e_rows.jsonl")
+    s.add_argument("--model", default=os.environ.get("MODEL", "/root/qwen3_8b_dummy"))
+    s.add_argument("--json", required=True)
+    args = p.parse_args()
+    cmd_run(args) if args.cmd == "run" else cmd_summarize(args)
+
+
+if __name__ == "__main__":
+    main()
