@@ -3,8 +3,8 @@
 Every method has `reference.METHODS`' signature. No host synchronisation and no data-dependent shape anywhere
 (shapes follow block_table's NB and the budgets), so a step can be captured in a CUDA graph.
 
-asynctls, 6 kernels: block_scores -> select_blocks -> token_logits -> fine-select (softmax combine + top-Kt +
-slot lookup) -> sparse_decode split-K -> combine.
+asynctls, 7 kernels: block_scores -> select_blocks -> token_logits -> softmax combine -> top-Kt with the slot
+lookup -> sparse_decode split-K -> split combine.
 """
 
 from typing import Optional
@@ -19,7 +19,7 @@ from .fine_select import fine_select, fine_select_candidates
 from .select_blocks import select_blocks
 from .select_tokens import MAX_FUSED_CANDIDATES
 from .sparse_decode import sparse_decode
-from .token_scores import token_scores
+from .token_scores import candidate_scores
 
 
 def coarse_select(q, kmin, kmax, block_table, seq_lens, *, block_size, block_budget, sink_tokens,
@@ -89,20 +89,21 @@ def token_only_decode(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq
         slots = fine_select_candidates(q, labels, label_scale, channels, req_to_token, req_pool_indices, seq_lens,
                                        _all_blocks(seq_lens, hkv, nb), block_size=block_size, **kw)
     else:
-        slots = _token_only_topk(q, labels, label_scale, channels, req_to_token, req_pool_indices, seq_lens,
-                                 nb * block_size, **kw)
+        slots = _token_only_topk(q, labels, label_scale, channels, req_to_token, req_pool_indices, seq_lens, nb,
+                                 block_size, **kw)
     return sparse_decode(q, k_buffer, v_buffer, slots, sm_scale, out=out)
 
 
-def _token_only_topk(q, labels, label_scale, channels, req_to_token, req_pool_indices, seq_lens, max_len, *,
-                     token_budget, sink_tokens, local_window, sm_scale) -> torch.Tensor:
-    """Scores of all positions < max_len, then torch.topk (too many candidates for one program's registers)."""
-    b = q.shape[0]
-    hkv = channels.shape[0]
+def _token_only_topk(q, labels, label_scale, channels, req_to_token, req_pool_indices, seq_lens, num_blocks,
+                     block_size, *, token_budget, sink_tokens, local_window, sm_scale) -> torch.Tensor:
+    """Scores of all positions < NB * BS (candidate c is position c), then torch.topk: too many candidates for
+    one program's registers."""
+    b, hkv = q.shape[0], channels.shape[0]
+    max_len = num_blocks * block_size
+    scores = candidate_scores(q, labels, label_scale, channels, req_to_token, req_pool_indices, seq_lens,
+                              _all_blocks(seq_lens, hkv, num_blocks), sm_scale, block_size=block_size)
     pos = torch.arange(max_len, device=q.device)
     lens = seq_lens[:, None].long()
-    positions = torch.where(pos[None] < lens, pos[None], -1)[:, None, :].expand(b, hkv, max_len)
-    scores = token_scores(q, labels, label_scale, channels, req_to_token, req_pool_indices, positions, sm_scale)
     forced = (pos[None] < lens) & ((pos[None] < sink_tokens) | (pos[None] >= lens - local_window))
     top = torch.topk(scores.masked_fill(forced[:, None, :], float("inf")), min(token_budget, max_len), dim=2)
     # positions past the pool row only carry -inf scores; clamp so the gather stays in bounds

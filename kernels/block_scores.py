@@ -40,7 +40,8 @@ def _block_scores_kernel(q, kmin, kmax, block_table, seq_lens, scores, NB,
 
 
 def block_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, block_table: torch.Tensor,
-                 seq_lens: torch.Tensor, block_size: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 seq_lens: torch.Tensor, block_size: int, out: Optional[torch.Tensor] = None, *, block_n: int = 64,
+                 num_warps: int = 4) -> torch.Tensor:
     """Upper-bound scores of complete blocks (see `reference.block_scores`).
 
     q: [B, Hq, D]; kmin, kmax: [E, Hkv, D]; block_table: [B, NB] int index entry of each block; seq_lens: [B].
@@ -58,11 +59,10 @@ def block_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, block_
         out = torch.empty(b, hkv, nb, dtype=torch.float32, device=q.device)
     assert out.shape == (b, hkv, nb) and out.dtype == torch.float32 and out.stride(2) == 1
     g = hq // hkv
-    block_n = 64
     block_d = min(128, d & -d) if d & (d - 1) else min(128, d)  # largest power of two dividing D (576 -> 64)
     _block_scores_kernel[(b * hkv, triton.cdiv(nb, block_n))](
         q, kmin, kmax, block_table, seq_lens, out, nb, q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1),
         block_table.stride(0), out.stride(0), out.stride(1),
         HKV=hkv, G=g, D=d, BS=block_size, GP=triton.next_power_of_2(g), BLOCK_N=block_n, BLOCK_D=block_d,
-        num_warps=4)
+        num_warps=num_warps)
     return out

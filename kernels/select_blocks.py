@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._topk import ordered_key, topk_compact
+from ._topk import INVALID, MAX_ENTRIES, ordered_key, topk_compact
 
 
 @triton.jit
@@ -23,7 +23,7 @@ def _select_blocks_kernel(scores, seq_lens, block_ids, NB, sink_tokens, local_wi
     start = j * BS
     forced = (j < NB) & (start < seq_len) & ((start < sink_tokens) | (start + BS > seq_len - local_window))
     key = tl.where(forced, ordered_key(tl.full([NBP], float("inf"), tl.float32)), ordered_key(s))
-    key = tl.where(forced | (s > float("-inf")), key, 0)
+    key = tl.where(forced | (s > float("-inf")), key, INVALID)
     keep, rank, num_kept = topk_compact(key, KB)
     out = block_ids + b * stride_ob + h * stride_oh
     tl.store(out + rank, j, mask=keep)
@@ -45,7 +45,7 @@ def select_blocks(scores: torch.Tensor, seq_lens: torch.Tensor, block_size: int,
         out = torch.empty(b, hkv, block_budget, dtype=torch.int32, device=scores.device)
     assert out.shape == (b, hkv, block_budget) and out.dtype == torch.int32 and out.stride(2) == 1
     nbp = triton.next_power_of_2(nb)
-    assert nbp < (1 << 21), "topk_compact counts in 21-bit fields"
+    assert nbp <= MAX_ENTRIES, "more blocks than one program selects from"
     _select_blocks_kernel[(b * hkv,)](
         scores, seq_lens, out, nb, sink_tokens, local_window, scores.stride(0), scores.stride(1),
         out.stride(0), out.stride(1), HKV=hkv, BS=block_size, KB=block_budget, NBP=nbp,

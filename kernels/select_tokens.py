@@ -8,38 +8,60 @@ import triton.language as tl
 
 from sglang_asynctls import reference
 
-from ._topk import ordered_key, topk_compact
+from ._topk import INVALID, MAX_ENTRIES, ordered_key, topk_compact
 
-# Candidates held in one program's registers (8,192 fp32 = 32 KiB at Kb = 128 blocks of 64); longer candidate
+# Candidates one program selects from in registers (8,192 = Kb 128 blocks of 64 is 32 KiB of fp32 scores); longer
 # lists (token-only over a whole context) go through torch.topk.
-MAX_FUSED_CANDIDATES = 16384
+MAX_FUSED_CANDIDATES = MAX_ENTRIES
 
 
 @triton.jit
-def token_keys(score, pos, seq_len, sink_tokens, local_window):
-    """Selection keys of candidates: forced (sink/window) -> +inf, invalid (pos < 0 or -inf score) -> 0."""
-    valid = pos >= 0
-    forced = valid & ((pos < sink_tokens) | (pos >= seq_len - local_window))
-    key = tl.where(forced, ordered_key(tl.full(score.shape, float("inf"), tl.float32)), ordered_key(score))
-    return tl.where(forced | (valid & (score > float("-inf"))), key, 0)
-
-
-@triton.jit
-def _select_tokens_kernel(scores, positions, seq_lens, picked, C, sink_tokens, local_window,
-                          stride_sb, stride_sh, stride_pb, stride_ph, stride_ob, stride_oh,
-                          HKV: tl.constexpr, KT: tl.constexpr, CP: tl.constexpr, KTP: tl.constexpr):
+def _select_tokens_kernel(scores, cand, req_to_token, req_pool_indices, seq_lens, out, C, sink_tokens,
+                          local_window, stride_sb, stride_sh, stride_cb, stride_ch, stride_rr, stride_ob, stride_oh,
+                          HKV: tl.constexpr, FROM_BLOCKS: tl.constexpr, BS: tl.constexpr, TO_SLOTS: tl.constexpr,
+                          KT: tl.constexpr, CP: tl.constexpr, KTP: tl.constexpr):
     pid = tl.program_id(0)
     b = pid // HKV
     h = pid % HKV
     offs = tl.arange(0, CP)
-    pos = tl.load(positions + b * stride_pb + h * stride_ph + offs, mask=offs < C, other=-1).to(tl.int64)
+    seq_len = tl.load(seq_lens + b).to(tl.int32)
+    if FROM_BLOCKS:  # cand: [B, Hkv, Kb] block ids; candidate c is position blk[c // BS] * BS + c % BS
+        blk = tl.load(cand + b * stride_cb + h * stride_ch + offs // BS, mask=offs < C, other=-1)
+        pos = blk * BS + offs % BS
+        pos = tl.where((blk >= 0) & (pos < seq_len) & (offs < C), pos, -1)
+    else:  # cand: [B, Hkv, C] positions, -1 = invalid
+        pos = tl.load(cand + b * stride_cb + h * stride_ch + offs, mask=offs < C, other=-1).to(tl.int32)
     score = tl.load(scores + b * stride_sb + h * stride_sh + offs, mask=offs < C, other=float("-inf"))
-    key = token_keys(score, pos, tl.load(seq_lens + b), sink_tokens, local_window)
+    valid = pos >= 0
+    forced = valid & ((pos < sink_tokens) | (pos >= seq_len - local_window))
+    key = tl.where(forced, ordered_key(tl.full([CP], float("inf"), tl.float32)), ordered_key(score))
+    key = tl.where(forced | (valid & (score > float("-inf"))), key, INVALID)
     keep, rank, num_kept = topk_compact(key, KT)
-    out = picked + b * stride_ob + h * stride_oh
-    tl.store(out + rank, pos, mask=keep)
+    dst = out + b * stride_ob + h * stride_oh
+    if TO_SLOTS:
+        req = tl.load(req_pool_indices + b).to(tl.int64)
+        slot = tl.load(req_to_token + req * stride_rr + pos, mask=keep, other=-1)
+        tl.store(dst + rank, slot.to(dst.dtype.element_ty), mask=keep)
+    else:
+        tl.store(dst + rank, pos.to(dst.dtype.element_ty), mask=keep)
     pad = tl.arange(0, KTP)
-    tl.store(out + pad, tl.full([KTP], -1, tl.int64), mask=(pad >= num_kept) & (pad < KT))
+    tl.store(dst + pad, tl.full([KTP], -1, dst.dtype.element_ty), mask=(pad >= num_kept) & (pad < KT))
+
+
+def _launch(scores, cand, req_to_token, req_pool_indices, seq_lens, out, block_size, token_budget, sink_tokens,
+            local_window, to_slots, num_warps=0):
+    b, hkv, c = scores.shape
+    assert scores.dtype == torch.float32 and scores.stride(2) == 1 and cand.stride(2) == 1
+    assert c <= MAX_FUSED_CANDIDATES and seq_lens.shape == (b,)
+    assert out.shape == (b, hkv, token_budget) and out.stride(2) == 1
+    cp = triton.next_power_of_2(c)
+    _select_tokens_kernel[(b * hkv,)](
+        scores, cand, req_to_token, req_pool_indices, seq_lens, out, c, sink_tokens, local_window,
+        scores.stride(0), scores.stride(1), cand.stride(0), cand.stride(1), req_to_token.stride(0),
+        out.stride(0), out.stride(1), HKV=hkv, FROM_BLOCKS=bool(block_size), BS=max(block_size, 1),
+        TO_SLOTS=to_slots, KT=token_budget, CP=cp, KTP=triton.next_power_of_2(token_budget),
+        num_warps=num_warps or (16 if cp >= 8192 else 8 if cp > 2048 else 4))
+    return out
 
 
 def select_tokens(scores: torch.Tensor, positions: torch.Tensor, seq_lens: torch.Tensor, token_budget: int,
@@ -50,17 +72,27 @@ def select_tokens(scores: torch.Tensor, positions: torch.Tensor, seq_lens: torch
     set as the reference (ties to lower candidate index), listed in candidate order.
     """
     b, hkv, c = scores.shape
-    assert positions.shape == scores.shape and scores.dtype == torch.float32
-    assert scores.stride(2) == 1 and positions.stride(2) == 1 and seq_lens.shape == (b,)
+    assert positions.shape == scores.shape
     if c > MAX_FUSED_CANDIDATES:
         res = reference.select_tokens(scores, positions, seq_lens, token_budget, sink_tokens, local_window)
         return res if out is None else out.copy_(res)
     if out is None:
         out = torch.empty(b, hkv, token_budget, dtype=torch.int64, device=scores.device)
-    assert out.shape == (b, hkv, token_budget) and out.dtype == torch.int64 and out.stride(2) == 1
-    cp = triton.next_power_of_2(c)
-    _select_tokens_kernel[(b * hkv,)](
-        scores, positions, seq_lens, out, c, sink_tokens, local_window, scores.stride(0), scores.stride(1),
-        positions.stride(0), positions.stride(1), out.stride(0), out.stride(1),
-        HKV=hkv, KT=token_budget, CP=cp, KTP=triton.next_power_of_2(token_budget), num_warps=8 if cp > 2048 else 4)
-    return out
+    assert out.dtype == torch.int64
+    return _launch(scores, positions, positions, seq_lens, seq_lens, out, 0, token_budget, sink_tokens,
+                   local_window, False)
+
+
+def select_token_slots(scores: torch.Tensor, candidates: torch.Tensor, req_to_token: torch.Tensor,
+                       req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, *, block_size: int,
+                       token_budget: int, sink_tokens: int, local_window: int, out: Optional[torch.Tensor] = None,
+                       num_warps: int = 0) -> torch.Tensor:
+    """`select_tokens` then `positions_to_slots`, in one kernel, over candidates given as positions [B, Hkv, C]
+    (block_size == 0) or block ids [B, Hkv, Kb] (C = Kb * block_size). Returns [B, Hkv, Kt] int32 KV slots."""
+    b, hkv, _ = scores.shape
+    assert req_to_token.stride(1) == 1
+    if out is None:
+        out = torch.empty(b, hkv, token_budget, dtype=torch.int32, device=scores.device)
+    assert out.dtype == torch.int32
+    return _launch(scores, candidates, req_to_token, req_pool_indices, seq_lens, out, block_size, token_budget,
+                   sink_tokens, local_window, True, num_warps)

@@ -77,9 +77,10 @@ def _num_sms(device_index: int) -> int:
 
 
 def num_kv_splits(num_programs: int, num_slots: int, device: torch.device, block_n: int) -> int:
-    """Splits so that about two waves of programs fill the GPU, each split at least two tiles of BLOCK_N."""
+    """Splits so that about four programs per SM run, each split at least two tiles of BLOCK_N: every tile is a
+    dependent gather (slot -> K row), so short splits on many SMs hide its latency."""
     sms = _num_sms(device.index or 0) if device.type == "cuda" else 8
-    want = max(1, (2 * sms) // max(num_programs, 1))
+    want = max(1, (4 * sms) // max(num_programs, 1))
     return int(max(1, min(want, triton.cdiv(num_slots, 2 * block_n))))
 
 

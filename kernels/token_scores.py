@@ -41,6 +41,29 @@ def _token_scores_kernel(logits, stats, scores, C, stride_lb, stride_lh, stride_
     tl.store(scores + b * stride_ob + h * stride_oh + offs_c, tl.where(valid, p, float("-inf")), mask=offs_c < C)
 
 
+def candidate_scores(q: torch.Tensor, labels: torch.Tensor, label_scale: torch.Tensor, channels: torch.Tensor,
+                     req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: Optional[torch.Tensor],
+                     candidates: torch.Tensor, sm_scale: float, *, block_size: int = 0,
+                     out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`token_scores` over candidates given as positions [B, Hkv, C] (block_size == 0; seq_lens unused) or block
+    ids [B, Hkv, Kb] (C = Kb * block_size, positions >= seq_lens[b] invalid). Two kernels: `token_logits`
+    (split over candidates) and this combine (split likewise)."""
+    b, hkv, n = candidates.shape
+    c = n * (block_size or 1)
+    g = q.shape[1] // hkv
+    logits, stats = token_logits(q, labels, label_scale, channels, req_to_token, req_pool_indices, seq_lens,
+                                 candidates, sm_scale, block_size=block_size)
+    if out is None:
+        out = torch.empty(b, hkv, c, dtype=torch.float32, device=q.device)
+    assert out.shape == (b, hkv, c) and out.dtype == torch.float32 and out.stride(2) == 1
+    block_c = 512 if g <= 8 else 128
+    _token_scores_kernel[(b * hkv, triton.cdiv(c, block_c))](
+        logits, stats, out, c, logits.stride(0), logits.stride(1), logits.stride(2), stats.stride(0),
+        stats.stride(1), out.stride(0), out.stride(1), HKV=hkv, G=g, GP=triton.next_power_of_2(g),
+        NSPLIT=stats.shape[2], BLOCK_C=block_c, num_warps=4)
+    return out
+
+
 def token_scores(q: torch.Tensor, labels: torch.Tensor, label_scale: torch.Tensor, channels: torch.Tensor,
                  req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, positions: torch.Tensor,
                  sm_scale: float, out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -48,19 +71,6 @@ def token_scores(q: torch.Tensor, labels: torch.Tensor, label_scale: torch.Tenso
 
     q: [B, Hq, D]; labels: [S, Hkv, Dc // 2] uint8; label_scale: [S, Hkv] float32; channels: [Hkv, Dc];
     positions: [B, Hkv, C] (-1 = invalid). Returns [B, Hkv, C] float32 in [0, 1], -inf where invalid.
-    Two kernels: `token_logits` (split over candidates) and this combine.
     """
-    b, hkv, c = positions.shape
-    g = q.shape[1] // hkv
-    logits, stats = token_logits(q, labels, label_scale, channels, req_to_token, req_pool_indices, None,
-                                 positions, sm_scale)
-    if out is None:
-        out = torch.empty(b, hkv, c, dtype=torch.float32, device=q.device)
-    assert out.shape == (b, hkv, c) and out.dtype == torch.float32 and out.stride(2) == 1
-    block_c = 256
-    nsplit = stats.shape[2]
-    _token_scores_kernel[(b * hkv, triton.cdiv(c, block_c))](
-        logits, stats, out, c, logits.stride(0), logits.stride(1), logits.stride(2), stats.stride(0),
-        stats.stride(1), out.stride(0), out.stride(1), HKV=hkv, G=g, GP=triton.next_power_of_2(g),
-        NSPLIT=nsplit, BLOCK_C=block_c, num_warps=4)
-    return out
+    return candidate_scores(q, labels, label_scale, channels, req_to_token, req_pool_indices, None, positions,
+                            sm_scale, out=out)
