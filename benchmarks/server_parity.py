@@ -95,6 +95,15 @@ def run(args) -> None:
     print(json.dumps(out, indent=1)[:3000])
 
 
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    import torch
+
+    return {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+            "torch": torch.__version__, "triton": md.version("triton"), "sglang": md.version("sglang")}
+
+
 def compare(args) -> None:
     a, b = json.load(open(args.stock)), json.load(open(args.ours))
     short_equal = [x == y for x, y in zip(a["short"], b["short"])]
@@ -108,7 +117,7 @@ def compare(args) -> None:
                "turn2_pages_written": sum(pages), "turn2_prefix_tokens_reused": sum(reused),
                "turn2_equal": a["turn2"] == b["turn2"]}
     result = {"benchmark": "server_parity", "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "command": " ".join(sys.argv), "stock": a, "asynctls": b, "summary": summary}
+              "command": " ".join(sys.argv), **_versions(), "stock": a, "asynctls": b, "summary": summary}
     json.dump(result, open(args.json, "w"), indent=1)
     print(json.dumps(summary, indent=1))
 
