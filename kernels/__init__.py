@@ -1,4 +1,15 @@
-"""Triton kernels of AsyncTLS; each has a pure-torch twin of the same name in `sglang_asynctls.reference`.
+"""Triton kernels of AsyncTLS; each public launcher has a pure-torch twin of the same name and signature in
+`sglang_asynctls.reference` (plus an optional `out=`), and the tests hold it to that twin.
 
 Notations for shapes: see `sglang_asynctls/reference.py` (B, Hq, Hkv, G, D, Dv, S, BS, NB, Kb, Kt, Dc).
+
+    index build   block_minmax, quantize_labels
+    coarse        block_scores -> select_blocks                       (asynctls_decode.coarse_select)
+    fine          token_logits -> token_scores (combine) -> select_tokens / select_token_slots
+                                                                      (fine_select, fine_select_candidates)
+    attention     sparse_decode (split-K) -> splitk_combine
+    whole step    asynctls_decode.{asynctls_decode, quest_decode, token_only_decode, dense_method}; METHODS
+
+Selections (`select_blocks`, `select_tokens`, `fine_select`) return the reference's *set* (ties to lower index)
+in ascending candidate order rather than priority order.
 """

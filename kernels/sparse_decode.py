@@ -85,7 +85,8 @@ def num_kv_splits(num_programs: int, num_slots: int, device: torch.device, block
 
 
 def sparse_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, token_slots: torch.Tensor,
-                  sm_scale: float, out: Optional[torch.Tensor] = None, num_splits: int = 0) -> torch.Tensor:
+                  sm_scale: float, out: Optional[torch.Tensor] = None, num_splits: int = 0,
+                  block_h: int = 0) -> torch.Tensor:
     """Exact attention of each query head over its KV group's selected slots (see `reference.sparse_decode`).
 
     q: [B, Hq, D]; k_buffer: [S, Hkv, D]; v_buffer: [S, Hkv, Dv] (may be a view of k_buffer[..., :Dv]);
@@ -103,7 +104,7 @@ def sparse_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tenso
     assert d2 & (d2 - 1) == 0 and dv & (dv - 1) == 0, "head dims must be 2^a or 2^a + 2^b (e.g. 576 = 512 + 64)"
     g = hq // hkv
     v_is_k = (v_buffer.data_ptr() == k_buffer.data_ptr() and v_buffer.stride() == k_buffer.stride() and dv == d1)
-    block_h = min(max(16, triton.next_power_of_2(g)), 32 if d > 256 else 64)
+    block_h = block_h or min(max(16, triton.next_power_of_2(g)), 32 if d > 256 else 64)
     nhb = triton.cdiv(g, block_h)
     block_n = 32 if d > 256 else 64
     splits = num_splits or num_kv_splits(b * hkv * nhb, kk, q.device, block_n)

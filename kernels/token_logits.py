@@ -72,11 +72,11 @@ def _token_logits_kernel(q, labels, label_scale, channels, req_to_token, req_poo
     tl.store(st + 1, s_run, mask=offs_g < G)
 
 
-def num_candidate_splits(num_candidates: int, block_c: int = 128) -> int:
-    """Splits per KV group (a power of two, at most 64): about two BLOCK_C tiles per program. Each tile is a
-    chain of dependent gathers (block id -> req_to_token -> label); many short programs hide that latency where
-    a few long loops would serialise it."""
-    want = min(64, max(1, num_candidates // (2 * block_c)))
+def num_candidate_splits(num_groups: int, num_candidates: int, block_c: int = 128) -> int:
+    """Splits per KV group (a power of two, at most 64) so that ~2,048 programs of one or a few BLOCK_C tiles
+    run. Each tile is a chain of dependent gathers (block id -> req_to_token -> label): many short programs hide
+    that latency where a few long loops would serialise it."""
+    want = min(64, max(1, num_candidates // block_c), max(1, 2048 // max(num_groups, 1)))
     return 1 << (int(want).bit_length() - 1)
 
 
@@ -100,7 +100,7 @@ def token_logits(q: torch.Tensor, labels: torch.Tensor, label_scale: torch.Tenso
     assert label_scale.dtype == torch.float32 and candidates.shape[:2] == (b, hkv) and candidates.stride(2) == 1
     assert q.stride(2) == 1 and channels.stride(1) == 1 and req_to_token.stride(1) == 1
     block_c = 128
-    splits = num_splits or num_candidate_splits(c, block_c)
+    splits = num_splits or num_candidate_splits(b * hkv, c, block_c)
     split_c = triton.cdiv(triton.cdiv(c, splits), block_c) * block_c
     gp = max(16, triton.next_power_of_2(g))
     if out is None:
