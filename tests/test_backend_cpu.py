@@ -1,0 +1,118 @@
+"""The backend's decode/prefill logic on CPU, with SGLang's Triton backend replaced by a small torch stand-in.
+
+Checks what the server relies on: long requests are hidden from the dense kernel (zero length in its metadata),
+short requests take the dense output unchanged, long requests get exactly the reference two-level sparse decode
+over an index that prefill + decode maintained, and radix-shared pages are not re-indexed.
+"""
+
+from types import SimpleNamespace
+
+import torch
+
+from sglang_asynctls import reference as R
+from sglang_asynctls.backend import _AsyncTLSMixin
+from sglang_asynctls.config import AsyncTLSConfig
+
+HQ, HKV, D, BS, LAYERS = 4, 2, 16, 16, 2
+CFG = AsyncTLSConfig(enabled=True, block_size=BS, block_budget=6, token_budget=40, sink_tokens=4, local_window=8,
+                     dense_below=200, label_channels=8)
+
+
+class FakeTriton:
+    """Stand-in for TritonAttnBackend: writes KV like SGLang and attends densely over the lengths it was given."""
+
+    def __init__(self, mr):
+        self.req_to_token = mr.req_to_token_pool.req_to_token
+        self.token_to_kv_pool = mr.token_to_kv_pool
+        self.num_kv_head = HKV
+
+    def init_forward_metadata(self, fb):
+        self.lens = fb.seq_lens
+
+    def _write(self, k, v, layer, fb):
+        self.token_to_kv_pool.k[layer.layer_id][fb.out_cache_loc] = k.view(-1, HKV, D)
+        self.token_to_kv_pool.v[layer.layer_id][fb.out_cache_loc] = v.view(-1, HKV, D)
+
+    def forward_extend(self, q, k, v, layer, fb, save_kv_cache=True):
+        self._write(k, v, layer, fb)
+        return torch.zeros_like(q)
+
+    def forward_decode(self, q, k, v, layer, fb, save_kv_cache=True):
+        self._write(k, v, layer, fb)
+        lens = self.lens.clamp(min=1)  # zero-length requests give garbage in the real kernel; any value will do
+        kb, vb = self.token_to_kv_pool.k[layer.layer_id], self.token_to_kv_pool.v[layer.layer_id]
+        return R.dense_decode(q.view(-1, HQ, D), kb, vb, self.req_to_token, fb.req_pool_indices, lens,
+                              layer.scaling).reshape(q.shape)
+
+
+class Backend(_AsyncTLSMixin, FakeTriton):
+    pass
+
+
+def model_runner(slots=64 * BS):
+    g = torch.Generator().manual_seed(0)
+    pool = SimpleNamespace(k=[torch.zeros(slots, HKV, D) for _ in range(LAYERS)],
+                           v=[torch.zeros(slots, HKV, D) for _ in range(LAYERS)], layer_num=LAYERS, start_layer=0)
+    pool.get_key_buffer = lambda i: pool.k[i]
+    pool.get_value_buffer = lambda i: pool.v[i]
+    mc = SimpleNamespace(attention_arch=SimpleNamespace(name="MHA"), hf_config=SimpleNamespace(architectures=["X"]),
+                         hf_text_config=SimpleNamespace(), is_encoder_decoder=False, is_hybrid_swa=False,
+                         full_attention_interval=None, linear_attn_registry_result=None, num_hidden_layers=LAYERS,
+                         num_attention_heads=HQ, num_key_value_heads=HKV, head_dim=D, v_head_dim=D, context_len=1024)
+    r2t = torch.zeros(4, 1024, dtype=torch.int32)
+    r2t[1, :400] = torch.arange(10 * BS, 10 * BS + 400)  # page-aligned, as with page_size == block size
+    r2t[3, :100] = torch.arange(40 * BS, 40 * BS + 100)
+    return SimpleNamespace(server_args=SimpleNamespace(_asynctls_config=CFG), model_config=mc, page_size=BS,
+                           token_to_kv_pool=pool, req_to_token_pool=SimpleNamespace(req_to_token=r2t)), g
+
+
+def mode(decode):
+    return SimpleNamespace(is_decode_or_idle=lambda: decode, is_extend=lambda: not decode)
+
+
+def layer(i):
+    return SimpleNamespace(layer_id=i, tp_q_head_num=HQ, qk_head_dim=D, scaling=D ** -0.5)
+
+
+def test_decode_mixes_dense_short_and_sparse_long_requests():
+    mr, g = model_runner()
+    be = Backend(mr)
+    rpi, lens, r2t = torch.tensor([1, 3]), [300, 90], mr.req_to_token_pool.req_to_token
+    loc = torch.cat([r2t[1, :300], r2t[3, :90]]).long()
+    fb = SimpleNamespace(forward_mode=mode(False), spec_info=None, req_pool_indices=rpi, seq_lens=torch.tensor(lens),
+                         seq_lens_cpu=torch.tensor(lens), extend_prefix_lens_cpu=[0, 0], out_cache_loc=loc)
+    be.init_forward_metadata(fb)
+    for i in range(LAYERS):
+        kv = torch.randn(390, HKV * D, generator=g)
+        be.forward_extend(torch.randn(390, HQ * D, generator=g), kv, kv.flip(0), layer(i), fb)
+    assert be.stats["index_pages_written"] == -(-300 // BS) + -(-90 // BS)
+    new = torch.tensor(lens) + 1
+    dfb = SimpleNamespace(forward_mode=mode(True), spec_info=None, req_pool_indices=rpi, seq_lens=new,
+                          seq_lens_cpu=new, seq_lens_sum=int(new.sum()),
+                          out_cache_loc=torch.stack([r2t[1, 300], r2t[3, 90]]).long())
+    be.init_forward_metadata(dfb)
+    assert be.lens.tolist() == [0, 91]  # the long request is hidden from the dense kernel
+    q = torch.randn(2, HQ * D, generator=g)
+    out = be.forward_decode(q, torch.randn(2, HKV * D, generator=g), torch.randn(2, HKV * D, generator=g),
+                            layer(1), dfb)
+    kb, vb = mr.token_to_kv_pool.k[1], mr.token_to_kv_pool.v[1]
+    dense = R.dense_decode(q.view(2, HQ, D), kb, vb, r2t, rpi, new, D ** -0.5)
+    torch.testing.assert_close(out[1].view(HQ, D), dense[1])  # short: the dense output, untouched
+    ix = R.build_index(kb, r2t, rpi, new, be.index.channels[1], BS)
+    sparse = R.asynctls_decode(q.view(2, HQ, D), kb, vb, r2t, rpi, new, *ix, be.index.channels[1], block_size=BS,
+                               block_budget=6,
+                               token_budget=40, sink_tokens=4, local_window=8, sm_scale=D ** -0.5)
+    torch.testing.assert_close(out[0].view(HQ, D), sparse[0])  # long: the reference sparse decode
+    assert not torch.allclose(out[0].view(HQ, D), dense[0], atol=1e-3)  # and it is really sparse
+
+
+def test_radix_shared_prefix_is_not_reindexed():
+    mr, g = model_runner()
+    be = Backend(mr)
+    r2t = mr.req_to_token_pool.req_to_token
+    r2t[3, :128] = r2t[1, :128]  # turn 2 shares 8 whole pages with turn 1
+    fb = SimpleNamespace(forward_mode=mode(False), spec_info=None, req_pool_indices=torch.tensor([3]),
+                         seq_lens=torch.tensor([140]), seq_lens_cpu=torch.tensor([140]), extend_prefix_lens_cpu=[128],
+                         out_cache_loc=r2t[3, 128:140].long())
+    be.init_forward_metadata(fb)
+    assert be.stats == {"index_pages_written": 1, "index_slots_labelled": 12}
