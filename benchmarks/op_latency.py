@@ -121,7 +121,11 @@ def make_case(model, ctx, batch, dev="cuda", seed=0):
     table = torch.arange(batch * nb, dtype=torch.int32, device=dev).view(batch, nb)
     blk_slots = r2t.view(batch * nb, BS)
     kmin, kmax = block_minmax(k, blk_slots)
-    labels, scale = quantize_labels(k, channels)
+    # head-major label pool ([Hkv, S, ...] storage, passed as the [S, Hkv, ...] view the API takes): the
+    # candidates of one KV group then read consecutive label rows instead of one 32-byte sector per 4-20 bytes
+    labels = torch.empty(hkv, slots_total, m["dc"] // 2, dtype=torch.uint8, device=dev).permute(1, 0, 2)
+    scale = torch.empty(hkv, slots_total, dtype=torch.float32, device=dev).t()
+    quantize_labels(k, channels, out=(labels, scale))
     q = torch.randn(batch, m["hq"], d, generator=g, device=dev, dtype=torch.bfloat16)
     return dict(q=q, k=k, v=v, r2t=r2t, rows=rows, seq_lens=seq_lens, kmin=kmin, kmax=kmax, table=table,
                 labels=labels, scale=scale, channels=channels, sm_scale=d ** -0.5, model=model)
@@ -250,7 +254,10 @@ def stage_breakdown(c, timer, kt, sgl):
     out["5_select_token_slots"] = timer(lambda: select_token_slots(tscores, blocks, c["r2t"], c["rows"], lens,
                                                                    **fsel))
     out["6_sparse_decode"] = timer(lambda: sparse_decode(q, c["k"], c["v"], slots, c["sm_scale"]))
-    for bn, nw in ((32, 4), (64, 8), (128, 4), (128, 8)):
+    for st in (1, 2, 3):
+        out[f"tune_token_logits_stages{st}"] = timer(
+            lambda: token_logits(q, *lab, blocks, c["sm_scale"], block_size=BS, num_stages=st))
+    for bn, nw in ((16, 4), (32, 4), (32, 8), (64, 4), (64, 8), (128, 8)):
         out[f"tune_block_scores_n{bn}_warps{nw}"] = timer(
             lambda: block_scores(q, c["kmin"], c["kmax"], c["table"], lens, BS, block_n=bn, num_warps=nw))
     for nw in (8, 16, 32):
@@ -395,7 +402,9 @@ def main():
                               models=MODELS, dtype="bfloat16", timing="CUDA graph replay, CUDA events, L2 flushed "
                               "(sum over a 256 MiB buffer) before each replay", iters=a.iters, warmup=a.warmup,
                               hbm_bandwidth_bytes_per_s=bandwidth, hbm_copy=bw_t,
-                              pool="16-token chunks of all requests shuffled", skipped=[]),
+                              pool="16-token chunks of all requests shuffled",
+                              label_layout="head-major storage ([Hkv, S, Dc/2] / [Hkv, S]) viewed as [S, Hkv, ...]",
+                              skipped=[]),
                   rows=[], summary={})
     out_json = os.path.join(a.out, a.name + ".json")
     for model in a.models.split(","):

@@ -8,40 +8,40 @@ import triton.language as tl
 
 
 @triton.jit
+def _bound_part(q_row, kmin_row, kmax_row, mask_g, complete, offs_d):
+    qg = tl.load(q_row + offs_d[None, :], mask=mask_g[:, None], other=0.0).to(tl.float32)
+    # the sum over the group's heads commutes with the dot: one GEMV per group, not G
+    q_pos = tl.sum(tl.maximum(qg, 0.0), axis=0)
+    q_neg = tl.sum(tl.minimum(qg, 0.0), axis=0)
+    k_hi = tl.load(kmax_row + offs_d[None, :], mask=complete[:, None], other=0.0).to(tl.float32)
+    k_lo = tl.load(kmin_row + offs_d[None, :], mask=complete[:, None], other=0.0).to(tl.float32)
+    return tl.sum(k_hi * q_pos[None, :] + k_lo * q_neg[None, :], axis=1)
+
+
+@triton.jit
 def _block_scores_kernel(q, kmin, kmax, block_table, seq_lens, scores, NB,
                          stride_qb, stride_qh, stride_ke, stride_kh, stride_tb, stride_sb, stride_sh,
-                         HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-                         GP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                         HKV: tl.constexpr, G: tl.constexpr, BS: tl.constexpr, GP: tl.constexpr,
+                         D1: tl.constexpr, D2: tl.constexpr, BLOCK_N: tl.constexpr):
     pid = tl.program_id(0)
     b = pid // HKV
     h = pid % HKV
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_g = tl.arange(0, GP)
-    num_complete = tl.load(seq_lens + b) // BS
-    complete = offs_n < num_complete
+    complete = offs_n < tl.load(seq_lens + b) // BS  # entries of incomplete blocks are never read
     entry = tl.load(block_table + b * stride_tb + offs_n, mask=complete, other=0).to(tl.int64)
-    entry = tl.maximum(entry, 0)
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for d0 in tl.static_range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        mask_d = offs_d < D
-        qg = tl.load(q + b * stride_qb + (h * G + offs_g)[:, None] * stride_qh + offs_d[None, :],
-                     mask=(offs_g < G)[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
-        # the sum over the group's heads commutes with the dot: one GEMV per group, not G
-        q_pos = tl.sum(tl.maximum(qg, 0.0), axis=0)
-        q_neg = tl.sum(tl.minimum(qg, 0.0), axis=0)
-        ptr = entry[:, None] * stride_ke + h * stride_kh + offs_d[None, :]
-        m2 = complete[:, None] & mask_d[None, :]
-        k_hi = tl.load(kmax + ptr, mask=m2, other=0.0).to(tl.float32)
-        k_lo = tl.load(kmin + ptr, mask=m2, other=0.0).to(tl.float32)
-        acc += tl.sum(k_hi * q_pos[None, :] + k_lo * q_neg[None, :], axis=1)
+    row = tl.maximum(entry, 0)[:, None] * stride_ke + h * stride_kh
+    q_row = q + b * stride_qb + (h * G + offs_g)[:, None] * stride_qh
+    acc = _bound_part(q_row, kmin + row, kmax + row, offs_g < G, complete, tl.arange(0, D1))
+    if D2 > 0:  # keys of 2^a + 2^b channels (MLA latent 576 = 512 + 64)
+        acc += _bound_part(q_row, kmin + row, kmax + row, offs_g < G, complete, D1 + tl.arange(0, D2))
     acc = tl.where(complete, acc, float("-inf"))
     tl.store(scores + b * stride_sb + h * stride_sh + offs_n, acc, mask=offs_n < NB)
 
 
 def block_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, block_table: torch.Tensor,
-                 seq_lens: torch.Tensor, block_size: int, out: Optional[torch.Tensor] = None, *, block_n: int = 64,
-                 num_warps: int = 4) -> torch.Tensor:
+                 seq_lens: torch.Tensor, block_size: int, out: Optional[torch.Tensor] = None, *, block_n: int = 0,
+                 num_warps: int = 0) -> torch.Tensor:
     """Upper-bound scores of complete blocks (see `reference.block_scores`).
 
     q: [B, Hq, D]; kmin, kmax: [E, Hkv, D]; block_table: [B, NB] int index entry of each block; seq_lens: [B].
@@ -59,10 +59,13 @@ def block_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, block_
         out = torch.empty(b, hkv, nb, dtype=torch.float32, device=q.device)
     assert out.shape == (b, hkv, nb) and out.dtype == torch.float32 and out.stride(2) == 1
     g = hq // hkv
-    block_d = min(128, d & -d) if d & (d - 1) else min(128, d)  # largest power of two dividing D (576 -> 64)
+    d1 = 1 << (d.bit_length() - 1)
+    d2 = d - d1
+    assert d2 & (d2 - 1) == 0, "head dim must be 2^a or 2^a + 2^b (e.g. 576 = 512 + 64)"
+    block_n = block_n or (64 if d <= 256 else 32)
     _block_scores_kernel[(b * hkv, triton.cdiv(nb, block_n))](
         q, kmin, kmax, block_table, seq_lens, out, nb, q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1),
         block_table.stride(0), out.stride(0), out.stride(1),
-        HKV=hkv, G=g, D=d, BS=block_size, GP=triton.next_power_of_2(g), BLOCK_N=block_n, BLOCK_D=block_d,
-        num_warps=num_warps)
+        HKV=hkv, G=g, BS=block_size, GP=triton.next_power_of_2(g), D1=d1, D2=d2, BLOCK_N=block_n,
+        num_warps=num_warps or (4 if d <= 256 else 8))
     return out

@@ -16,6 +16,15 @@ from .splitk_combine import splitk_combine
 
 
 @triton.jit
+def _dot(a, b):
+    # fp32 operands (CPU tests) must not be rounded to tf32; bf16/fp16 take the tensor-core default
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
 def _sparse_decode_kernel(q, k_buffer, v_buffer, token_slots, mid_o, mid_lse, sm_scale, K,
                           stride_qb, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_tb, stride_th,
                           stride_mb, stride_mh, stride_ms, stride_lb, stride_lh,
@@ -45,10 +54,10 @@ def _sparse_decode_kernel(q, k_buffer, v_buffer, token_slots, mid_o, mid_lse, sm
         valid = slot >= 0
         row = slot.to(tl.int64) * stride_ks + h * stride_kh
         k1 = tl.load(k_buffer + row[:, None] + offs_d1[None, :], mask=valid[:, None], other=0.0)
-        qk = tl.dot(q1, tl.trans(k1), input_precision="ieee")
+        qk = _dot(q1, tl.trans(k1))
         if D2 > 0:
             k2 = tl.load(k_buffer + row[:, None] + offs_d2[None, :], mask=valid[:, None], other=0.0)
-            qk += tl.dot(q2, tl.trans(k2), input_precision="ieee")
+            qk += _dot(q2, tl.trans(k2))
         qk = tl.where(valid[None, :], qk * scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, axis=1))
         m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
@@ -59,7 +68,7 @@ def _sparse_decode_kernel(q, k_buffer, v_buffer, token_slots, mid_o, mid_lse, sm
         else:
             vrow = slot.to(tl.int64) * stride_vs + h * stride_vh
             v = tl.load(v_buffer + vrow[:, None] + offs_dv[None, :], mask=valid[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
     out_h = h * G + heads

@@ -15,8 +15,10 @@ import triton.language as tl
 def _label_dot(q_half, lab, USE_DOT: tl.constexpr):
     # q_half [GP, HDC] x lab [BLOCK_C, HDC] -> [GP, BLOCK_C]; INT4 codes are exact in q's dtype, so the
     # tensor-core product is exact up to fp32 accumulation order
-    if USE_DOT:
+    if USE_DOT and q_half.dtype == tl.float32:  # fp32 (CPU tests): no tf32 rounding
         return tl.dot(q_half, tl.trans(lab.to(q_half.dtype)), input_precision="ieee")
+    elif USE_DOT:
+        return tl.dot(q_half, tl.trans(lab.to(q_half.dtype)))
     else:
         return tl.sum(q_half.to(tl.float32)[:, None, :] * lab.to(tl.float32)[None, :, :], axis=2)
 
@@ -83,7 +85,7 @@ def num_candidate_splits(num_groups: int, num_candidates: int, block_c: int = 12
 def token_logits(q: torch.Tensor, labels: torch.Tensor, label_scale: torch.Tensor, channels: torch.Tensor,
                  req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: Optional[torch.Tensor],
                  candidates: torch.Tensor, sm_scale: float, *, block_size: int = 0, num_splits: int = 0,
-                 out: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                 out: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, num_stages: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
     """Label logits q_h[ch] . label_t * sm_scale of candidate tokens, and per-split softmax statistics.
 
     q: [B, Hq, D]; labels: [S, Hkv, Dc // 2] uint8; label_scale: [S, Hkv] float32; channels: [Hkv, Dc];
@@ -117,5 +119,5 @@ def token_logits(q: torch.Tensor, labels: torch.Tensor, label_scale: torch.Tenso
         channels.stride(0), req_to_token.stride(0), candidates.stride(0), candidates.stride(1),
         logits.stride(0), logits.stride(1), logits.stride(2), stats.stride(0), stats.stride(1), stats.stride(2),
         HKV=hkv, G=g, GP=gp, HDC=dc // 2, FROM_BLOCKS=bool(block_size), BS=max(block_size, 1), SPLIT_C=split_c,
-        BLOCK_C=block_c, USE_DOT=dc // 2 >= 16, num_warps=4)
+        BLOCK_C=block_c, USE_DOT=dc // 2 >= 16, num_warps=4, num_stages=num_stages)
     return logits, stats
