@@ -235,10 +235,9 @@ def dense_candidates(c, timer, sgl):
     return res
 
 
-def stage_breakdown(c, timer, kt, sgl):
+def stage_breakdown(c, timer, kt, sgl, tune):
     """Each asynctls stage captured alone (its inputs precomputed), plus top-k and attention alternatives."""
     q, lens = c["q"], c["seq_lens"]
-    hkv = c["k"].shape[1]
     out = {}
     scores = block_scores(q, c["kmin"], c["kmax"], c["table"], lens, BS)
     blocks = select_blocks(scores, lens, BS, KB, SINK, WINDOW)
@@ -254,6 +253,13 @@ def stage_breakdown(c, timer, kt, sgl):
     out["5_select_token_slots"] = timer(lambda: select_token_slots(tscores, blocks, c["r2t"], c["rows"], lens,
                                                                    **fsel))
     out["6_sparse_decode"] = timer(lambda: sparse_decode(q, c["k"], c["v"], slots, c["sm_scale"]))
+    if tune:
+        tune_rows(out, c, timer, q, lens, lab, blocks, scores, tscores, slots, fsel)
+    alternatives(out, c, timer, q, lens, kt, scores, blocks, slots, tscores, sgl)
+    return out
+
+
+def tune_rows(out, c, timer, q, lens, lab, blocks, scores, tscores, slots, fsel):
     for st in (1, 2, 3):
         out[f"tune_token_logits_stages{st}"] = timer(
             lambda: token_logits(q, *lab, blocks, c["sm_scale"], block_size=BS, num_stages=st))
@@ -267,7 +273,9 @@ def stage_breakdown(c, timer, kt, sgl):
         for bh in ((16, 32) if MODELS[c["model"]]["mla"] else (16,)):
             out[f"tune_sparse_decode_splits{ns}_bh{bh}"] = timer(
                 lambda: sparse_decode(q, c["k"], c["v"], slots, c["sm_scale"], num_splits=ns, block_h=bh))
-    # alternatives measured side by side
+
+
+def alternatives(out, c, timer, q, lens, kt, scores, blocks, slots, tscores, sgl):
     forced = R.forced_block_mask(lens, scores.shape[2], BS, SINK, WINDOW)[:, None]
     out["alt_select_blocks_torch_topk"] = timer(
         lambda: torch.topk(scores.masked_fill(forced, float("inf")), KB, dim=2))
@@ -285,8 +293,7 @@ def stage_breakdown(c, timer, kt, sgl):
             out["alt_sparse_decode_sglang_triton"] = best
         except Exception as e:  # noqa: BLE001
             out["alt_sparse_decode_sglang_triton"] = {"error": repr(e)[:300]}
-    del positions, tscores
-    return out
+    del positions
 
 
 def run_shape(model, ctx, batch, timer, sgl, token_budgets, breakdown):
@@ -313,7 +320,7 @@ def run_shape(model, ctx, batch, timer, sgl, token_budgets, breakdown):
             rows.append(row)
         if breakdown:
             rows.append(dict(shape, method="asynctls_stages", token_budget=kt,
-                             stages=stage_breakdown(c, timer, kt, sgl)))
+                             stages=stage_breakdown(c, timer, kt, sgl, tune=kt == token_budgets[0])))
     del c
     torch.cuda.empty_cache()
     return rows

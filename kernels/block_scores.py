@@ -62,10 +62,10 @@ def block_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, block_
     d1 = 1 << (d.bit_length() - 1)
     d2 = d - d1
     assert d2 & (d2 - 1) == 0, "head dim must be 2^a or 2^a + 2^b (e.g. 576 = 512 + 64)"
-    block_n = block_n or (64 if d <= 256 else 32)
+    block_n = block_n or 64
     _block_scores_kernel[(b * hkv, triton.cdiv(nb, block_n))](
         q, kmin, kmax, block_table, seq_lens, out, nb, q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1),
         block_table.stride(0), out.stride(0), out.stride(1),
         HKV=hkv, G=g, BS=block_size, GP=triton.next_power_of_2(g), D1=d1, D2=d2, BLOCK_N=block_n,
-        num_warps=num_warps or (4 if d <= 256 else 8))
+        num_warps=num_warps or (8 if d <= 256 else 4))  # H100, 96k x 8: GQA 22.0 vs 25.0 us, MLA 22.0 vs 28.6
     return out
