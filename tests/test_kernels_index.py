@@ -35,7 +35,18 @@ def test_quantize_labels_matches_reference(n, hkv, d, dc, dtype):
     channels = torch.stack([torch.randperm(d, generator=g)[:dc] for _ in range(hkv)]).to(DEV)
     packed, scale = quantize_labels(keys, channels)
     rp, rs = R.quantize_labels(keys, channels)
-    assert torch.equal(packed, rp) and torch.equal(scale, rs)
+    _assert_labels_equal(packed, scale, rp, rs)
     out = (torch.empty_like(packed), torch.empty_like(scale))
     quantize_labels(keys, channels, out=out)
-    assert torch.equal(out[0], rp) and torch.equal(out[1], rs)
+    _assert_labels_equal(*out, rp, rs)
+
+
+def _assert_labels_equal(packed, scale, rp, rs):
+    if DEV == "cpu":  # the kernel divides exactly (div_rn), as torch does on CPU: bit-identical
+        assert torch.equal(packed, rp) and torch.equal(scale, rs)
+        return
+    # torch on CUDA divides by the scalar 7 as a multiply by 1/7 (an ulp away from a division), so a code
+    # sitting on a rounding tie may move by one step
+    torch.testing.assert_close(scale, rs, rtol=2e-7, atol=0)
+    diff = torch.stack([(packed & 15).int() - (rp & 15).int(), (packed >> 4).int() - (rp >> 4).int()])
+    assert diff.abs().max() <= 1 and (diff != 0).float().mean() < 1e-3
