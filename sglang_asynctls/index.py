@@ -65,9 +65,11 @@ class IndexPool:
         shape = (num_pages, num_kv_heads, head_dim)
         self.kmin = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.kmax = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.labels = [torch.zeros((num_slots, num_kv_heads, label_channels // 2), dtype=torch.uint8,
-                                   device=device) for _ in range(num_layers)]
-        self.label_scale = [torch.zeros((num_slots, num_kv_heads), dtype=torch.float32, device=device)
+        # stored head-major and handed out as [S, Hkv, ...] views: the label-scoring kernel then reads each KV
+        # head's candidates from one contiguous region (29.9 -> 22.6 us at 96k, batch 8, on the H100)
+        self.labels = [torch.zeros((num_kv_heads, num_slots, label_channels // 2), dtype=torch.uint8,
+                                   device=device).transpose(0, 1) for _ in range(num_layers)]
+        self.label_scale = [torch.zeros((num_kv_heads, num_slots), dtype=torch.float32, device=device).t()
                             for _ in range(num_layers)]
         self.channels = torch.zeros((num_layers, num_kv_heads, label_channels), dtype=torch.long, device=device)
         self.channels_ready = [channels is not None] * num_layers
