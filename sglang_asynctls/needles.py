@@ -7,7 +7,7 @@ boundary (their middle token on a multiple of `block_size`), where a block-granu
 Tasks (RULER-style, scaled to a 135M model):
     passkey     one pass key; "What is the pass key? The pass key is" -> " 68231"
     multikey    `num_keys` keyed numbers at spread depths; the question names one key
-    multivalue  `num_values` numbers for one key at spread depths; the answer must list them all (score: share)
+    multivalue  `num_values` numbers for one key at spread depths, each asked for by ordinal (score: share)
 """
 
 from __future__ import annotations
@@ -26,16 +26,24 @@ KEYS = ("apple", "river", "violet", "copper", "falcon", "marble", "meadow", "har
 
 @dataclass(frozen=True)
 class NeedleTask:
+    """A haystack with needles (`context_ids`) and questions asked about it, each with the answer it wants.
+
+    Every question is asked on its own after the same context: prompt(i) = context_ids + questions[i] ids.
+    """
+
     kind: str
-    ids: torch.Tensor  # [L] int64 prompt tokens
-    answers: Tuple[str, ...]  # strings the completion must contain
+    context_ids: torch.Tensor  # [L] int64
+    questions: Tuple[Tuple[torch.Tensor, str], ...]  # (question ids [T], expected answer)
     needle_positions: Tuple[int, ...]  # first token of each needle
     depth: float
     straddle: bool
 
-    def score(self, completion: str) -> float:
-        """Share of answers found in the completion (1.0 or 0.0 for single-answer tasks)."""
-        return sum(a in completion for a in self.answers) / len(self.answers)
+    def prompt(self, i: int = 0) -> torch.Tensor:
+        return torch.cat([self.context_ids, self.questions[i][0]])
+
+    def score(self, completions: Sequence[str]) -> float:
+        """Share of questions whose answer appears in its completion."""
+        return sum(a in c for (_, a), c in zip(self.questions, completions)) / len(self.questions)
 
 
 @functools.lru_cache(maxsize=2)
@@ -58,31 +66,33 @@ def _place(base: int, span: int, depth: float, length: int, straddle: bool, bloc
     return min(max(base, pos), base + length - span)
 
 
-def build(tok, context: int, needles: Sequence[Tuple[float, str]], question: str, *, seed: int,
-          straddle: bool, block_size: int = 64) -> Tuple[torch.Tensor, Tuple[int, ...]]:
-    """Prompt of exactly `context` tokens: header, prose haystack with needles (depth, text), question.
+def build(tok, context: int, needles: Sequence[Tuple[float, str]], questions: Sequence[str], *, seed: int,
+          straddle: bool, block_size: int = 64) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...], Tuple[int, ...]]:
+    """Header, prose haystack with needles (depth, text), sized so context + the longest question = `context`.
 
-    Returns (ids [context], needle start positions in prompt order of `needles`).
+    Returns (context ids [L], question ids, needle start positions in the order of `needles`).
     """
-    head, tail = _encode(tok, HEADER), _encode(tok, question)
+    head = _encode(tok, HEADER)
+    tails = [_encode(tok, q) for q in questions]
     needle_ids = [_encode(tok, "\n" + text + "\n") for _, text in needles]
-    hay_len = context - len(head) - len(tail) - sum(map(len, needle_ids))
+    body_len = context - len(head) - max(map(len, tails))
+    hay_len = body_len - sum(map(len, needle_ids))
     prose = prose_ids(tok)
     start = random.Random(seed).randrange(0, len(prose) - hay_len)
     hay = list(prose[start:start + hay_len])
     body: List[int] = []
     cut, positions = 0, {}
     for i in sorted(range(len(needles)), key=lambda i: needles[i][0]):
-        want = _place(len(head), len(needle_ids[i]), needles[i][0], context - len(head) - len(tail), straddle,
-                      block_size)
+        want = _place(len(head), len(needle_ids[i]), needles[i][0], body_len, straddle, block_size)
         take = max(0, want - len(head) - len(body))
         body += hay[cut:cut + take]
         cut += take
         positions[i] = len(head) + len(body)
         body += needle_ids[i]
-    ids = head + body + hay[cut:] + tail
-    assert len(ids) == context, (len(ids), context)
-    return torch.tensor(ids), tuple(positions[i] for i in range(len(needles)))
+    ids = head + body + hay[cut:]
+    assert len(ids) == body_len + len(head), (len(ids), body_len)
+    return (torch.tensor(ids), tuple(torch.tensor(t) for t in tails),
+            tuple(positions[i] for i in range(len(needles))))
 
 
 def _number(rng: random.Random) -> str:
@@ -92,9 +102,9 @@ def _number(rng: random.Random) -> str:
 def passkey(tok, context: int, depth: float, seed: int, straddle: bool = False) -> NeedleTask:
     key = _number(random.Random(seed))
     text = f"The pass key is {key}. Remember it. {key} is the pass key."
-    ids, pos = build(tok, context, [(depth, text)], "\n\nWhat is the pass key? The pass key is", seed=seed,
-                     straddle=straddle)
-    return NeedleTask("passkey", ids, (key,), pos, depth, straddle)
+    ids, qs, pos = build(tok, context, [(depth, text)], ["\n\nWhat is the pass key? The pass key is"], seed=seed,
+                         straddle=straddle)
+    return NeedleTask("passkey", ids, ((qs[0], key),), pos, depth, straddle)
 
 
 def _spread(depth: float, n: int) -> List[float]:
@@ -109,21 +119,27 @@ def multikey(tok, context: int, depth: float, seed: int, straddle: bool = False,
     needles = [(d, f"The special magic number for {k} is: {v}.") for d, k, v in zip(_spread(depth, num_keys),
                                                                                     keys, values)]
     question = f"\n\nWhat is the special magic number for {keys[0]}? The special magic number for {keys[0]} is:"
-    ids, pos = build(tok, context, needles, question, seed=seed, straddle=straddle)
-    return NeedleTask("multikey", ids, (values[0],), pos, depth, straddle)
+    ids, qs, pos = build(tok, context, needles, [question], seed=seed, straddle=straddle)
+    return NeedleTask("multikey", ids, ((qs[0], values[0]),), pos, depth, straddle)
+
+
+ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth")
 
 
 def multivalue(tok, context: int, depth: float, seed: int, straddle: bool = False,
                num_values: int = 4) -> NeedleTask:
+    """One key holds `num_values` numbers at spread depths; each is asked for in its own question (a 135M model
+    cannot list several numbers in one answer, so RULER's single "list them all" question is split by ordinal)."""
     rng = random.Random(seed)
     key = rng.choice(KEYS)
     values = [_number(rng) for _ in range(num_values)]
-    needles = [(d, f"One of the special magic numbers for {key} is: {v}.")
-               for d, v in zip(_spread(depth, num_values), values)]
-    question = (f"\n\nWhat are all the special magic numbers for {key}? "
-                f"The special magic numbers for {key} are:")
-    ids, pos = build(tok, context, needles, question, seed=seed, straddle=straddle)
-    return NeedleTask("multivalue", ids, tuple(values), pos, depth, straddle)
+    names = ORDINALS[:num_values]
+    needles = [(d, f"The {o} special magic number for {key} is: {v}.")
+               for d, o, v in zip(_spread(depth, num_values), names, values)]
+    questions = [f"\n\nWhat is the {o} special magic number for {key}? The {o} special magic number for {key} is:"
+                 for o in names]
+    ids, qs, pos = build(tok, context, needles, questions, seed=seed, straddle=straddle)
+    return NeedleTask("multivalue", ids, tuple(zip(qs, values)), pos, depth, straddle)
 
 
 TASKS = {"passkey": passkey, "multikey": multikey, "multivalue": multivalue}

@@ -114,14 +114,19 @@ def load_tokenizer(path: Optional[str] = None):
     root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sglang-asynctls"
     cached = root / f"tokenizer-{p.stem}-{p.stat().st_size}"
     if (cached / "tokenizer.json").is_file():
-        return AutoTokenizer.from_pretrained(str(cached))
-    tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+        return _quiet(AutoTokenizer.from_pretrained(str(cached)))
+    tok = _quiet(AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name))
     try:
         tmp = Path(tempfile.mkdtemp(dir=root.mkdir(parents=True, exist_ok=True) or root))
         tok.save_pretrained(str(tmp))
         tmp.rename(cached)  # atomic: a concurrent loader sees all or nothing
     except OSError:
         pass  # read-only or raced: the cache is only a speed-up
+    return tok
+
+
+def _quiet(tok):
+    tok.clean_up_tokenization_spaces = False  # a no-op for BPE that transformers warns about on every decode
     return tok
 
 

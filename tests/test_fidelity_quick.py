@@ -1,0 +1,29 @@
+"""The fidelity benchmark's --quick subset end to end (SmolLM2 on CPU, ~2 minutes): result file and plot."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+KEYS = {"benchmark", "command", "date", "gpu", "torch", "triton", "sglang", "config", "rows", "summary"}
+
+
+@pytest.mark.slow
+def test_quick_fidelity_run(tmp_path):
+    out = tmp_path / "fidelity_smollm2.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fidelity.py"), "--quick", "--out", str(out)],
+                   check=True, cwd=ROOT, timeout=600)
+    data = json.loads(out.read_text())
+    assert KEYS <= set(data) and data["gpu"].startswith("cpu: ")
+    s = data["summary"]
+    for key in ("retrieval_ratio_vs_dense", "top1_agreement", "attention_mass_recall", "mean_kl"):
+        assert s[key] is not None and s[key] >= 0, key
+    assert 0 <= s["top1_agreement"] <= 1 and 0 <= s["attention_mass_recall"] <= 1
+    assert isinstance(s["beats_quest_all_tasks"], bool)
+    assert len(s["attention_mass_recall_per_layer"]) == 30
+    methods = {(r["method"], r["budget"]) for r in data["rows"]}
+    assert {("dense", "dense"), ("asynctls", "1/8"), ("quest", "1/16"), ("token_only", "1/8")} <= methods
+    assert out.with_suffix(".png").stat().st_size > 10_000
