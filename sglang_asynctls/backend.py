@@ -38,6 +38,28 @@ def _sparse_decode_fn():
     return asynctls_decode, "reference"
 
 
+def _attn_tp_rank() -> int:
+    """This rank's index among the attention tensor-parallel ranks (its KV heads are that slice of the model's)."""
+    try:
+        from sglang.srt.runtime_context import get_parallel
+
+        return get_parallel().attn_tp_rank
+    except Exception:  # no parallel state (unit tests): a single rank
+        return 0
+
+
+def _label_quantizer():
+    """INT4 label writer for prefill/decode. The Triton kernel is opt-in (SGLANG_ASYNCTLS_FUSED_INDEX=1) until it
+    has been measured inside the server; the default is the torch reference the published results used."""
+    if torch.cuda.is_available() and os.environ.get("SGLANG_ASYNCTLS_FUSED_INDEX") == "1":
+        from sglang_asynctls.kernels.quantize_labels import quantize_labels
+
+        return quantize_labels
+    from sglang_asynctls.reference import quantize_labels
+
+    return quantize_labels
+
+
 def create_asynctls_backend(model_runner):
     from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
 
@@ -62,10 +84,11 @@ class _AsyncTLSMixin:
         k0 = pool.get_key_buffer(pool.start_layer if hasattr(pool, "start_layer") else 0)
         self.layer_offset = getattr(pool, "start_layer", 0) or 0
         d_c = cfg.resolved_label_channels(spec.kind)
-        if channels is not None and self.num_kv_head != spec.num_kv_heads:  # tensor parallel: this rank's heads
-            raise ValueError("asynctls: channel configs are not yet sliced per tensor-parallel rank")
+        if channels is not None:  # tensor parallel: each rank indexes its own KV heads
+            rank = _attn_tp_rank()
+            channels = channels[:, rank * self.num_kv_head:(rank + 1) * self.num_kv_head]
         self.index = IndexPool(pool.layer_num, k0.shape[0], k0.shape[1], k0.shape[2], d_c, cfg.block_size,
-                               k0.dtype, k0.device, channels)
+                               k0.dtype, k0.device, channels, quantize=_label_quantizer())
         self.num_blocks = -(-model_runner.model_config.context_len // cfg.block_size)
         self.sparse_fn, impl = _sparse_decode_fn()
         self.stats = {"index_pages_written": 0, "index_slots_labelled": 0}
@@ -119,9 +142,9 @@ class _AsyncTLSMixin:
         if save_kv_cache:
             self.index.write_decode(lid, k_buffer, forward_batch.out_cache_loc, seq_lens)
         ix, cfg = self.index, self.cfg
+        q3 = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim).contiguous()  # [B, Hq, D]
         o_sparse = self.sparse_fn(
-            q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim).contiguous(), k_buffer, v_buffer, self.req_to_token, rpi,
-            seq_lens, ix.kmin[lid], ix.kmax[lid], ix.block_table(self.req_to_token, rpi, self.num_blocks),
+            q3, k_buffer, v_buffer, self.req_to_token, rpi, seq_lens, ix.kmin[lid], ix.kmax[lid], ix.block_table(self.req_to_token, rpi, self.num_blocks),
             ix.labels[lid], ix.label_scale[lid], ix.channels[lid], block_size=cfg.block_size,
             block_budget=cfg.block_budget, token_budget=cfg.token_budget, sink_tokens=cfg.sink_tokens,
             local_window=cfg.local_window, sm_scale=layer.scaling)

@@ -59,8 +59,10 @@ class IndexPool:
     """Index tensors of every layer. channels [L, Hkv, Dc] int64: calibrated, or ranked by |K| at first prefill."""
 
     def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int, head_dim: int, label_channels: int,
-                 block_size: int, dtype: torch.dtype, device, channels: Optional[torch.Tensor] = None):
+                 block_size: int, dtype: torch.dtype, device, channels: Optional[torch.Tensor] = None,
+                 quantize=R.quantize_labels):
         self.block_size = block_size
+        self.quantize = quantize  # reference.quantize_labels or the Triton kernel of the same signature
         num_pages = -(-num_slots // block_size)
         shape = (num_pages, num_kv_heads, head_dim)
         self.kmin = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
@@ -84,7 +86,7 @@ class IndexPool:
         """After prefill wrote keys at new_loc: label the new slots, recompute the pages they fall in."""
         if not self.channels_ready[layer] and new_loc.numel() >= MIN_RANKING_TOKENS:
             self._rank_channels_by_key_magnitude(layer, k_buffer[new_loc.long()])
-        labels, scale = R.quantize_labels(k_buffer[new_loc.long()], self.channels[layer])
+        labels, scale = self.quantize(k_buffer[new_loc.long()], self.channels[layer])
         self.labels[layer][new_loc.long()] = labels
         self.label_scale[layer][new_loc.long()] = scale
         if plan.num_pages:
@@ -98,7 +100,7 @@ class IndexPool:
         """After decode wrote one key per request: label it and fold it into its page's running min/max."""
         loc = new_loc.long()
         k_new = k_buffer[loc]  # [B, Hkv, D]
-        labels, scale = R.quantize_labels(k_new, self.channels[layer])
+        labels, scale = self.quantize(k_new, self.channels[layer])
         self.labels[layer][loc] = labels
         self.label_scale[layer][loc] = scale
         page = torch.div(loc, self.block_size, rounding_mode="floor")

@@ -116,3 +116,21 @@ def test_radix_shared_prefix_is_not_reindexed():
                          out_cache_loc=r2t[3, 128:140].long())
     be.init_forward_metadata(fb)
     assert be.stats == {"index_pages_written": 1, "index_slots_labelled": 12}
+
+
+def test_tensor_parallel_rank_indexes_its_slice_of_the_calibration(tmp_path, monkeypatch):
+    import json
+
+    import sglang_asynctls.backend as backend
+
+    ranked = [[[(h * 5 + c) % D for c in range(D)] for h in range(2 * HKV)] for _ in range(LAYERS)]
+    path = tmp_path / "ch.json"
+    path.write_text(json.dumps({"channels": ranked}))
+    mr, _ = model_runner()
+    mr.model_config.num_key_value_heads = 2 * HKV  # the model has 4 KV heads; this rank holds 2 of them
+    mr.model_config.num_attention_heads = 2 * HQ
+    mr.server_args._asynctls_config = AsyncTLSConfig(**{**CFG.__dict__, "channel_config": str(path)})
+    monkeypatch.setattr(backend, "_attn_tp_rank", lambda: 1)
+    be = Backend(mr)
+    want = torch.tensor(ranked)[:, HKV:2 * HKV, :8]
+    assert torch.equal(be.index.channels, want)
