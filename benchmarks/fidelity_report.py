@@ -11,6 +11,7 @@ import torch
 
 RETRIEVAL = ("passkey", "multikey", "multivalue")
 METHODS = ("dense", "quest", "token_only", "asynctls")
+COLORS = {"dense": "C0", "quest": "C1", "token_only": "C2", "asynctls": "C3"}
 GOALS = {"retrieval_ratio_vs_dense": 0.99, "top1_agreement": 0.97, "attention_mass_recall": 0.95}
 
 
@@ -137,21 +138,22 @@ def plot(result: dict, path: Path) -> None:
                 continue
             xs = [k + (j * len(METHODS) + i) * width for k in range(len(tasks))]
             ys = [scores[b][t].get(m, 0.0) for t in tasks]
-            axes[0].bar(xs, ys, width, label=m if m == "dense" else f"{m} {b}", alpha=1.0 - 0.4 * j)
+            axes[0].bar(xs, ys, width, label=m if m == "dense" else f"{m} {b}", alpha=1.0 - 0.5 * j,
+                        color=COLORS[m])
     axes[0].set_xticks([k + 0.4 for k in range(len(tasks))], tasks, rotation=15)
     axes[0].set_title("task score (pooled over contexts)")
     axes[0].legend(fontsize=7)
-    for b, style in zip(budgets, ("-", "--")):
+    for j, (b, style) in enumerate(zip(budgets, ("-", "--"))):
         for m in METHODS[1:]:
             kl = scores[b].get("mean_kl", {}).get(m)
             if kl is not None:
-                axes[1].bar(f"{m}\n{b}", kl)
+                axes[1].bar(f"{m}\n{b}", kl, color=COLORS[m], alpha=1.0 - 0.5 * j)
         for m in METHODS[1:]:
             rows = [r for r in result["rows"] if r["task"] == "attention_mass_recall" and r["method"] == m
                     and r["budget"] == b]
             if rows:
                 layers = torch.tensor([r["per_layer"] for r in rows]).mean(0)
-                axes[2].plot(layers.tolist(), style, label=f"{m} {b}")
+                axes[2].plot(layers.tolist(), style, color=COLORS[m], label=f"{m} {b}")
     axes[1].set_title("mean KL(dense || method), nats")
     axes[1].tick_params(axis="x", labelsize=7)
     axes[2].set_title("attention-mass recall per layer")
@@ -161,3 +163,10 @@ def plot(result: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+if __name__ == "__main__":  # re-draw a result's plot: python benchmarks/fidelity_report.py RESULT.json
+    import json
+    import sys
+
+    plot(json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[1]).with_suffix(".png"))
