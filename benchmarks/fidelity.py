@@ -52,7 +52,7 @@ PLANS = {
     "full": {2048: dict(passkey=8, multikey=4, multivalue=4, code=4),
              4096: dict(passkey=6, multikey=4, multivalue=2, code=3),
              8192: dict(passkey=2, multikey=1, multivalue=0, code=1)},
-    "quick": {2048: dict(passkey=2, multikey=1, multivalue=1, code=1)},
+    "quick": {2048: dict(passkey=1, multikey=1, multivalue=1, code=1)},
     "tune": {2048: dict(passkey=6, multikey=4, multivalue=0, code=0)},
 }
 MAX_NEW = 8  # " 68231." is 7 tokens
