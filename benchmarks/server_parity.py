@@ -55,6 +55,14 @@ def wait_ready(proc, log_path: str, limit_s: float) -> None:
     raise TimeoutError("server not ready:\n" + open(log_path).read()[-4000:])
 
 
+def stop_server(proc) -> None:
+    proc.terminate()
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def generate(text: str, new_tokens: int) -> str:
     sp = {"temperature": 0, "max_new_tokens": new_tokens}
     return post("/generate", {"text": text, "sampling_params": sp})["text"]
@@ -86,11 +94,7 @@ def run(args) -> None:
         out["turn2_index_lines"] = [ln.strip() for ln in list(open(log_path))[mark:] if "asynctls index:" in ln]
         out["first_turn_index_lines"] = [ln.strip() for ln in open(log_path) if "asynctls index:" in ln][:8]
     finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
     json.dump(out, open(args.out, "w"), indent=1)
     print(json.dumps(out, indent=1)[:3000])
 

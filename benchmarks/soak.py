@@ -20,7 +20,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from server_parity import FILLER, PORT, post, wait_ready  # noqa: E402  (same port and readiness probe)
+from server_parity import FILLER, PORT, post, stop_server, wait_ready  # noqa: E402  (same port and readiness probe)
 
 
 def one_request(i: int, rng: random.Random, long_words: int, abort_share: float) -> str:
@@ -97,11 +97,7 @@ def main():
                   "used_tokens_before_flush": before, "used_tokens_after_flush": after,
                   "leak_warnings_in_log": log_text.lower().count("leak")}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
     json.dump(result, open(args.out, "w"), indent=1)
     print(json.dumps(result, indent=1))
 
