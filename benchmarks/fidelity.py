@@ -154,6 +154,8 @@ class Runner:
         jobs = [j for j in jobs if j[0] in self.args.tasks]
         for job in tqdm(jobs, desc="fidelity", unit="prompt"):
             getattr(self, job[0])(*job[1:])
+            if self.args.partial:  # what a killed run leaves behind (samples only; rerun for a result file)
+                Path(self.args.partial).write_text(json.dumps(self.samples) + "\n")
 
 
 def versions() -> dict:
@@ -185,6 +187,7 @@ def main(argv=None) -> None:
     p.add_argument("--contexts", default=None, help="override the plan's contexts (comma-separated)")
     p.add_argument("--methods", default=",".join(SPARSE), help="sparse methods to run beside dense")
     p.add_argument("--tasks", default="retrieval,code", help="task families to run (tuning runs)")
+    p.add_argument("--partial", default=None, help="rewrite the samples to this file after every prompt")
     args = p.parse_args(argv)
     args.fractions = [int(f) for f in args.fractions.split(",")]
     args.methods, args.tasks = args.methods.split(","), args.tasks.split(",")
