@@ -3,28 +3,13 @@
 import pytest
 import torch
 
+import kernel_cases
 from sglang_asynctls import reference as R
 
 
 def make_cache(lens, hq, hkv, d, dv=None, dc=8, bs=16, mla=False, dtype=torch.float64, seed=0):
-    """A KV pool with permuted slots for requests of `lens`, placed at scattered req_to_token rows."""
-    g = torch.Generator().manual_seed(seed)
-    dv = dv or d
-    total = sum(lens) + 7
-    k = torch.randn(total, hkv, d, generator=g, dtype=dtype)
-    v = k[..., :dv] if mla else torch.randn(total, hkv, dv, generator=g, dtype=dtype)
-    perm = torch.randperm(total, generator=g)
-    rows = torch.arange(len(lens)) * 2 + 1
-    r2t = torch.zeros(2 * len(lens) + 1, max(lens) + 5, dtype=torch.int32)
-    start = 0
-    for row, n in zip(rows.tolist(), lens):
-        r2t[row, :n] = perm[start:start + n].to(torch.int32)
-        start += n
-    seq_lens = torch.tensor(lens)
-    channels = torch.stack([torch.randperm(d, generator=g)[:dc] for _ in range(hkv)])
-    index = R.build_index(k, r2t, rows, seq_lens, channels, bs)
-    q = torch.randn(len(lens), hq, d, generator=g, dtype=dtype)
-    return dict(q=q, k=k, v=v, r2t=r2t, rows=rows, seq_lens=seq_lens, channels=channels, index=index)
+    """The kernel tests' permuted-slot cache, in float64 and 16-token blocks for exact reference checks."""
+    return kernel_cases.make_cache(lens, hq, hkv, d, dv=dv, dc=dc, bs=bs, mla=mla, dtype=dtype, seed=seed)
 
 
 def run(method, c, **budgets):
