@@ -1,0 +1,80 @@
+"""Pure-torch reference of the offload engine's kernels: the spec `kernels/resident_update.py` and
+`kernels/gather_blocks.py` are held to (same names, same signatures).
+
+Notations for shapes (see also `sglang_asynctls/reference.py`):
+    B    batch rows        Hkv  num_kv_heads       Kb  block_budget (|M_t|)     BS  block_size (= page_size)
+    NR   request rows of the pool (req_pool_indices index them)                  R   resident slots per (row, head)
+    S    token slots of a KV buffer ([S, Hkv, D]; block n of it is rows [n * BS, (n + 1) * BS))
+
+Semantics of the resident-set update (per batch row b = request row rows[b], KV head h):
+    state   tags [NR, Hkv, R] int32 (logical block id held by each slot, -1 empty), last_used [NR, Hkv, R] int32
+            (step of the last selection that used the slot, -1 empty), prev [NR, Hkv, Kb] int32 (M_{t-1}).
+    hits    valid entries of M_t (>= 0) whose block is in tags.
+    victims slots whose tag is not in M_t, ordered by (last_used, slot) ascending: empty slots first, then least
+            recently used. M_t's blocks are never victims, so no entry of M_t can evict another one.
+    misses  valid non-hit entries of M_t in entry order; the m-th miss takes the m-th victim (needs R >= Kb).
+    after   tags[victim] = block, last_used[slot of every valid entry] = step, prev = M_t.
+Returns slots [B, Hkv, Kb] int32 (the slot of every valid entry, -1 padded), copy_src / copy_dst [B, Hkv, Kb] int32
+(block id -> slot for misses, -1 elsewhere; static shape so that CUDA graphs can capture it), overlap [B, Hkv]
+int32 = |M_t ∩ M_{t-1}| and misses [B, Hkv] int32.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+# a last_used value above every real step: slots holding M_t's blocks sort after every victim
+_PINNED = torch.iinfo(torch.int32).max
+
+
+def resident_update(tags: torch.Tensor, last_used: torch.Tensor, prev: torch.Tensor, rows: torch.Tensor,
+                    blocks: torch.Tensor, step: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """Assign resident slots to M_t (see the module docstring); updates tags, last_used and prev in place.
+
+    tags, last_used: [NR, Hkv, R] int32; prev: [NR, Hkv, Kb] int32; rows: [B] int; blocks: [B, Hkv, Kb] int32
+    (distinct valid ids, -1 padded); step: [1] int32 (a device tensor, so a captured graph sees each step's value).
+    """
+    r = rows.long()
+    t, lu, p = tags[r], last_used[r], prev[r]  # [B, Hkv, R], [B, Hkv, R], [B, Hkv, Kb]
+    valid = blocks >= 0
+    match = (blocks[..., :, None] == t[..., None, :]) & valid[..., :, None]  # [B, Hkv, Kb, R]
+    hit = match.any(-1)
+    in_m = match.any(-2)  # slot holds a block of M_t
+    key = torch.where(in_m, torch.full_like(lu, _PINNED), lu).long() * t.shape[-1]
+    key = key + torch.arange(t.shape[-1], device=t.device)  # ties to the lower slot
+    victims = key.argsort(-1)  # [B, Hkv, R]
+    miss = valid & ~hit
+    miss_rank = miss.long().cumsum(-1) - 1
+    victim = torch.gather(victims, -1, miss_rank.clamp(min=0))  # [B, Hkv, Kb]
+    slots = torch.where(hit, match.long().argmax(-1), victim)
+    slots = torch.where(valid, slots, torch.full_like(slots, -1)).to(torch.int32)
+    copy_src = torch.where(miss, blocks, torch.full_like(blocks, -1))
+    copy_dst = torch.where(miss, slots, torch.full_like(slots, -1))
+    overlap = ((blocks[..., :, None] == p[..., None, :]) & valid[..., :, None]).any(-1).sum(-1)
+    onehot = (slots.long()[..., :, None] == torch.arange(t.shape[-1], device=t.device)) & valid[..., :, None]
+    filled = (onehot & miss[..., :, None]).any(-2)  # [B, Hkv, R]
+    t = torch.where(filled, (onehot.long() * blocks[..., :, None]).sum(-2).to(t.dtype), t)
+    lu = torch.where(onehot.any(-2), step.to(lu.dtype).expand_as(lu), lu)
+    tags[r], last_used[r], prev[r] = t, lu, blocks
+    return slots, copy_src, copy_dst, overlap.to(torch.int32), miss.sum(-1).to(torch.int32)
+
+
+def gather_blocks(src_k: torch.Tensor, src_v: torch.Tensor, dst_k: torch.Tensor, dst_v: torch.Tensor,
+                  src_blocks: torch.Tensor, dst_blocks: torch.Tensor, block_size: int) -> None:
+    """Copy head-blocks: for every entry (b, h, j) with src_blocks >= 0, rows [n * BS, (n + 1) * BS) of KV head h,
+    n = src_blocks[b, h, j], of src_k / src_v go to block dst_blocks[b, h, j] of dst_k / dst_v (same head).
+
+    src_k: [S_src, Hkv, D], src_v: [S_src, Hkv, Dv] (the host store; a CUDA view of pinned memory on the GPU);
+    dst_k, dst_v: [S_dst, Hkv, D] / [S_dst, Hkv, Dv]; src_blocks, dst_blocks: [B, Hkv, K] int32 (-1 = skip).
+    Valid destinations must be distinct (one writer per destination head-block).
+    """
+    ok = src_blocks >= 0
+    heads = torch.arange(src_k.shape[1], device=src_blocks.device)[None, :, None].expand_as(src_blocks)[ok]
+    off = torch.arange(block_size, device=src_blocks.device)
+    src_rows = (src_blocks[ok].long()[:, None] * block_size + off).flatten()
+    dst_rows = (dst_blocks[ok].long()[:, None] * block_size + off).flatten()
+    h = heads.long().repeat_interleave(block_size)
+    for src, dst in ((src_k, dst_k), (src_v, dst_v)):
+        dst[dst_rows.to(dst.device), h.to(dst.device)] = src[src_rows.to(src.device), h.to(src.device)].to(dst.device)

@@ -1,0 +1,90 @@
+"""Resident-set update: the Triton kernel against the torch reference, and the reference against hand-made LRU
+cases (hits keep their slot, misses evict the least recently used slot not in M_t, overlap counts |M_t ∩ M_{t-1}|)."""
+
+import pytest
+import torch
+
+from sglang_asynctls.kernels.resident_update import resident_update as kernel_update
+from sglang_asynctls.offload import reference as OR
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _state(num_rows, hkv, r, kb):
+    tags = torch.full((num_rows, hkv, r), -1, dtype=torch.int32, device=DEV)
+    return tags, torch.full_like(tags, -1), torch.full((num_rows, hkv, kb), -1, dtype=torch.int32, device=DEV)
+
+
+def _walk(num_steps, b, hkv, kb, num_blocks, keep, seed):
+    """Selections [B, Hkv, Kb] that keep about `keep` of the previous step's blocks (distinct ids, some -1 pad)."""
+    g = torch.Generator().manual_seed(seed)
+    cur = torch.stack([torch.stack([torch.randperm(num_blocks, generator=g)[:kb] for _ in range(hkv)])
+                       for _ in range(b)])
+    out = []
+    for _ in range(num_steps):
+        for i in range(b):
+            for h in range(hkv):
+                fresh = torch.randperm(num_blocks, generator=g)
+                fresh = fresh[~torch.isin(fresh, cur[i, h])]
+                drop = torch.rand(kb, generator=g) > keep
+                cur[i, h][drop] = fresh[: int(drop.sum())]
+        sel = cur.clone().to(torch.int32)
+        sel[torch.rand(sel.shape, generator=g) < 0.1] = -1  # short requests select fewer blocks
+        out.append(sel.to(DEV))
+    return out
+
+
+@pytest.mark.parametrize("r,kb", [(8, 8), (12, 5), (16, 7)])
+def test_kernel_matches_reference_over_a_random_walk(r, kb):
+    num_rows, hkv, b = 7, 3, 4
+    rows = torch.tensor([5, 1, 6, 2], device=DEV)
+    ref, ker = _state(num_rows, hkv, r, kb), _state(num_rows, hkv, r, kb)
+    for t, sel in enumerate(_walk(12, b, hkv, kb, num_blocks=29, keep=0.7, seed=r + kb)):
+        step = torch.tensor([t], dtype=torch.int32, device=DEV)
+        want = OR.resident_update(*ref, rows, sel, step)
+        got = kernel_update(*ker, rows, sel, step)
+        for name, w, g in zip(("slots", "copy_src", "copy_dst", "overlap", "misses"), want, got):
+            assert torch.equal(w, g), (t, name)
+        for w, g in zip(ref, ker):
+            assert torch.equal(w, g), t
+
+
+def test_reference_is_lru_over_slots_outside_m_t():
+    tags, lu, prev = _state(1, 1, 4, 2)
+    rows = torch.tensor([0], device=DEV)
+
+    def upd(t, blocks):
+        sel = torch.tensor([[blocks]], dtype=torch.int32, device=DEV)
+        return [x.flatten().tolist() for x in OR.resident_update(tags, lu, prev, rows, sel,
+                                                                 torch.tensor([t], dtype=torch.int32, device=DEV))]
+
+    assert upd(0, [0, 1]) == [[0, 1], [0, 1], [0, 1], [0], [2]]  # empty slots first, in slot order
+    assert upd(1, [2, 3]) == [[2, 3], [2, 3], [2, 3], [0], [2]]
+    # 0 hits slot 0; 4 takes slot 1 (last used at step 0), not 2 or 3 (step 1)
+    assert upd(2, [0, 4]) == [[0, 1], [-1, 4], [-1, 1], [0], [1]]
+    assert upd(3, [4, 0]) == [[1, 0], [-1, -1], [-1, -1], [2], [0]]
+    assert tags.flatten().tolist() == [0, 4, 2, 3] and lu.flatten().tolist() == [3, 3, 1, 1]
+
+
+def test_every_entry_of_m_t_is_resident_after_the_update_and_hits_keep_their_slot():
+    num_rows, hkv, r, kb = 3, 2, 10, 6
+    tags, lu, prev = _state(num_rows, hkv, r, kb)
+    rows = torch.tensor([2, 0], device=DEV)
+    before = None
+    for t, sel in enumerate(_walk(10, 2, hkv, kb, num_blocks=40, keep=0.6, seed=1)):
+        old_tags = tags[rows.long()].clone()
+        slots, src, dst, overlap, misses = kernel_update(tags, lu, prev, rows, sel,
+                                                         torch.tensor([t], dtype=torch.int32, device=DEV))
+        valid = sel >= 0
+        held = torch.gather(tags[rows.long()], 2, slots.long().clamp(min=0))
+        assert torch.equal(torch.where(valid, held, -1), sel)  # each valid entry's slot holds its block
+        assert len(set(slots[0, 0][valid[0, 0]].tolist())) == int(valid[0, 0].sum())  # distinct slots
+        match = sel[..., :, None] == old_tags[..., None, :]  # [B, Hkv, Kb, R]
+        was = match.any(-1) & valid
+        assert torch.equal(src >= 0, valid & ~was) and torch.equal(misses, (valid & ~was).sum(-1).int())
+        assert torch.equal(torch.where(was, slots, -1), torch.where(was, match.int().argmax(-1).int(), -1))
+        if before is not None:
+            inter = [[len(set(sel[i, h][valid[i, h]].tolist()) & set(before[i, h][before[i, h] >= 0].tolist()))
+                      for h in range(hkv)] for i in range(2)]
+            assert overlap.tolist() == inter
+        before = sel
