@@ -24,10 +24,18 @@ METHOD_ARGS = {
 COMMON = ["--load-format", "dummy", "--mem-fraction-static", "0.6", "--output-len", "32", "--cuda-graph-max-bs", "8"]
 
 
-def run_point(method: str, batch: int, input_len: int, model: str, raw: str, timeout: int, extra) -> dict:
+PROFILE_STEPS = 3
+
+
+def run_point(method: str, batch: int, input_len: int, model: str, raw: str, timeout: int, extra,
+              profile_dir: str = "") -> dict:
     cmd = [sys.executable, os.path.join(HERE, "one_batch.py"), "--model-path", model, *COMMON,
            "--batch-size", str(batch), "--input-len", str(input_len), "--result-filename", raw,
            "--run-name", method, *METHOD_ARGS[method], *(extra if method == "asynctls" else [])]
+    prefix = os.path.join(profile_dir, f"{method}_b{batch}_n{input_len}") if profile_dir else ""
+    if prefix:  # GPU kernels of 3 decode steps (from step 8), for the step-time breakdown
+        cmd += ["--profile", "--profile-stage", "decode", "--profile-activities", "GPU", "--profile-start-step",
+                "8", "--profile-steps", str(PROFILE_STEPS), "--profile-prefix", prefix]
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     row = {"method": method, "batch": batch, "input_len": input_len, "rc": proc.returncode,
@@ -42,6 +50,13 @@ def run_point(method: str, batch: int, input_len: int, model: str, raw: str, tim
         row["prefill_latency_s"] = last.get("prefill_latency")
     else:
         row["tail"] = (proc.stdout + proc.stderr)[-3000:]
+    if prefix and proc.returncode == 0:
+        import glob
+
+        from step_profile import breakdown
+
+        traces = sorted(glob.glob(prefix + "*decode*.trace.json*"))
+        row["step_breakdown"] = breakdown(traces[-1], PROFILE_STEPS) if traces else {"error": "no trace written"}
     return row
 
 
@@ -49,10 +64,12 @@ def cmd_run(args) -> None:
     for method in args.methods:
         for point in args.points:
             b, n = (int(x) for x in point.split("x"))
-            row = run_point(method, b, n, args.model, args.raw, args.timeout, args.asynctls_args)
+            row = run_point(method, b, n, args.model, args.raw, args.timeout, args.asynctls_args, args.profile_dir)
             with open(args.results, "a") as f:
                 f.write(json.dumps(row) + "\n")
-            print(json.dumps({k: v for k, v in row.items() if k not in ("command", "tail")}))
+            print(json.dumps({k: v for k, v in row.items() if k not in ("command", "tail", "step_breakdown")}))
+            if "step_breakdown" in row:
+                print(json.dumps({k: v for k, v in row["step_breakdown"].items() if k != "top_kernels_us_per_step"}))
             if "tail" in row:
                 print(row["tail"][-1500:])
 
@@ -124,6 +141,7 @@ def main():
     r.add_argument("--raw", default="/root/e2e_raw.jsonl")
     r.add_argument("--timeout", type=int, default=420)
     r.add_argument("--asynctls-args", nargs="*", default=[])
+    r.add_argument("--profile-dir", default="", help="also profile 3 decode steps; breakdown kept in the row")
     s = sub.add_parser("summarize")
     s.add_argument("--results", default="/root/e2e_rows.jsonl")
     s.add_argument("--model", default=os.environ.get("MODEL", "/root/qwen3_8b_dummy"))

@@ -26,6 +26,7 @@ from sglang_asynctls import reference as R  # noqa: E402
 from sglang_asynctls.kernels import asynctls_decode as K  # noqa: E402
 from sglang_asynctls.kernels.block_minmax import block_minmax  # noqa: E402
 from sglang_asynctls.kernels.block_scores import block_scores  # noqa: E402
+from sglang_asynctls.kernels.index_append import append_decode_index  # noqa: E402
 from sglang_asynctls.kernels.quantize_labels import quantize_labels  # noqa: E402
 from sglang_asynctls.kernels.select_blocks import select_blocks  # noqa: E402
 from sglang_asynctls.kernels.select_tokens import select_token_slots, select_tokens  # noqa: E402
@@ -281,6 +282,16 @@ def alternatives(out, c, timer, q, lens, kt, scores, blocks, slots, tscores, sgl
         lambda: torch.topk(scores.masked_fill(forced, float("inf")), KB, dim=2))
     positions = R.candidate_positions(blocks, lens, BS)
     out["alt_select_tokens_ours"] = timer(lambda: select_tokens(tscores, positions, lens, kt, SINK, WINDOW))
+    # the threshold search before the radix one (kernels/_topk.py)
+    out["alt_select_blocks_bitwise"] = timer(lambda: select_blocks(scores, lens, BS, KB, SINK, WINDOW, radix=False))
+    out["alt_select_token_slots_bitwise"] = timer(lambda: select_token_slots(
+        tscores, blocks, c["r2t"], c["rows"], lens, block_size=BS, token_budget=kt, sink_tokens=SINK,
+        local_window=WINDOW, radix=False))
+    # decode-time index append of one layer (the backend runs it once per layer and step): fused vs torch ops
+    loc = c["r2t"][c["rows"], lens - 1]
+    idx = (c["k"], loc, lens, c["channels"], c["labels"], c["scale"], c["kmin"], c["kmax"], BS)
+    out["index_append_fused"] = timer(lambda: append_decode_index(*idx))
+    out["index_append_torch"] = timer(lambda: R.append_decode_index(*idx))
     out["alt_select_tokens_torch_topk"] = timer(
         lambda: R.select_tokens(tscores, positions, lens, kt, SINK, WINDOW))
     if sgl is not None:

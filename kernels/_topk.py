@@ -7,6 +7,10 @@ KV group): one compare per key per bit 22 us; 2 bits per step with three counts 
 thresholds per step as one [4, N] reduction 30 us; torch.topk + gather 106 us. The result is the same *set* as
 `torch.topk` (ties broken towards lower indices), listed in index order.
 Keys are int32 (float order, see `ordered_key`); INVALID (= INT32_MIN) is never kept.
+
+`topk_threshold_radix` finds the same threshold 8 bits at a time: four histogram passes (256 digit bins plus one
+bin for keys already ruled out) instead of 31 counts; `topk_compact(..., RADIX=False)` keeps the bitwise search
+for comparison (benchmarks/op_latency.py times both).
 """
 
 import triton
@@ -37,10 +41,35 @@ def topk_threshold(key, K):
 
 
 @triton.jit
-def topk_compact(key, K):
+def topk_threshold_radix(key, K):
+    """The K-th largest key (INVALID when fewer than K valid keys), as `topk_threshold`. key: int32 [N]."""
+    u = (key ^ INVALID).to(tl.uint32, bitcast=True)  # signed order -> unsigned order; INVALID -> 0
+    bins = tl.arange(0, 512)
+    prefix = tl.zeros([], dtype=tl.uint32)
+    k_left = K
+    for i in tl.static_range(4):
+        shift: tl.constexpr = 24 - 8 * i
+        digit = ((u >> shift) & 255).to(tl.int32)
+        if i > 0:  # only keys that share the digits fixed so far compete
+            digit = tl.where((u >> (shift + 8)) == (prefix >> (shift + 8)), digit, 256)
+        hist = tl.histogram(digit, 512)
+        hist = tl.where(bins < 256, hist, 0)
+        at_least = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist  # keys with digit >= bin
+        d = tl.max(tl.where((at_least >= k_left) & (bins < 256), bins, -1), axis=0)
+        k_left = k_left - tl.sum(tl.where(bins == d, at_least - hist, 0), axis=0)
+        prefix = prefix | (tl.maximum(d, 0).to(tl.uint32) << shift)
+    thr = prefix.to(tl.int32, bitcast=True) ^ INVALID
+    return tl.where(key.shape[0] >= K, thr, INVALID)
+
+
+@triton.jit
+def topk_compact(key, K, RADIX: tl.constexpr = True):
     """Keep the K largest valid keys (ties to lower index). Returns (keep [N] bool, rank [N] int32 = output slot
     of each kept entry in index order, num_kept scalar)."""
-    thr = topk_threshold(key, K)
+    if RADIX:
+        thr = topk_threshold_radix(key, K)
+    else:
+        thr = topk_threshold(key, K)
     gt = key > thr
     eq = (key == thr) & (key != INVALID)
     need = K - tl.sum(gt.to(tl.int32), axis=0)

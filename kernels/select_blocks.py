@@ -13,7 +13,7 @@ from ._topk import INVALID, MAX_ENTRIES, ordered_key, topk_compact
 def _select_blocks_kernel(scores, seq_lens, block_ids, NB, sink_tokens, local_window,
                           stride_sb, stride_sh, stride_ob, stride_oh,
                           HKV: tl.constexpr, BS: tl.constexpr, KB: tl.constexpr, NBP: tl.constexpr,
-                          KBP: tl.constexpr):
+                          KBP: tl.constexpr, RADIX: tl.constexpr):
     pid = tl.program_id(0)
     b = pid // HKV
     h = pid % HKV
@@ -24,7 +24,7 @@ def _select_blocks_kernel(scores, seq_lens, block_ids, NB, sink_tokens, local_wi
     forced = (j < NB) & (start < seq_len) & ((start < sink_tokens) | (start + BS > seq_len - local_window))
     key = tl.where(forced, ordered_key(tl.full([NBP], float("inf"), tl.float32)), ordered_key(s))
     key = tl.where(forced | (s > float("-inf")), key, INVALID)
-    keep, rank, num_kept = topk_compact(key, KB)
+    keep, rank, num_kept = topk_compact(key, KB, RADIX)
     out = block_ids + b * stride_ob + h * stride_oh
     tl.store(out + rank, j, mask=keep)
     pad = tl.arange(0, KBP)
@@ -32,8 +32,9 @@ def _select_blocks_kernel(scores, seq_lens, block_ids, NB, sink_tokens, local_wi
 
 
 def select_blocks(scores: torch.Tensor, seq_lens: torch.Tensor, block_size: int, block_budget: int,
-                  sink_tokens: int, local_window: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Top-Kb blocks per KV group (see `reference.select_blocks`).
+                  sink_tokens: int, local_window: int, out: Optional[torch.Tensor] = None,
+                  radix: bool = True) -> torch.Tensor:
+    """Top-Kb blocks per KV group (see `reference.select_blocks`). radix=False: the bitwise threshold search.
 
     scores: [B, Hkv, NB] float32 from `block_scores`; seq_lens: [B]. Returns block ids [B, Hkv, Kb] int32, -1
     padded. Same set as the reference (ties to lower block ids) but listed in ascending block id rather than
@@ -49,5 +50,5 @@ def select_blocks(scores: torch.Tensor, seq_lens: torch.Tensor, block_size: int,
     _select_blocks_kernel[(b * hkv,)](
         scores, seq_lens, out, nb, sink_tokens, local_window, scores.stride(0), scores.stride(1),
         out.stride(0), out.stride(1), HKV=hkv, BS=block_size, KB=block_budget, NBP=nbp,
-        KBP=triton.next_power_of_2(block_budget), num_warps=4 if nbp <= 2048 else 8)
+        KBP=triton.next_power_of_2(block_budget), RADIX=radix, num_warps=4 if nbp <= 2048 else 8)
     return out

@@ -48,16 +48,18 @@ def _attn_tp_rank() -> int:
         return 0
 
 
-def _label_quantizer():
-    """INT4 label writer for prefill/decode. The Triton kernel is opt-in (SGLANG_ASYNCTLS_FUSED_INDEX=1) until it
-    has been measured inside the server; the default is the torch reference the published results used."""
-    if torch.cuda.is_available() and os.environ.get("SGLANG_ASYNCTLS_FUSED_INDEX") == "1":
+def _index_writers():
+    """(label quantizer, decode appender) for the index pool: the Triton kernels on CUDA, the torch reference
+    (same names and signatures) on CPU or with SGLANG_ASYNCTLS_FUSED_INDEX=0. The reference's decode append is
+    ~20 small kernels per layer; the fused one is one launch."""
+    if torch.cuda.is_available() and os.environ.get("SGLANG_ASYNCTLS_FUSED_INDEX", "1") != "0":
+        from sglang_asynctls.kernels.index_append import append_decode_index
         from sglang_asynctls.kernels.quantize_labels import quantize_labels
 
-        return quantize_labels
-    from sglang_asynctls.reference import quantize_labels
+        return quantize_labels, append_decode_index
+    from sglang_asynctls.reference import append_decode_index, quantize_labels
 
-    return quantize_labels
+    return quantize_labels, append_decode_index
 
 
 def create_asynctls_backend(model_runner):
@@ -87,10 +89,12 @@ class _AsyncTLSMixin:
         if channels is not None:  # tensor parallel: each rank indexes its own KV heads
             rank = _attn_tp_rank()
             channels = channels[:, rank * self.num_kv_head:(rank + 1) * self.num_kv_head]
+        quantize, append = _index_writers()
         self.index = IndexPool(pool.layer_num, k0.shape[0], k0.shape[1], k0.shape[2], d_c, cfg.block_size,
-                               k0.dtype, k0.device, channels, quantize=_label_quantizer())
+                               k0.dtype, k0.device, channels, quantize=quantize, append=append)
         self.num_blocks = -(-model_runner.model_config.context_len // cfg.block_size)
         self.sparse_fn, impl = _sparse_decode_fn()
+        self._block_table = None  # [B, NB] page ids, computed at the first layer of each decode step
         self.stats = {"index_pages_written": 0, "index_slots_labelled": 0}
         logger.info("asynctls backend: %s, sparse decode via %s, index %.1f MiB, %d blocks per request max, "
                     "label channels %s", cfg, impl, self.index.nbytes() / 2**20, self.num_blocks,
@@ -142,9 +146,12 @@ class _AsyncTLSMixin:
         if save_kv_cache:
             self.index.write_decode(lid, k_buffer, forward_batch.out_cache_loc, seq_lens)
         ix, cfg = self.index, self.cfg
+        bt = self._block_table
+        if lid == 0 or bt is None or bt.shape[0] != rpi.shape[0]:  # once per step: req_to_token is fixed within it
+            self._block_table = ix.block_table(self.req_to_token, rpi, self.num_blocks)
         q3 = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim).contiguous()  # [B, Hq, D]
         o_sparse = self.sparse_fn(
-            q3, k_buffer, v_buffer, self.req_to_token, rpi, seq_lens, ix.kmin[lid], ix.kmax[lid], ix.block_table(self.req_to_token, rpi, self.num_blocks),
+            q3, k_buffer, v_buffer, self.req_to_token, rpi, seq_lens, ix.kmin[lid], ix.kmax[lid], self._block_table,
             ix.labels[lid], ix.label_scale[lid], ix.channels[lid], block_size=cfg.block_size,
             block_budget=cfg.block_budget, token_budget=cfg.token_budget, sink_tokens=cfg.sink_tokens,
             local_window=cfg.local_window, sm_scale=layer.scaling)

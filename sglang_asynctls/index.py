@@ -60,9 +60,11 @@ class IndexPool:
 
     def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int, head_dim: int, label_channels: int,
                  block_size: int, dtype: torch.dtype, device, channels: Optional[torch.Tensor] = None,
-                 quantize=R.quantize_labels):
+                 quantize=R.quantize_labels, append=R.append_decode_index):
         self.block_size = block_size
-        self.quantize = quantize  # reference.quantize_labels or the Triton kernel of the same signature
+        # reference functions or the Triton kernels of the same names and signatures
+        self.quantize = quantize
+        self.append = append
         num_pages = -(-num_slots // block_size)
         shape = (num_pages, num_kv_heads, head_dim)
         self.kmin = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
@@ -98,16 +100,8 @@ class IndexPool:
 
     def write_decode(self, layer: int, k_buffer: torch.Tensor, new_loc: torch.Tensor, seq_lens: torch.Tensor):
         """After decode wrote one key per request: label it and fold it into its page's running min/max."""
-        loc = new_loc.long()
-        k_new = k_buffer[loc]  # [B, Hkv, D]
-        labels, scale = self.quantize(k_new, self.channels[layer])
-        self.labels[layer][loc] = labels
-        self.label_scale[layer][loc] = scale
-        page = torch.div(loc, self.block_size, rounding_mode="floor")
-        first = ((seq_lens - 1) % self.block_size == 0)[:, None, None]  # the token opens a new page
-        kmin, kmax = self.kmin[layer], self.kmax[layer]
-        kmin[page] = torch.where(first, k_new, torch.minimum(kmin[page], k_new))
-        kmax[page] = torch.where(first, k_new, torch.maximum(kmax[page], k_new))
+        self.append(k_buffer, new_loc, seq_lens, self.channels[layer], self.labels[layer], self.label_scale[layer],
+                    self.kmin[layer], self.kmax[layer], self.block_size)
 
     def block_table(self, req_to_token, req_pool_indices, num_blocks: int) -> torch.Tensor:
         """[B, NB] page id of every block of each request (entries of unwritten blocks are never scored)."""

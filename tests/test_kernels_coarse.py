@@ -25,8 +25,8 @@ def test_block_scores_match_reference(shape, dtype):
     assert block_scores(c["q"], kmin, kmax, table, c["seq_lens"], c["bs"], out=out) is out
 
 
-def _check_select_blocks(scores, seq_lens, bs, budget, sink, window):
-    ids = select_blocks(scores, seq_lens, bs, budget, sink, window)
+def _check_select_blocks(scores, seq_lens, bs, budget, sink, window, radix=True):
+    ids = select_blocks(scores, seq_lens, bs, budget, sink, window, radix=radix)
     assert ids.shape == (*scores.shape[:2], budget) and ids.dtype == torch.int32
     nb = scores.shape[2]
     forced = R.forced_block_mask(seq_lens, nb, bs, sink, window)[:, None, :].expand_as(scores)
@@ -36,13 +36,14 @@ def _check_select_blocks(scores, seq_lens, bs, budget, sink, window):
     return ids
 
 
+@pytest.mark.parametrize("radix", [True, False])
 @pytest.mark.parametrize("budget", [1, 3, 7, 40])
-def test_select_blocks_is_a_top_k_with_forced_blocks(budget):
+def test_select_blocks_is_a_top_k_with_forced_blocks(budget, radix):
     lens = torch.tensor([27, 61, 113, 2047])
     g = torch.Generator().manual_seed(budget)
     scores = torch.round(torch.randn(4, 2, 2047 // 8 + 1, generator=g) * 4) / 4  # many ties
     scores = scores.masked_fill(torch.arange(scores.shape[2]) >= (lens // 8)[:, None, None], float("-inf"))
-    _check_select_blocks(scores.to(DEV), lens.to(DEV), 8, budget, 4, 12)
+    _check_select_blocks(scores.to(DEV), lens.to(DEV), 8, budget, 4, 12, radix)
 
 
 def test_select_blocks_budget_covering_everything_keeps_every_block():

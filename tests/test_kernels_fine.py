@@ -48,12 +48,14 @@ def test_token_scores_match_reference(shape, dtype):
     assert torch.equal(out, s)
 
 
+@pytest.mark.parametrize("radix", [True, False])
 @pytest.mark.parametrize("budget", [1, 9, 20, 300])
-def test_select_tokens_is_a_top_k_with_forced_tokens(budget):
+def test_select_tokens_is_a_top_k_with_forced_tokens(budget, radix):
     c = make_cache([27, 61, 2047], **SHAPES["gqa"], device=DEV)
     _, positions = _candidates(c, 12)
     scores = torch.round(_ref_scores(c, positions) * 64) / 64  # ties
-    picked = select_tokens(scores, positions, c["seq_lens"], budget, SINK, WINDOW)
+    scores[0, 1] = -scores[0, 1]  # negative scores: the sign bit is the radix search's first digit
+    picked = select_tokens(scores, positions, c["seq_lens"], budget, SINK, WINDOW, radix=radix)
     assert picked.shape == (3, 2, budget) and picked.dtype == torch.int64
     assert_topk_set(picked, positions, _priority(scores, positions, c["seq_lens"]), budget)
     out = torch.empty_like(picked)

@@ -50,3 +50,42 @@ def _assert_labels_equal(packed, scale, rp, rs):
     torch.testing.assert_close(scale, rs, rtol=2e-7, atol=0)
     diff = torch.stack([(packed & 15).int() - (rp & 15).int(), (packed >> 4).int() - (rp >> 4).int()])
     assert diff.abs().max() <= 1 and (diff != 0).float().mean() < 1e-3
+
+
+def _decode_index_state(s, hkv, d, dc, bs, dtype, g):
+    """Index tensors as IndexPool lays them out (labels head-major behind [S, Hkv, ...] views)."""
+    labels = torch.randint(0, 255, (hkv, s, dc // 2), generator=g, dtype=torch.uint8).transpose(0, 1)
+    scale = torch.rand(hkv, s, generator=g).t()
+    pages = -(-s // bs)
+    kmin = torch.randn(pages, hkv, d, generator=g).to(dtype)
+    kmax = torch.randn(pages, hkv, d, generator=g).to(dtype)
+    return [t.to(DEV) for t in (labels, scale, kmin, kmax)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("hkv, d, dc", [(2, 32, 8), (1, 80, 16), (3, 16, 4)])
+def test_append_decode_index_matches_reference_over_steps(hkv, d, dc, dtype):
+    """Several decode steps of 3 requests whose pages open at different steps: labels, scales and page bounds
+    equal the reference after every step, and a page filled by decode equals block_minmax of its keys."""
+    from sglang_asynctls.kernels.index_append import append_decode_index
+
+    bs, steps = 8, 11
+    g = torch.Generator().manual_seed(d)
+    s = 16 * bs
+    k = torch.randn(s, hkv, d, generator=g).to(dtype).to(DEV)
+    channels = torch.stack([torch.randperm(d, generator=g)[:dc] for _ in range(hkv)]).to(DEV)
+    ours = _decode_index_state(s, hkv, d, dc, bs, dtype, g)
+    ref = [t.clone() for t in ours]
+    start_lens = torch.tensor([5, 8, 13])  # next tokens at page offsets 5, 0 (opens a page) and 5
+    first_page = torch.tensor([3, 7, 11])
+    for t in range(steps):
+        lens = start_lens + t + 1
+        loc = (first_page * bs + (start_lens % bs) + t).to(DEV)
+        append_decode_index(k, loc, lens.to(DEV), channels, *ours, block_size=bs)
+        R.append_decode_index(k, loc, lens.to(DEV), channels, *ref, block_size=bs)
+        _assert_labels_equal(ours[0], ours[1], ref[0], ref[1])
+        assert torch.equal(ours[2], ref[2]) and torch.equal(ours[3], ref[3]), t
+    # request 1 opened page 7 at its first step and filled it over 8 steps
+    page_slots = torch.arange(7 * bs, 8 * bs, device=DEV)[None]
+    rmin, rmax = R.block_minmax(k, page_slots)
+    assert torch.equal(ours[2][7], rmin[0]) and torch.equal(ours[3][7], rmax[0])

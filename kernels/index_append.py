@@ -1,0 +1,65 @@
+"""Index build at decode: one launch labels every request's new key and folds it into its page's Kmin/Kmax.
+
+The torch form of the same update (`reference.append_decode_index`) is ~20 small kernels per layer; inside a
+CUDA-graph decode step those launches, not bytes, were the cost.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .quantize_labels import _round_half_even
+
+
+@triton.jit
+def _append_decode_index_kernel(k_buffer, new_loc, seq_lens, channels, labels, label_scale, kmin, kmax,
+                                stride_ks, stride_kh, stride_ch, stride_ls, stride_lh, stride_ss, stride_sh,
+                                stride_mp, stride_mh, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                                HALF_DC: tl.constexpr, BS: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    loc = tl.load(new_loc + b).to(tl.int64)
+    n = tl.load(seq_lens + b).to(tl.int64)
+    row = k_buffer + loc * stride_ks + h * stride_kh
+    # labels: exactly reference.quantize_labels on one key
+    offs_c = tl.arange(0, HALF_DC)
+    lo = tl.load(row + tl.load(channels + h * stride_ch + 2 * offs_c).to(tl.int64)).to(tl.float32)
+    hi = tl.load(row + tl.load(channels + h * stride_ch + 2 * offs_c + 1).to(tl.int64)).to(tl.float32)
+    sc = tl.math.div_rn(tl.maximum(tl.max(tl.abs(lo), axis=0), tl.max(tl.abs(hi), axis=0)), 7.0)
+    safe = tl.where(sc > 0, sc, 1.0)
+    q_lo = tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(lo, safe)), -7.0), 7.0) + 8.0
+    q_hi = tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(hi, safe)), -7.0), 7.0) + 8.0
+    byte = q_lo.to(tl.int32) | (q_hi.to(tl.int32) << 4)
+    tl.store(labels + loc * stride_ls + h * stride_lh + offs_c, byte.to(tl.uint8))
+    tl.store(label_scale + loc * stride_ss + h * stride_sh, sc)
+    # running page bound; the token that opens a page restarts it
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    key = tl.load(row + offs_d, mask=mask_d)
+    out = (loc // BS) * stride_mp + h * stride_mh + offs_d
+    opens = (n - 1) % BS == 0
+    old_min = tl.load(kmin + out, mask=mask_d)
+    old_max = tl.load(kmax + out, mask=mask_d)
+    tl.store(kmin + out, tl.where(opens, key, tl.minimum(old_min, key)), mask=mask_d)
+    tl.store(kmax + out, tl.where(opens, key, tl.maximum(old_max, key)), mask=mask_d)
+
+
+def append_decode_index(k_buffer: torch.Tensor, new_loc: torch.Tensor, seq_lens: torch.Tensor,
+                        channels: torch.Tensor, labels: torch.Tensor, label_scale: torch.Tensor,
+                        kmin: torch.Tensor, kmax: torch.Tensor, block_size: int) -> None:
+    """In place, as `reference.append_decode_index` (same arguments; any strides with a unit last stride)."""
+    b = new_loc.shape[0]
+    s, hkv, d = k_buffer.shape
+    dc = channels.shape[1]
+    assert channels.shape[0] == hkv and k_buffer.stride(2) == 1 and channels.stride(1) == 1
+    assert (dc // 2) & (dc // 2 - 1) == 0 and dc % 2 == 0, "label_channels / 2 must be a power of two"
+    assert labels.shape[1:] == (hkv, dc // 2) and labels.dtype == torch.uint8 and labels.stride(2) == 1
+    assert label_scale.dtype == torch.float32 and kmin.shape[1:] == (hkv, d) and kmin.stride() == kmax.stride()
+    assert kmin.dtype == k_buffer.dtype and kmin.stride(2) == 1 and block_size & (block_size - 1) == 0
+    if b == 0:
+        return
+    _append_decode_index_kernel[(b, hkv)](
+        k_buffer, new_loc, seq_lens, channels, labels, label_scale, kmin, kmax,
+        k_buffer.stride(0), k_buffer.stride(1), channels.stride(0), labels.stride(0), labels.stride(1),
+        label_scale.stride(0), label_scale.stride(1), kmin.stride(0), kmin.stride(1),
+        D=d, BLOCK_D=triton.next_power_of_2(d), HALF_DC=dc // 2, BS=block_size, num_warps=4)
