@@ -7,6 +7,8 @@ import torch
 from sglang_asynctls.kernels.resident_update import resident_update as kernel_update
 from sglang_asynctls.offload import reference as OR
 
+from offload_cases import walk
+
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -15,31 +17,12 @@ def _state(num_rows, hkv, r, kb):
     return tags, torch.full_like(tags, -1), torch.full((num_rows, hkv, kb), -1, dtype=torch.int32, device=DEV)
 
 
-def _walk(num_steps, b, hkv, kb, num_blocks, keep, seed):
-    """Selections [B, Hkv, Kb] that keep about `keep` of the previous step's blocks (distinct ids, some -1 pad)."""
-    g = torch.Generator().manual_seed(seed)
-    cur = torch.stack([torch.stack([torch.randperm(num_blocks, generator=g)[:kb] for _ in range(hkv)])
-                       for _ in range(b)])
-    out = []
-    for _ in range(num_steps):
-        for i in range(b):
-            for h in range(hkv):
-                fresh = torch.randperm(num_blocks, generator=g)
-                fresh = fresh[~torch.isin(fresh, cur[i, h])]
-                drop = torch.rand(kb, generator=g) > keep
-                cur[i, h][drop] = fresh[: int(drop.sum())]
-        sel = cur.clone().to(torch.int32)
-        sel[torch.rand(sel.shape, generator=g) < 0.1] = -1  # short requests select fewer blocks
-        out.append(sel.to(DEV))
-    return out
-
-
 @pytest.mark.parametrize("r,kb", [(8, 8), (12, 5), (16, 7)])
 def test_kernel_matches_reference_over_a_random_walk(r, kb):
     num_rows, hkv, b = 7, 3, 4
     rows = torch.tensor([5, 1, 6, 2], device=DEV)
     ref, ker = _state(num_rows, hkv, r, kb), _state(num_rows, hkv, r, kb)
-    for t, sel in enumerate(_walk(12, b, hkv, kb, num_blocks=29, keep=0.7, seed=r + kb)):
+    for t, sel in enumerate(walk(12, [29] * b, hkv, kb, keep=0.7, seed=r + kb, device=DEV)):
         step = torch.tensor([t], dtype=torch.int32, device=DEV)
         want = OR.resident_update(*ref, rows, sel, step)
         got = kernel_update(*ker, rows, sel, step)
@@ -71,7 +54,7 @@ def test_every_entry_of_m_t_is_resident_after_the_update_and_hits_keep_their_slo
     tags, lu, prev = _state(num_rows, hkv, r, kb)
     rows = torch.tensor([2, 0], device=DEV)
     before = None
-    for t, sel in enumerate(_walk(10, 2, hkv, kb, num_blocks=40, keep=0.6, seed=1)):
+    for t, sel in enumerate(walk(10, [40] * 2, hkv, kb, keep=0.6, seed=1, device=DEV)):
         old_tags = tags[rows.long()].clone()
         slots, src, dst, overlap, misses = kernel_update(tags, lu, prev, rows, sel,
                                                          torch.tensor([t], dtype=torch.int32, device=DEV))
