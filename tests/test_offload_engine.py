@@ -11,7 +11,8 @@ from sglang_asynctls.kernels.gather_blocks import gather_blocks as kernel_gather
 from sglang_asynctls.kernels.resident_update import resident_update as kernel_update
 from sglang_asynctls.offload import reference as OR
 from sglang_asynctls.offload.engine import OffloadEngine
-from sglang_asynctls.offload.lane import InlineLane
+from sglang_asynctls.offload.host_view import device_view
+from sglang_asynctls.offload.lane import CudaLane, InlineLane
 from sglang_asynctls.offload.resident_set import ResidentSet
 from sglang_asynctls.offload.telemetry import OffloadTelemetry
 
@@ -64,7 +65,7 @@ class UpdateFirstEngine(OffloadEngine):
 
 
 def _world(num_slots, lens=(61, 113, 90), rows=(3, 0, 4), num_rows=5, seed=0, impl="reference", lane=InlineLane,
-           engine=OffloadEngine, num_layers=2):
+           engine=OffloadEngine, num_layers=2, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     nblk = [n // BS for n in lens]
     host_pages = sum(nblk) + 5
@@ -79,19 +80,25 @@ def _world(num_slots, lens=(61, 113, 90), rows=(3, 0, 4), num_rows=5, seed=0, im
     dev_k = [torch.full((dev_pages * BS, HKV, D), float("nan")) for _ in range(num_layers)]
     dev_v = [torch.full((dev_pages * BS, HKV, D), float("nan")) for _ in range(num_layers)]
     update_fn, gather_fn = IMPLS[impl]
-    resident = ResidentSet(num_layers, num_rows, HKV, num_slots, KB, "cpu", update_fn=update_fn)
-    rows_t = torch.tensor(rows)
-    resident.admit(rows_t, torch.randperm(dev_pages, generator=g)[: len(rows) * num_slots].view(len(rows), -1))
-    tele = OffloadTelemetry(num_layers, BS * HKV * D * 4 * 2 // HKV, "cpu")
+    pages = torch.randperm(dev_pages, generator=g)[: len(rows) * num_slots].view(len(rows), -1)
+    if device != "cpu":  # the GPU reads the host stores in place: pinned, through CUDA views
+        host_k = [device_view(t.pin_memory()) for t in host_k]
+        host_v = [device_view(t.pin_memory()) for t in host_v]
+        dev_k, dev_v, table = [t.to(device) for t in dev_k], [t.to(device) for t in dev_v], table.to(device)
+    resident = ResidentSet(num_layers, num_rows, HKV, num_slots, KB, device, update_fn=update_fn)
+    rows_t = torch.tensor(rows, device=device)
+    resident.admit(rows_t, pages.to(device))
+    tele = OffloadTelemetry(num_layers, BS * HKV * D * 4 * 2 // HKV, device)
     eng = engine(resident, lane(num_layers), tele, host_k, host_v, dev_k, dev_v, table, BS, gather_fn=gather_fn)
-    return dict(eng=eng, rows=rows_t, seq_lens=torch.tensor(lens), nblk=nblk, table=table, g=g, tele=tele)
+    return dict(eng=eng, rows=rows_t, seq_lens=torch.tensor(lens, device=device), nblk=nblk, table=table, g=g,
+                tele=tele)
 
 
 def _attend_both(w, layer, q, positions, token_slots):
     """A random fine selection of KT of the candidates; attention over the resident copies and over the host
     store's own slots of the same positions."""
     eng, g = w["eng"], w["g"]
-    score = torch.rand(positions.shape, generator=g).masked_fill(positions < 0, -1.0)
+    score = torch.rand(positions.shape, generator=g).to(positions.device).masked_fill(positions < 0, -1.0)
     pick = torch.topk(score, KT, dim=2).indices
     pos = torch.gather(positions, 2, pick)
     mine = torch.where(pos >= 0, torch.gather(token_slots, 2, pick), -1).to(torch.int32)
@@ -106,13 +113,13 @@ def _attend_both(w, layer, q, positions, token_slots):
 def _run(w, num_steps, keep=0.7, seed=1):
     """Prime M_0, then num_steps decode steps over every layer; returns [(got, want)] and the walk."""
     eng, layers = w["eng"], range(len(w["eng"].dev_k))
-    sel = walk(num_steps + 1, w["nblk"], HKV, KB, keep=keep, seed=seed)
+    sel = walk(num_steps + 1, w["nblk"], HKV, KB, keep=keep, seed=seed, device=w["rows"].device)
     for layer in layers:
         eng.prefetch(layer, w["rows"], sel[0])
     eng.end_step()
     pairs = []
     for t in range(1, num_steps + 1):
-        q = torch.randn(len(w["rows"]), HQ, D, generator=w["g"])
+        q = torch.randn(len(w["rows"]), HQ, D, generator=w["g"]).to(w["rows"].device)
         for layer in layers:
             box = {}
 
@@ -187,3 +194,13 @@ def test_release_mid_copy_frees_the_row_and_leaves_the_others_exact():
     pairs, _ = _run(w, num_steps=4, seed=5)
     for got, want in pairs:
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_on_the_gpu_with_pinned_host_stores_and_a_side_stream():
+    w = _world(KB + 2, impl="triton", lane=CudaLane, device="cuda")
+    pairs, _ = _run(w, num_steps=12, keep=0.5)
+    for got, want in pairs:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    s = w["tele"].summary()
+    assert s["blocks_copied"] > 0 and s["stall_ms"] >= 0
