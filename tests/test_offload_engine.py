@@ -15,8 +15,7 @@ from sglang_asynctls.offload.host_view import device_view
 from sglang_asynctls.offload.lane import CudaLane, InlineLane
 from sglang_asynctls.offload.resident_set import ResidentSet
 from sglang_asynctls.offload.telemetry import OffloadTelemetry
-
-from offload_cases import walk
+from sglang_asynctls.offload.trace import random_walk as walk
 
 BS, HKV, HQ, D, KB, KT = 8, 2, 4, 16, 4, 12
 IMPLS = {"reference": (OR.resident_update, OR.gather_blocks), "triton": (kernel_update, kernel_gather)}

@@ -6,8 +6,7 @@ import torch
 
 from sglang_asynctls.kernels.resident_update import resident_update as kernel_update
 from sglang_asynctls.offload import reference as OR
-
-from offload_cases import walk
+from sglang_asynctls.offload.trace import random_walk as walk
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
