@@ -89,8 +89,9 @@ def resident_update(tags: torch.Tensor, last_used: torch.Tensor, prev: torch.Ten
             torch.empty((b, hkv), dtype=torch.int32, device=blocks.device) for _ in range(2))
     slots, copy_src, copy_dst, overlap, misses = out
     assert all(t.is_contiguous() for t in out)
+    r_p2 = triton.next_power_of_2(r)  # the R x R victim rank is the largest tile: more warps past 256 slots
     _resident_update_kernel[(b * hkv,)](
         tags, last_used, prev, rows, blocks, step, slots, copy_src, copy_dst, overlap, misses,
         tags.stride(0), tags.stride(1), prev.stride(0), prev.stride(1), blocks.stride(0), blocks.stride(1),
-        HKV=hkv, R=r, KB=kb, R_P2=triton.next_power_of_2(r), KB_P2=triton.next_power_of_2(kb))
+        HKV=hkv, R=r, KB=kb, R_P2=r_p2, KB_P2=triton.next_power_of_2(kb), num_warps=8 if r_p2 >= 256 else 4)
     return out

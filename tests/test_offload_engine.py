@@ -112,7 +112,7 @@ def _attend_both(w, layer, q, positions, token_slots):
 def _run(w, num_steps, keep=0.7, seed=1):
     """Prime M_0, then num_steps decode steps over every layer; returns [(got, want)] and the walk."""
     eng, layers = w["eng"], range(len(w["eng"].dev_k))
-    sel = walk(num_steps + 1, w["nblk"], HKV, KB, keep=keep, seed=seed, device=w["rows"].device)
+    sel = walk(num_steps + 1, w["nblk"], HKV, KB, keep=keep, seed=seed, revisit=0.5, device=w["rows"].device)
     for layer in layers:
         eng.prefetch(layer, w["rows"], sel[0])
     eng.end_step()

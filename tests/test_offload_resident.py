@@ -21,7 +21,7 @@ def test_kernel_matches_reference_over_a_random_walk(r, kb):
     num_rows, hkv, b = 7, 3, 4
     rows = torch.tensor([5, 1, 6, 2], device=DEV)
     ref, ker = _state(num_rows, hkv, r, kb), _state(num_rows, hkv, r, kb)
-    for t, sel in enumerate(walk(12, [29] * b, hkv, kb, keep=0.7, seed=r + kb, device=DEV)):
+    for t, sel in enumerate(walk(12, [29] * b, hkv, kb, keep=0.7, seed=r + kb, revisit=0.5, device=DEV)):
         step = torch.tensor([t], dtype=torch.int32, device=DEV)
         want = OR.resident_update(*ref, rows, sel, step)
         got = kernel_update(*ker, rows, sel, step)
@@ -70,3 +70,15 @@ def test_every_entry_of_m_t_is_resident_after_the_update_and_hits_keep_their_slo
                       for h in range(hkv)] for i in range(2)]
             assert overlap.tolist() == inter
         before = sel
+
+
+def test_random_walk_selections_are_distinct_in_range_and_keep_about_keep():
+    sel = walk(30, [29, 40], 2, 8, keep=0.75, seed=3, pad=0.0, revisit=0.8)
+    kept = 0
+    for prev, cur in zip(sel, sel[1:]):
+        for b, n in enumerate([29, 40]):
+            for h in range(2):
+                ids = cur[b, h].tolist()
+                assert len(set(ids)) == len(ids) and all(0 <= x < n for x in ids)
+                kept += len(set(ids) & set(prev[b, h].tolist()))
+    assert 0.65 < kept / (29 * 2 * 2 * 8) < 0.85

@@ -1,0 +1,380 @@
+"""Offload engine, op level (GPU): host -> GPU gather bandwidth, resident-set update latency, and a simulated
+decode over a selection trace giving the stall share. Qwen3-8B attention shape (8 KV heads, d 128, bf16), block 64.
+
+    python3 benchmarks/offload_engine.py            # H100: results/offload_engine_h100.{json,png}, < 3 min
+    python3 benchmarks/offload_engine.py --dry-run  # CPU, tiny shapes: checks the logic; its times mean nothing
+
+- gather: k head-blocks (32 KiB each: 64 tokens x 128 dims x K+V x bf16) per launch from pinned host memory
+  (read in place through `device_view`), beside one `copy_` per whole block (all heads, K and V: the same bytes)
+  and one bulk contiguous copy of the same bytes (the PCIe roofline, 55 GB/s measured, shared/MEASUREMENTS.md).
+- update: the Triton resident-set update beside its torch reference, batch x r (R = r x k_b), CUDA-graph replays.
+  The kernel's work does not depend on the hit count, so replaying one selection measures it.
+- decode: L layers x T steps of engine.step (wait, attention over Kt of M_{t-1}'s resident tokens, update, gather
+  on the side stream) plus a stand-in for the rest of the layer (the MLP's weight read at batch <= 8), eager, beside
+  the same loop with everything resident. The trace is a synthetic random walk fitted to SmolLM2's measured locality
+  (overlap 0.86; LRU hit 0.975 at r = 2) unless --trace names a recorded one ([T, L, B, Hkv, Kb] int32, torch.save).
+"""
+
+import argparse
+import datetime
+import importlib
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from sglang_asynctls import reference as R  # noqa: E402
+from sglang_asynctls.offload import reference as OR  # noqa: E402
+from sglang_asynctls.offload.engine import OffloadEngine  # noqa: E402
+from sglang_asynctls.offload.host_view import device_view  # noqa: E402
+from sglang_asynctls.offload.lane import CudaLane, InlineLane  # noqa: E402
+from sglang_asynctls.offload.resident_set import ResidentSet  # noqa: E402
+from sglang_asynctls.offload.telemetry import OffloadTelemetry  # noqa: E402
+from sglang_asynctls.offload.trace import random_walk  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@dataclass(frozen=True)
+class Shape:
+    hq: int = 32
+    hkv: int = 8
+    d: int = 128
+    bs: int = 64
+    kb: int = 128
+    kt: int = 1024
+    hidden: int = 4096  # the rest-of-layer stand-in reads a [3 * mlp, hidden] weight (Qwen3-8B's MLP)
+    mlp: int = 12288
+    layers: int = 8
+    steps: int = 24
+    context: int = 98304
+    batches: tuple = (1, 4)
+    ratios: tuple = (1, 2)
+    gather_counts: tuple = (8, 64, 256, 1024, 4096)
+    update_batches: tuple = (1, 8, 32)
+    keep: float = 0.86
+    revisit: float = 0.85  # with keep 0.86: LRU hit rate 0.83 at r = 1, 0.97 at r = 2 (measured: 0.86, 0.975)
+    dtype: str = "bfloat16"
+
+
+DRY = Shape(hq=4, hkv=2, d=16, bs=8, kb=8, kt=32, hidden=64, mlp=64, layers=2, steps=3, context=512, batches=(2,),
+            gather_counts=(4, 16), update_batches=(2,), dtype="float32")
+
+
+class Timing:
+    """Median/min/max µs of fn: CUDA events on the GPU (graph=True: replays of a captured graph), perf_counter on
+    the CPU."""
+
+    def __init__(self, cuda: bool, iters: int, warmup: int):
+        self.cuda, self.iters, self.warmup = cuda, iters, warmup
+
+    def __call__(self, fn, graph: bool = False):
+        run = self._capture(fn) if graph and self.cuda else fn
+        for _ in range(self.warmup):
+            run()
+        times = []
+        for _ in range(self.iters):
+            times.append(self._once(run))
+        times.sort()
+        return dict(median_us=times[len(times) // 2], min_us=times[0], max_us=times[-1], iters=self.iters)
+
+    def _once(self, run) -> float:
+        if not self.cuda:
+            t0 = time.perf_counter()
+            run()
+            return (time.perf_counter() - t0) * 1e6
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        run()
+        e1.record()
+        e1.synchronize()
+        return e0.elapsed_time(e1) * 1e3
+
+    def total(self, fn) -> float:
+        """Wall µs of one call of fn, its device work included."""
+        if self.cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if self.cuda:
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0) * 1e6
+
+    @staticmethod
+    def _capture(fn):
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            fn()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        return g.replay
+
+
+def _impls(cuda: bool):
+    """(update, gather, attention) on this device: the Triton kernels on the GPU, the references on the CPU."""
+    if cuda:
+        from sglang_asynctls.kernels.gather_blocks import gather_blocks
+        from sglang_asynctls.kernels.resident_update import resident_update
+        from sglang_asynctls.kernels.sparse_decode import sparse_decode
+
+        return resident_update, gather_blocks, sparse_decode
+    return OR.resident_update, OR.gather_blocks, R.sparse_decode
+
+
+def host_store(num_pages: int, sh: Shape, cuda: bool):
+    """Host K and V [num_pages * BS, Hkv, D]: pinned on the GPU machine, with the views kernels read through."""
+    dt = getattr(torch, sh.dtype)
+    # constant contents: copy speed does not depend on them, and randn over GBs of host memory takes seconds
+    k = torch.empty(num_pages * sh.bs, sh.hkv, sh.d, dtype=dt, pin_memory=cuda).fill_(0.5)
+    v = torch.empty_like(k, pin_memory=cuda).fill_(-0.5)
+    return (k, v), ((device_view(k), device_view(v)) if cuda else (k, v))
+
+
+# ---------------------------------------------------------------------------------------------- gather
+
+
+def bench_gather(sh: Shape, timing: Timing, dev: str):
+    cuda = dev == "cuda"
+    _, gather, _ = _impls(cuda)
+    most = max(sh.gather_counts) // sh.hkv
+    (hk, hv), (sk, sv) = host_store(4 * most, sh, cuda)
+    dk = torch.empty(most * sh.bs, sh.hkv, sh.d, dtype=hk.dtype, device=dev)
+    dv = torch.empty_like(dk)
+    block_bytes = sh.bs * sh.d * 2 * hk.element_size()  # one KV head's K and V of one block
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for k in sh.gather_counts:
+        kb = k // sh.hkv
+        src = torch.randperm(4 * most, generator=g)[:kb].int().expand(1, sh.hkv, kb).contiguous().to(dev)
+        dst = torch.stack([torch.randperm(most, generator=g)[:kb] for _ in range(sh.hkv)])[None].int().to(dev)
+        nbytes = k * block_bytes
+        t = timing(lambda: gather(sk, sv, dk, dv, src, dst, sh.bs))
+        rows.append(dict(kind="gather_triton", head_blocks=k, bytes=nbytes, **t,
+                         gb_per_s=nbytes / t["median_us"] / 1e3))
+        pairs = list(zip(src[0, 0].tolist(), dst[0, 0].tolist()))  # whole blocks: all heads, the same bytes
+
+        def per_block():
+            for s, d in pairs:
+                dk[d * sh.bs:(d + 1) * sh.bs].copy_(hk[s * sh.bs:(s + 1) * sh.bs], non_blocking=True)
+                dv[d * sh.bs:(d + 1) * sh.bs].copy_(hv[s * sh.bs:(s + 1) * sh.bs], non_blocking=True)
+
+        t = timing(per_block)
+        rows.append(dict(kind="copy_per_block", head_blocks=k, bytes=nbytes, **t,
+                         gb_per_s=nbytes / t["median_us"] / 1e3))
+        n = kb * sh.bs
+        t = timing(lambda: (dk[:n].copy_(hk[:n], non_blocking=True), dv[:n].copy_(hv[:n], non_blocking=True)))
+        rows.append(dict(kind="bulk_copy", head_blocks=k, bytes=nbytes, **t, gb_per_s=nbytes / t["median_us"] / 1e3))
+    return rows
+
+# ---------------------------------------------------------------------------------------------- update
+
+
+def bench_update(sh: Shape, timing: Timing, dev: str):
+    cuda = dev == "cuda"
+    update, _, _ = _impls(cuda)
+    nblk = sh.context // sh.bs
+    rows = []
+    for b in sh.update_batches:
+        sel = random_walk(2, [nblk] * b, sh.hkv, sh.kb, keep=sh.keep, seed=b, revisit=sh.revisit, device=dev)
+        for r in sh.ratios:
+            for name, fn in (("triton" if cuda else "reference", update), ("torch_reference", OR.resident_update)):
+                rs = ResidentSet(1, b, sh.hkv, r * sh.kb, sh.kb, dev, update_fn=fn)
+                ids = torch.arange(b, device=dev)
+                rs.update(0, ids, sel[0])
+                args = (rs.tags[0], rs.last_used[0], rs.prev[0], ids, sel[1], rs.step)
+                t = timing(lambda: fn(*args), graph=True)
+                rows.append(dict(kind="update", impl=name, batch=b, r=r, slots=r * sh.kb, **t))
+    return rows
+
+# ---------------------------------------------------------------------------------------------- decode
+
+
+def _trace(sh: Shape, batch: int, dev: str, path: str):
+    """[layer][step] -> [B, Hkv, Kb] selections."""
+    if path:
+        t = torch.load(path)  # [T, L, B, Hkv, Kb]
+        return [[t[s, layer].to(dev).int() for s in range(t.shape[0])] for layer in range(t.shape[1])], path
+    nblk = sh.context // sh.bs
+    return [random_walk(sh.steps + 3, [nblk] * batch, sh.hkv, sh.kb, keep=sh.keep, seed=layer, revisit=sh.revisit,
+                        device=dev) for layer in range(sh.layers)], f"synthetic random walk, keep {sh.keep}, " \
+        f"revisit {sh.revisit}"
+
+
+def _decode_world(sh: Shape, batch: int, r: int, store, dev: str):
+    cuda = dev == "cuda"
+    update, gather, _ = _impls(cuda)
+    nblk = sh.context // sh.bs
+    slots = r * sh.kb
+    dt = getattr(torch, sh.dtype)
+    dev_k = [torch.zeros(batch * slots * sh.bs, sh.hkv, sh.d, dtype=dt, device=dev) for _ in range(sh.layers)]
+    dev_v = [torch.zeros_like(t) for t in dev_k]
+    rs = ResidentSet(sh.layers, batch, sh.hkv, slots, sh.kb, dev, update_fn=update)
+    ids = torch.arange(batch, device=dev)
+    rs.admit(ids, torch.arange(batch * slots, device=dev).view(batch, slots))
+    table = torch.arange(batch * nblk, dtype=torch.int32, device=dev).view(batch, nblk)
+    tele = OffloadTelemetry(sh.layers, sh.bs * sh.d * 2 * dev_k[0].element_size(), dev)
+    lane = CudaLane(sh.layers) if cuda else InlineLane(sh.layers)
+    sk, sv = store
+    return OffloadEngine(rs, lane, tele, [sk] * sh.layers, [sv] * sh.layers, dev_k, dev_v, table, sh.bs,
+                         gather_fn=gather), ids
+
+
+def _layer_rest(sh: Shape, batch: int, dev: str):
+    """The rest of a decoder layer at small batch: one read of the MLP weights (memory-bound GEMM)."""
+    dt = getattr(torch, sh.dtype)
+    w = torch.randn(3 * sh.mlp, sh.hidden, dtype=dt, device=dev)
+    x = torch.randn(batch, sh.hidden, dtype=dt, device=dev)
+    return lambda: x @ w.t()
+
+
+def _run_steps(sh, engine, ids, lens, trace, q, attn, rest, first, count):
+    """Decode steps first .. first + count - 1 over every layer."""
+    for t in range(first, first + count):
+        for layer in range(sh.layers):
+            kv = (engine.dev_k[layer], engine.dev_v[layer])
+            engine.step(layer, ids, lens, trace[layer][t],
+                        lambda pos, slots, kv=kv: attn(q, *kv, slots[:, :, :sh.kt].contiguous(), sh.d ** -0.5))
+            rest()
+        engine.end_step()
+
+
+def bench_decode(sh: Shape, timing: Timing, dev: str, trace_path: str):
+    cuda = dev == "cuda"
+    _, _, attn = _impls(cuda)
+    rows, sources = [], set()
+    for batch in sh.batches:
+        trace, source = _trace(sh, batch, dev, trace_path)
+        sources.add(source)
+        _, store = host_store(batch * (sh.context // sh.bs), sh, cuda)
+        lens = torch.full((batch,), sh.context, device=dev)
+        q = torch.randn(batch, sh.hq, sh.d, device=dev).to(getattr(torch, sh.dtype))
+        rest = _layer_rest(sh, batch, dev)
+        for r in sh.ratios:
+            engine, ids = _decode_world(sh, batch, r, store, dev)
+            for layer in range(sh.layers):
+                engine.prefetch(layer, ids, trace[layer][0])
+            engine.end_step()
+            _run_steps(sh, engine, ids, lens, trace, q, attn, rest, 1, 2)  # warm-up (compiles, fills)
+            engine.telemetry.reset()
+            steps = min(sh.steps, len(trace[0]) - 3)
+            t = timing.total(lambda: _run_steps(sh, engine, ids, lens, trace, q, attn, rest, 3, steps))
+            s = engine.telemetry.summary()
+            step_us = t / steps
+            rows.append(dict(kind="decode", batch=batch, r=r, layers=sh.layers, steps=steps, step_us=step_us,
+                             stall_us_per_step=s["stall_ms"] * 1e3 / steps,
+                             stall_share=s["stall_ms"] * 1e3 / steps / step_us,
+                             mb_copied_per_step=s["bytes_copied"] / steps / 1e6, overlap_ratio=s["overlap_ratio"],
+                             blocks_copied_per_step=s["blocks_copied"] / steps))
+            # the same steps with every selected block already resident: attention + rest only
+            slots = engine.resident.candidates(0, ids, lens, sh.bs)[1][:, :, :sh.kt].contiguous()
+            kv = (engine.dev_k[0], engine.dev_v[0])
+
+            def resident_only():
+                for _ in range(steps):
+                    for _ in range(sh.layers):
+                        attn(q, *kv, slots, sh.d ** -0.5)
+                        rest()
+
+            resident_only()  # warm-up
+            rows[-1]["resident_step_us"] = timing.total(resident_only) / steps
+            rows[-1]["overhead"] = step_us / rows[-1]["resident_step_us"] - 1
+            engine.lane.synchronize()
+    return rows, sorted(sources)
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def summarize(rows):
+    out = {}
+    gather = {(r["kind"], r["head_blocks"]): r for r in rows if "head_blocks" in r}
+    most = max(k for _, k in gather)
+    tri, per, bulk = (gather[(k, most)] for k in ("gather_triton", "copy_per_block", "bulk_copy"))
+    out["gather"] = dict(head_blocks=most, triton_gb_per_s=tri["gb_per_s"], per_block_copy_gb_per_s=per["gb_per_s"],
+                         bulk_copy_gb_per_s=bulk["gb_per_s"], triton_over_per_block=per["median_us"] / tri["median_us"],
+                         triton_share_of_bulk=tri["gb_per_s"] / bulk["gb_per_s"])
+    out["update_us"] = {f"b{r['batch']}_r{r['r']}_{r['impl']}": r["median_us"] for r in rows if r["kind"] == "update"}
+    out["decode"] = {f"b{r['batch']}_r{r['r']}": dict(stall_share=r["stall_share"], overhead=r["overhead"],
+                                                      mb_copied_per_step=r["mb_copied_per_step"],
+                                                      overlap_ratio=r["overlap_ratio"])
+                     for r in rows if r["kind"] == "decode"}
+    return out
+
+
+def plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 3, figsize=(16, 4.5))
+    for kind in ("gather_triton", "copy_per_block", "bulk_copy"):
+        pts = sorted((r["head_blocks"], r["gb_per_s"]) for r in rows if r["kind"] == kind)
+        ax[0].plot(*zip(*pts), marker="o", label=kind)
+    ax[0].set(xscale="log", xlabel="32 KiB head-blocks per launch", ylabel="GB/s host -> GPU",
+              title="gather from pinned host memory")
+    ax[0].legend()
+    upd = [r for r in rows if r["kind"] == "update"]
+    labels = [f"b{r['batch']} r{r['r']}\n{r['impl']}" for r in upd]
+    ax[1].bar(range(len(upd)), [r["median_us"] for r in upd], tick_label=labels)
+    ax[1].set(ylabel="µs (median, graph replay)", title="resident-set update")
+    ax[1].tick_params(axis="x", labelsize=7)
+    dec = [r for r in rows if r["kind"] == "decode"]
+    x = range(len(dec))
+    ax[2].bar([i - 0.2 for i in x], [r["resident_step_us"] / 1e3 for r in dec], width=0.4, label="all resident")
+    ax[2].bar([i + 0.2 for i in x], [r["step_us"] / 1e3 for r in dec], width=0.4, label="offload")
+    for i, r in zip(x, dec):
+        ax[2].annotate(f"stall {100 * r['stall_share']:.0f}%", (i + 0.2, r["step_us"] / 1e3), ha="center",
+                       fontsize=8)
+    ax[2].set_xticks(list(x), [f"b{r['batch']} r{r['r']}" for r in dec])
+    ax[2].set(ylabel=f"ms per step ({dec[0]['layers']} layers)" if dec else "ms", title="simulated decode")
+    ax[2].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes: checks the logic, times mean nothing")
+    p.add_argument("--out", default=None, help="default: benchmarks/results (a temp folder with --dry-run)")
+    p.add_argument("--name", default="offload_engine_h100")
+    p.add_argument("--trace", default="", help="recorded selections [T, L, B, Hkv, Kb] int32 (torch.save)")
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    a = p.parse_args()
+    cuda = not a.dry_run
+    if cuda and not torch.cuda.is_available():
+        sys.exit("offload_engine: needs a GPU (--dry-run checks the logic on the CPU)")
+    sh = DRY if a.dry_run else Shape()
+    dev = "cuda" if cuda else "cpu"
+    out = a.out or (os.path.join(HERE, "results") if cuda else os.path.join("/tmp", "offload_engine_dry"))
+    os.makedirs(out, exist_ok=True)
+    timing = Timing(cuda, a.iters if cuda else 2, a.warmup if cuda else 1)
+    t0 = time.time()
+    rows = bench_gather(sh, timing, dev) + bench_update(sh, timing, dev)
+    decode, sources = bench_decode(sh, timing, dev, a.trace)
+    rows += decode
+    result = dict(benchmark="offload_engine", command=" ".join(["python3"] + sys.argv),
+                  date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  gpu=torch.cuda.get_device_name() if cuda else "none (dry run on CPU)", torch=torch.__version__,
+                  triton=importlib.import_module("triton").__version__, sglang="not used (op level)",
+                  config=dict(shape=asdict(sh), trace=sources, dry_run=a.dry_run, iters=timing.iters,
+                              timing="gather/update: CUDA events (update: graph replays); decode: wall time of "
+                              "eager steps with a device sync at both ends; stall: device-clock stamps "
+                              "max(0, copy landed - needed)"),
+                  rows=rows, summary=summarize(rows), wall_s=round(time.time() - t0, 1))
+    with open(os.path.join(out, a.name + ".json"), "w") as f:
+        json.dump(result, f, indent=1)
+    plot(rows, os.path.join(out, a.name + ".png"))
+    print(json.dumps(result["summary"], indent=1))
+
+
+if __name__ == "__main__":
+    main()
