@@ -12,10 +12,11 @@ decode over a selection trace giving the stall share. Qwen3-8B attention shape (
 - decode: L layers x T steps of engine.step (wait, attention over Kt of M_{t-1}'s resident tokens, update, gather
   on the side stream) plus a stand-in for the rest of the layer (the MLP's weight read at batch <= 8), eager, beside
   the same loop with everything resident. The layers share one host store (they only read it: the copy cost is the
-  same, the pinned memory is not multiplied by L).
+  same, the pinned memory is not multiplied by L). The trace is a synthetic random walk fitted to SmolLM2's
+  measured locality (overlap 0.86; LRU hit 0.975 at r = 2) unless --trace names a recorded one
+  ([T, L, B, Hkv, Kb] int32, torch.save).
 
-Not yet run on a GPU (written on a CPU-only machine; tests/test_offload_benchmark.py checks its bookkeeping). The trace is a synthetic random walk fitted to SmolLM2's measured locality
-  (overlap 0.86; LRU hit 0.975 at r = 2) unless --trace names a recorded one ([T, L, B, Hkv, Kb] int32, torch.save).
+Not yet run on a GPU (written on a CPU-only machine; tests/test_offload_benchmark.py checks its bookkeeping).
 """
 
 import argparse
