@@ -38,7 +38,7 @@ import torch
 
 from sglang_asynctls import calibrate, needles, smollm2
 from sglang_asynctls import fidelity as fd
-from sglang_asynctls.config import AsyncTLSConfig
+from sglang_asynctls.config import GROUP_SCORES, AsyncTLSConfig
 from sglang_asynctls.model_spec import ModelAttention, load_channel_config
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -74,7 +74,8 @@ class Runner:
 
     def budget(self, context: int, fraction: int) -> fd.Budget:
         return fd.Budget.fraction_of(context, fraction, candidate_ratio=self.args.candidate_ratio,
-                                     block_size=self.args.block_size)
+                                     block_size=self.args.block_size, bound_slack=self.args.bound_slack,
+                                     group_score=self.args.group_score)
 
     def configs(self, context):
         """(method, budget label, Budget) for every run: dense once, then each sparse method per fraction."""
@@ -181,6 +182,10 @@ def main(argv=None) -> None:
     p.add_argument("--label-channels", type=int, default=AsyncTLSConfig().resolved_label_channels("gqa"))
     p.add_argument("--candidate-ratio", type=int, default=4, help="AsyncTLS k_b * block size / k_t")
     p.add_argument("--block-size", type=int, default=64, help="coarse block size (AsyncTLSConfig default 64)")
+    p.add_argument("--bound-slack", type=float, default=AsyncTLSConfig().bound_slack,
+                   help="AsyncTLS coarse score: weight of the block half-range (1 = min/max bound, 0 = centre)")
+    p.add_argument("--group-score", default=AsyncTLSConfig().group_score, choices=GROUP_SCORES,
+                   help="AsyncTLS coarse score: combine a KV group's heads by sum or max")
     p.add_argument("--dense-layers", default="", help="comma-separated layers that always decode densely")
     p.add_argument("--fractions", default="8,16", help="token budgets as context fractions 1/f")
     p.add_argument("--window", type=int, default=None, help="teacher-forced positions per code file")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from sglang_asynctls.config import FLAGS, AsyncTLSConfig
+from sglang_asynctls.config import FLAGS, GROUP_SCORES, AsyncTLSConfig
 
 TARGET = "sglang.srt.server_args.ServerArgs.add_cli_args"
 _D = AsyncTLSConfig()
@@ -32,6 +32,11 @@ def add_asynctls_args(_result, parser: argparse.ArgumentParser) -> None:
         g.add_argument(FLAGS[field], type=int, default=getattr(_D, field), help=f"{text} Default: %(default)s.")
     g.add_argument(FLAGS["label_channels"], type=int, default=None,
                    help="d_c: heavy key channels kept as INT4 labels (even). Default: 32 for GQA, 128 for MLA.")
+    g.add_argument(FLAGS["bound_slack"], type=float, default=_D.bound_slack,
+                   help="Weight in [0, 1] of each block's min/max half-range in the coarse score (1 = the exact "
+                        "upper bound, 0 = the block centre). Default: %(default)s.")
+    g.add_argument(FLAGS["group_score"], choices=GROUP_SCORES, default=_D.group_score,
+                   help="How the coarse score combines a KV group's query heads. Default: %(default)s.")
     g.add_argument(FLAGS["channel_config"], type=str, default=None, metavar="PATH",
                    help="Heavy-channel JSON from `python -m sglang_asynctls.calibrate`.")
     g.add_argument(FLAGS["offload"], action="store_true",

@@ -13,6 +13,7 @@ from typing import Optional
 
 LABEL_BITS = 4  # INT4 labels: two channels per byte (kernels unpack nibbles)
 DEFAULT_LABEL_CHANNELS = {"gqa": 32, "mla": 128}  # d_c from the paper: 32 of 128 dims (GQA), 128 of 576 (MLA)
+GROUP_SCORES = ("sum", "max")  # how the coarse score combines a KV group's query heads (reference.block_scores)
 
 
 class AsyncTLSConfigError(ValueError):
@@ -26,6 +27,8 @@ FLAGS = {
     "block_budget": "--asynctls-block-budget",
     "token_budget": "--asynctls-token-budget",
     "label_channels": "--asynctls-label-channels",
+    "bound_slack": "--asynctls-bound-slack",
+    "group_score": "--asynctls-group-score",
     "channel_config": "--asynctls-channel-config",
     "sink_tokens": "--asynctls-sink-tokens",
     "local_window": "--asynctls-local-window",
@@ -44,6 +47,12 @@ def _check_int(field: str, value, lo: int, hi: Optional[int] = None) -> None:
         _fail(field, f"an integer in [{lo}, {hi}]" if hi is not None else f"an integer >= {lo}", value)
 
 
+def _check_float(field: str, value, lo: float, hi: float) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and lo <= value <= hi
+    if not ok:
+        _fail(field, f"a number in [{lo:g}, {hi:g}]", value)
+
+
 @dataclass(frozen=True)
 class AsyncTLSConfig:
     """Sparse-decode settings, validated on construction.
@@ -52,6 +61,10 @@ class AsyncTLSConfig:
     block_budget:   k_b, blocks kept per KV group by the coarse stage (forced sink/window blocks included)
     token_budget:   k_t, tokens attended per KV group (sink and window tokens included)
     label_channels: d_c, heavy channels kept as INT4 labels; None = 32 for GQA, 128 for MLA
+    bound_slack:    weight s of each block's Kmin/Kmax half-range in the coarse score
+                    sum_h (q_h . centre + s |q_h| . half-range); 1 = the exact min/max upper bound (Quest's),
+                    0 = the block centre (docs/tuning.md "Coarse score")
+    group_score:    "sum" or "max": how the coarse score combines the query heads of a KV group
     channel_config: JSON from `python -m sglang_asynctls.calibrate`; None = the packaged default for the model,
                     else channels ranked by |K| at prefill
     sink_tokens:    first tokens always attended
@@ -65,6 +78,8 @@ class AsyncTLSConfig:
     block_budget: int = 128
     token_budget: int = 1024
     label_channels: Optional[int] = None
+    bound_slack: float = 1.0
+    group_score: str = "sum"
     channel_config: Optional[str] = None
     sink_tokens: int = 64
     local_window: int = 128
@@ -86,6 +101,9 @@ class AsyncTLSConfig:
         if self.token_budget <= always:
             _fail("token_budget", f"greater than --asynctls-sink-tokens + --asynctls-local-window = {always}"
                   f" and at most block budget x block size = {cap}", self.token_budget)
+        _check_float("bound_slack", self.bound_slack, 0.0, 1.0)
+        if self.group_score not in GROUP_SCORES:
+            _fail("group_score", f"one of {', '.join(GROUP_SCORES)}", self.group_score)
         if self.label_channels is not None:
             _check_int("label_channels", self.label_channels, 2, 1024)
             if self.label_channels % 2:

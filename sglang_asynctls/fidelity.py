@@ -36,6 +36,7 @@ class Budget:
     token_budget: tokens attended per KV group (k_t), sink and window included. Quest gets the same number of
         tokens as whole blocks (token_budget // block_size blocks); token-only picks them from all tokens;
         AsyncTLS picks them from `block_budget` candidate blocks.
+    bound_slack, group_score: AsyncTLS's coarse score (`reference.block_scores`); Quest keeps its own (1, sum).
     """
 
     token_budget: int
@@ -43,21 +44,26 @@ class Budget:
     sink_tokens: int
     local_window: int
     block_size: int = 64
+    bound_slack: float = 1.0
+    group_score: str = "sum"
 
     @classmethod
     def fraction_of(cls, context: int, fraction: int, candidate_ratio: int = 4, block_size: int = 64,
-                    sink_tokens: int = DEFAULT_SINK, local_window: int = DEFAULT_WINDOW) -> "Budget":
+                    sink_tokens: int = DEFAULT_SINK, local_window: int = DEFAULT_WINDOW,
+                    bound_slack: float = 1.0, group_score: str = "sum") -> "Budget":
         """k_t = context / fraction; k_b * block_size = candidate_ratio * k_t (the paper's 8,192 candidates for
         k_t = 2,048); sink and window shrink with k_t below 1,024 so forced tokens stay <= 3/16 of the budget."""
         kt = context // fraction
         shrink = min(1.0, kt / 1024)
         kb = max(1, -(-candidate_ratio * kt // block_size))
-        return cls(kt, kb, int(sink_tokens * shrink), int(local_window * shrink), block_size)
+        return cls(kt, kb, int(sink_tokens * shrink), int(local_window * shrink), block_size, bound_slack,
+                   group_score)
 
     def kwargs(self, method: str) -> dict:
         kb = max(1, self.token_budget // self.block_size) if method == "quest" else self.block_budget
+        extra = dict(bound_slack=self.bound_slack, group_score=self.group_score) if method == "asynctls" else {}
         return dict(block_size=self.block_size, block_budget=kb, token_budget=self.token_budget,
-                    sink_tokens=self.sink_tokens, local_window=self.local_window)
+                    sink_tokens=self.sink_tokens, local_window=self.local_window, **extra)
 
 
 # observe(layer, q [B, Hq, D], token_slots [B, Hkv, K], seq_lens [B]): what a method attended (for recall)

@@ -13,7 +13,12 @@ Semantics of the two-level selection (per request and KV group):
              complete blocks have Kmin/Kmax. Forced blocks (always kept): blocks holding a sink position
              (< sink_tokens), a window position (>= seq_len - local_window) or the open last block.
     coarse   score_j = sum_{h in group} (q+_h . Kmax_j + q-_h . Kmin_j) — an upper bound on max_t q_h.k_t;
-             keep the top Kb blocks, forced blocks first.
+             keep the top Kb blocks, forced blocks first. With bound_slack s < 1 the half-range term is scaled:
+             score_j = sum_h (q_h . C_j + s |q_h| . R_j), C = (Kmax + Kmin) / 2, R = (Kmax - Kmin) / 2
+             (s = 1 is the bound above, s = 0 the block centre); still one GEMM over Kmax/Kmin with the query
+             pair q_hi = (q + s|q|) / 2, q_lo = (q - s|q|) / 2 in place of q+, q-. With group_score "max" the
+             group's heads are combined by max_h instead of sum_h (at s = 1 an upper bound on max_{h,t} q_h.k_t):
+             one retrieval head's peak is not drowned by the other heads' envelopes.
     fine     token score = mean_{h in group} softmax_t(q_h[ch] . label_t / sqrt(D)) over the kept blocks' tokens,
              label_t = INT4-dequantized k_t[ch]; sink and window tokens are forced; keep the top Kt tokens.
     attend   exact softmax attention of every head in the group over the kept tokens' full K/V.
@@ -26,6 +31,8 @@ import math
 from typing import Optional, Tuple
 
 import torch
+
+from sglang_asynctls.config import GROUP_SCORES
 
 NEG_INF = float("-inf")
 POS_INF = float("inf")
@@ -120,21 +127,34 @@ def num_complete_blocks(seq_lens: torch.Tensor, block_size: int) -> torch.Tensor
 
 
 def block_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, block_table: torch.Tensor,
-                 seq_lens: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Upper-bound scores of complete blocks in GEMM form.
+                 seq_lens: torch.Tensor, block_size: int, bound_slack: float = 1.0,
+                 group_score: str = "sum") -> torch.Tensor:
+    """Upper-bound scores of complete blocks in GEMM form (bound_slack 1), or the slack-scaled score (< 1).
 
     q: [B, Hq, D]; kmin, kmax: [E, Hkv, D] index entries; block_table: [B, NB] int entry of each block
     (entries of incomplete blocks are ignored). Returns [B, Hkv, NB] float32, -inf where the block is incomplete.
+    bound_slack s in [0, 1] weighs each block's half-range, group_score ("sum" | "max") combines the group's
+    heads (module docstring): the bound is loosest in the channels where prose blocks all span nearly the same
+    range, and a sum over heads lets the group's other heads outvote a retrieval head.
     """
     b, hq, d = q.shape
     hkv = kmin.shape[1]
     qg = _f(q).view(b, hkv, hq // hkv, d)
-    q_pos = qg.clamp(min=0).sum(dim=2)  # sum over heads commutes with the dot: [B, Hkv, D]
-    q_neg = qg.clamp(max=0).sum(dim=2)
+    if bound_slack == 1.0:  # exact q+ / q- (bit-identical to the kernels' bound)
+        q_pos, q_neg = qg.clamp(min=0), qg.clamp(max=0)
+    else:
+        q_pos, q_neg = (qg + bound_slack * qg.abs()) / 2, (qg - bound_slack * qg.abs()) / 2
     entries = block_table.long().clamp(min=0)
     kmax_b = _f(kmax[entries])  # [B, NB, Hkv, D]
     kmin_b = _f(kmin[entries])
-    scores = torch.einsum("bhd,bnhd->bhn", q_pos, kmax_b) + torch.einsum("bhd,bnhd->bhn", q_neg, kmin_b)
+    if group_score == "sum":  # the sum over heads commutes with the dot: one GEMV per group, [B, Hkv, D]
+        q_pos, q_neg = q_pos.sum(dim=2), q_neg.sum(dim=2)
+        scores = torch.einsum("bhd,bnhd->bhn", q_pos, kmax_b) + torch.einsum("bhd,bnhd->bhn", q_neg, kmin_b)
+    elif group_score == "max":  # a [G, D] x [D, NB] GEMM per group, then the max over its G heads
+        scores = (torch.einsum("bhgd,bnhd->bhgn", q_pos, kmax_b)
+                  + torch.einsum("bhgd,bnhd->bhgn", q_neg, kmin_b)).amax(dim=2)
+    else:
+        raise ValueError(f"group_score must be one of {GROUP_SCORES} (got {group_score!r})")
     nb = block_table.shape[1]
     complete = torch.arange(nb, device=q.device)[None] < num_complete_blocks(seq_lens, block_size)[:, None]
     return scores.masked_fill(~complete[:, None, :], NEG_INF)
@@ -286,9 +306,9 @@ def dense_decode(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens
 
 
 def coarse_select(q, kmin, kmax, block_table, seq_lens, *, block_size, block_budget, sink_tokens,
-                  local_window) -> torch.Tensor:
+                  local_window, bound_slack: float = 1.0, group_score: str = "sum") -> torch.Tensor:
     """Coarse stage: [B, Hkv, Kb] block ids (M_t)."""
-    scores = block_scores(q, kmin, kmax, block_table, seq_lens, block_size)
+    scores = block_scores(q, kmin, kmax, block_table, seq_lens, block_size, bound_slack, group_score)
     return select_blocks(scores, seq_lens, block_size, block_budget, sink_tokens, local_window)
 
 
@@ -302,13 +322,15 @@ def fine_select(q, labels, label_scale, channels, req_to_token, req_pool_indices
 
 def asynctls_decode(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, kmin, kmax, block_table,
                     labels, label_scale, channels, *, block_size, block_budget, token_budget, sink_tokens,
-                    local_window, sm_scale, candidate_blocks: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    local_window, sm_scale, candidate_blocks: Optional[torch.Tensor] = None,
+                    bound_slack: float = 1.0, group_score: str = "sum") -> torch.Tensor:
     """Two-level sparse decode. candidate_blocks [B, Hkv, Kb] (e.g. the previous step's M_{t-1}, as the offload
-    engine uses) replaces this step's coarse selection when given."""
+    engine uses) replaces this step's coarse selection when given; bound_slack, group_score: `block_scores`."""
     if candidate_blocks is None:
         candidate_blocks = coarse_select(q, kmin, kmax, block_table, seq_lens, block_size=block_size,
                                          block_budget=block_budget, sink_tokens=sink_tokens,
-                                         local_window=local_window)
+                                         local_window=local_window, bound_slack=bound_slack,
+                                         group_score=group_score)
     positions = candidate_positions(candidate_blocks, seq_lens, block_size)
     slots = fine_select(q, labels, label_scale, channels, req_to_token, req_pool_indices, seq_lens, positions,
                         token_budget=token_budget, sink_tokens=sink_tokens, local_window=local_window,

@@ -10,6 +10,7 @@ def test_defaults_are_valid_and_match_the_paper():
     assert (cfg.block_size, cfg.block_budget, cfg.token_budget) == (64, 128, 1024)
     assert cfg.resolved_label_channels("gqa") == 32 and cfg.resolved_label_channels("mla") == 128
     assert cfg.forced_blocks == 1 + 2 + 1
+    assert (cfg.bound_slack, cfg.group_score) == (1.0, "sum")  # the exact min/max bound, summed over heads
 
 
 @pytest.mark.parametrize("kwargs, flag, allowed", [
@@ -31,6 +32,11 @@ def test_defaults_are_valid_and_match_the_paper():
     (dict(dense_below=-1), "--asynctls-dense-below", ">= 0"),
     (dict(block_budget=2.5), "--asynctls-block-budget", "integer"),
     (dict(token_budget=True), "--asynctls-token-budget", "integer"),
+    (dict(bound_slack=1.5), "--asynctls-bound-slack", "[0, 1]"),
+    (dict(bound_slack=-0.1), "--asynctls-bound-slack", "[0, 1]"),
+    (dict(bound_slack=float("nan")), "--asynctls-bound-slack", "[0, 1]"),
+    (dict(bound_slack=True), "--asynctls-bound-slack", "[0, 1]"),
+    (dict(group_score="mean"), "--asynctls-group-score", "one of sum, max"),
 ])
 def test_bad_values_name_the_flag_and_range(kwargs, flag, allowed):
     with pytest.raises(AsyncTLSConfigError) as err:
@@ -45,7 +51,8 @@ def test_forced_blocks_scale_with_sink_and_window():
 
 
 def test_json_round_trip_and_unknown_keys():
-    cfg = AsyncTLSConfig(enabled=True, token_budget=512, label_channels=16)
+    cfg = AsyncTLSConfig(enabled=True, token_budget=512, label_channels=16, bound_slack=0.5,
+                         group_score="max")
     assert AsyncTLSConfig.from_json(cfg.to_json()) == cfg
     with pytest.raises(AsyncTLSConfigError, match="unknown"):
         AsyncTLSConfig.from_json('{"token_budgets": 5}')

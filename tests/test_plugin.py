@@ -15,7 +15,8 @@ sglang_server_args = pytest.importorskip("sglang.srt.server_args")
 HERE = os.path.dirname(__file__)
 FLAGS = ["--enable-asynctls", "--asynctls-block-size", "--asynctls-block-budget", "--asynctls-token-budget",
          "--asynctls-label-channels", "--asynctls-channel-config", "--asynctls-sink-tokens",
-         "--asynctls-local-window", "--asynctls-dense-below", "--asynctls-offload"]
+         "--asynctls-local-window", "--asynctls-dense-below", "--asynctls-offload", "--asynctls-bound-slack",
+         "--asynctls-group-score"]
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,8 @@ def test_entry_point_is_registered():
 
 def test_enable_routes_to_asynctls_backend_and_carries_config(parse, models):
     sa = parse(models["tiny_llama"], "--enable-asynctls", "--asynctls-token-budget", "512",
-               "--asynctls-local-window", "256", "--asynctls-label-channels", "16")
+               "--asynctls-local-window", "256", "--asynctls-label-channels", "16", "--asynctls-bound-slack", "0.5",
+               "--asynctls-group-score", "max")
     assert sa.attention_backend == "asynctls"
     assert sa.get_attention_backends() == ("asynctls", "asynctls")
     assert sa.page_size == 64  # a KV page is one block
@@ -56,6 +58,7 @@ def test_enable_routes_to_asynctls_backend_and_carries_config(parse, models):
 
     cfg = config_of(pickle.loads(pickle.dumps(sa)))  # as a spawned scheduler process receives it
     assert (cfg.enabled, cfg.token_budget, cfg.local_window, cfg.label_channels) == (True, 512, 256, 16)
+    assert (cfg.bound_slack, cfg.group_score) == (0.5, "max")
 
 
 def test_without_the_flag_nothing_changes(parse, models):
@@ -82,6 +85,7 @@ def test_mla_model_is_accepted_as_mqa_over_the_latent(parse, models):
     (["--asynctls-token-budget", "9000"], "--asynctls-token-budget"),
     (["--asynctls-token-budget", "600", "--asynctls-block-budget", "8"], "--asynctls-token-budget"),
     (["--asynctls-label-channels", "64"], "--asynctls-label-channels"),
+    (["--asynctls-bound-slack", "1.5"], "--asynctls-bound-slack"),
     (["--asynctls-channel-config", "/nonexistent/channels.json"], "--asynctls-channel-config"),
     (["--attention-backend", "flashinfer"], "--attention-backend"),
     (["--decode-attention-backend", "triton"], "--decode-attention-backend"),

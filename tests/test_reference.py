@@ -43,6 +43,76 @@ def test_block_bound_is_never_below_the_true_max():
             assert (scores[b, :, j] >= qk.amax(dim=2).sum(dim=1) - 1e-9).all()
 
 
+def test_bound_slack_scales_the_half_range_term():
+    c = make_cache([27, 61, 113], **SHAPES["gqa"])
+    kmin, kmax, table, _, _ = c["index"]
+    bound = R.block_scores(c["q"], kmin, kmax, table, c["seq_lens"], 16)
+    assert torch.equal(R.block_scores(c["q"], kmin, kmax, table, c["seq_lens"], 16, 1.0), bound)
+    qg = c["q"].view(3, 2, 4, 1, 32)
+    e = table.long().clamp(min=0)
+    centre = ((kmax + kmin) / 2)[e].permute(0, 2, 1, 3)[:, :, None]  # [B, Hkv, 1, NB, D]
+    half = ((kmax - kmin) / 2)[e].permute(0, 2, 1, 3)[:, :, None]
+    prev = bound
+    for s in (0.75, 0.5, 0.0):
+        got = R.block_scores(c["q"], kmin, kmax, table, c["seq_lens"], 16, s)
+        want = (qg * centre + s * qg.abs() * half).sum(dim=(2, 4))
+        fin = got.isfinite()
+        assert torch.equal(fin, bound.isfinite())
+        torch.testing.assert_close(got[fin], want[fin], rtol=1e-12, atol=1e-9)
+        assert (got[fin] <= prev[fin] + 1e-12).all() and (got[fin] < prev[fin]).any()  # the slack only shrinks
+        prev = got
+
+
+def test_bound_slack_prefers_an_aligned_block_over_a_wide_envelope():
+    # block 1 holds one key aligned with q; block 2 spans +-3 in every channel (its bound is larger, its keys
+    # are not aligned); blocks 0 and 3 are forced (sink / open), one free block fits the budget
+    q = torch.ones(1, 2, 8, dtype=torch.float64)
+    k = torch.zeros(70, 1, 8, dtype=torch.float64)
+    k[20, 0] = 2.5  # bound 8 * 2.5 = 20 < 24 = block 2's; at slack 0.5: 15 > 12
+    k[32:48:2, 0] = torch.eye(8, dtype=torch.float64) * 3
+    k[33:49:2, 0] = -torch.eye(8, dtype=torch.float64) * 3
+    r2t, rows, lens = torch.arange(70, dtype=torch.int32)[None], torch.zeros(1, dtype=torch.long), torch.tensor([70])
+    kmin, kmax, table, _, _ = R.build_index(k, r2t, rows, lens, torch.arange(8)[None], 16)
+    budget = dict(block_size=16, block_budget=3, sink_tokens=1, local_window=1)
+    exact = R.coarse_select(q, kmin, kmax, table, lens, **budget)[0, 0].tolist()
+    slack = R.coarse_select(q, kmin, kmax, table, lens, bound_slack=0.5, **budget)[0, 0].tolist()
+    assert sorted(exact) == [0, 2, 4] and sorted(slack) == [0, 1, 4]
+
+
+def test_group_max_is_the_per_head_bound_maxed_and_never_below_the_true_max():
+    c = make_cache([27, 113, 64], **SHAPES["gqa"])
+    kmin, kmax, table, _, _ = c["index"]
+    for s in (1.0, 0.5):
+        got = R.block_scores(c["q"], kmin, kmax, table, c["seq_lens"], 16, s, "max")
+        per_head = [R.block_scores(c["q"][:, h::4].repeat_interleave(4, dim=1) / 4, kmin, kmax, table,
+                                   c["seq_lens"], 16, s) for h in range(4)]  # each head alone, as a group of 4
+        fin = got.isfinite()
+        torch.testing.assert_close(got[fin], torch.stack(per_head).amax(0)[fin], rtol=1e-12, atol=1e-9)
+    bound = R.block_scores(c["q"], kmin, kmax, table, c["seq_lens"], 16, 1.0, "max")
+    for b, n in enumerate(c["seq_lens"].tolist()):
+        for j in range(n // 16):
+            keys = c["k"][c["r2t"][c["rows"][b], j * 16:(j + 1) * 16].long()]
+            qk = torch.einsum("hgd,thd->hgt", c["q"][b].view(2, 4, 32), keys)
+            assert (bound[b, :, j] >= qk.amax(dim=(1, 2)) - 1e-9).all()
+    with pytest.raises(ValueError, match="group_score"):
+        R.block_scores(c["q"], kmin, kmax, table, c["seq_lens"], 16, 1.0, "mean")
+
+
+def test_group_max_keeps_one_heads_needle_that_the_sum_outvotes():
+    # head 0 sees 10 in block 1 and 6 in block 2, head 1 sees 0 and 6: the sum prefers block 2, the max block 1
+    q = torch.zeros(1, 2, 8, dtype=torch.float64)
+    q[0, 0, 0] = q[0, 1, 1] = 1.0
+    k = torch.zeros(70, 1, 8, dtype=torch.float64)
+    k[20, 0, 0] = 10.0
+    k[36, 0, 0] = k[38, 0, 1] = 6.0
+    r2t, rows, lens = torch.arange(70, dtype=torch.int32)[None], torch.zeros(1, dtype=torch.long), torch.tensor([70])
+    kmin, kmax, table, _, _ = R.build_index(k, r2t, rows, lens, torch.arange(8)[None], 16)
+    budget = dict(block_size=16, block_budget=3, sink_tokens=1, local_window=1)
+    by_sum = R.coarse_select(q, kmin, kmax, table, lens, **budget)[0, 0].tolist()
+    by_max = R.coarse_select(q, kmin, kmax, table, lens, group_score="max", **budget)[0, 0].tolist()
+    assert sorted(by_sum) == [0, 2, 4] and sorted(by_max) == [0, 1, 4]
+
+
 def test_kmin_kmax_bracket_every_key():
     c = make_cache([61], **SHAPES["mha"])
     kmin, kmax, table, _, _ = c["index"]
