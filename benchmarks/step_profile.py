@@ -15,15 +15,16 @@ from collections import defaultdict
 
 # first match wins; names are Triton/CUDA kernel names as the profiler reports them
 GROUPS = [
-    ("asynctls_index_append", ("_append_decode_index", "_quantize_labels")),
-    ("asynctls_coarse", ("_block_scores", "_select_blocks")),
-    ("asynctls_fine", ("_token_logits", "_token_scores", "_combine_logits", "_select_tokens", "_candidate")),
-    ("asynctls_attention", ("_sparse_decode", "_splitk")),
+    ("asynctls_index_append", ("_append_decode_index_kernel", "_quantize_labels_kernel", "_block_minmax_kernel")),
+    ("asynctls_coarse", ("_block_scores_kernel", "_select_blocks_kernel")),
+    ("asynctls_fine", ("_token_logits_kernel", "_token_scores_kernel", "_select_tokens_kernel",
+                       "_candidate_slots_kernel")),
+    ("asynctls_attention", ("_sparse_decode_kernel", "_splitk_combine_kernel")),
     ("dense_attention", ("_fwd_kernel_stage", "_fwd_grouped_kernel_stage", "BatchDecode", "BatchPrefill",
-                         "flashinfer", "decode_attention")),
-    ("gemm", ("gemm", "nvjet", "cutlass", "sm90_", "xmma", "cublas")),
-    ("norm_rope_act", ("rms", "norm", "rotary", "rope", "silu", "act_and_mul", "fused_add")),
-    ("kv_store", ("store_kv", "set_kv", "copy_kv", "write_req_to_token")),
+                         "MergeStates", "create_flashinfer_kv_indices")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "splitKreduce")),
+    ("norm_rope_act", ("rmsnorm", "qknorm", "rope", "act_and_mul", "fused_add")),
+    ("kv_store", ("store_kvcache", "set_kv", "write_req_to_token")),
 ]
 
 

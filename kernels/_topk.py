@@ -47,17 +47,16 @@ def topk_threshold_radix(key, K):
     bins = tl.arange(0, 512)
     prefix = tl.zeros([], dtype=tl.uint32)
     k_left = K
-    for i in tl.static_range(4):
-        shift: tl.constexpr = 24 - 8 * i
-        digit = ((u >> shift) & 255).to(tl.int32)
+    for i in tl.static_range(4):  # digit i is bits [24 - 8i, 32 - 8i)
+        digit = ((u >> (24 - 8 * i)) & 255).to(tl.int32)
         if i > 0:  # only keys that share the digits fixed so far compete
-            digit = tl.where((u >> (shift + 8)) == (prefix >> (shift + 8)), digit, 256)
+            digit = tl.where((u >> (32 - 8 * i)) == (prefix >> (32 - 8 * i)), digit, 256)
         hist = tl.histogram(digit, 512)
         hist = tl.where(bins < 256, hist, 0)
         at_least = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist  # keys with digit >= bin
         d = tl.max(tl.where((at_least >= k_left) & (bins < 256), bins, -1), axis=0)
         k_left = k_left - tl.sum(tl.where(bins == d, at_least - hist, 0), axis=0)
-        prefix = prefix | (tl.maximum(d, 0).to(tl.uint32) << shift)
+        prefix = prefix | (tl.maximum(d, 0).to(tl.uint32) << (24 - 8 * i))
     thr = prefix.to(tl.int32, bitcast=True) ^ INVALID
     return tl.where(key.shape[0] >= K, thr, INVALID)
 

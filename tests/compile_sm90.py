@@ -1,0 +1,57 @@
+"""Compile kernels for an H100 (sm_90) without a GPU; run by tests/test_kernels_compile_sm90.py in a process
+without TRITON_INTERPRET (under the interpreter @triton.jit yields functions the compiler cannot take).
+
+    python tests/compile_sm90.py     # prints one line per kernel, exits non-zero on the first failure
+"""
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from sglang_asynctls.kernels.index_append import _append_decode_index_kernel
+from sglang_asynctls.kernels.select_blocks import _select_blocks_kernel
+from sglang_asynctls.kernels.select_tokens import _select_tokens_kernel
+
+SM90 = GPUTarget("cuda", 90, 32)
+
+
+def _compile(fn, args, constexprs, num_warps):
+    sig = {name: ("constexpr" if name in constexprs else t) for name, t in args}
+    triton.compile(ASTSource(fn, sig, constexprs=constexprs), target=SM90, options={"num_warps": num_warps})
+
+
+def _i32(*names):
+    return [(n, "i32") for n in names]
+
+
+def selection_kernels(radix):
+    _compile(_select_blocks_kernel,
+             [("scores", "*fp32"), ("seq_lens", "*i64"), ("block_ids", "*i32")]
+             + _i32("NB", "sink_tokens", "local_window", "stride_sb", "stride_sh", "stride_ob", "stride_oh")
+             + [(n, None) for n in ("HKV", "BS", "KB", "NBP", "KBP", "RADIX")],
+             dict(HKV=8, BS=64, KB=128, NBP=2048, KBP=128, RADIX=radix), 8)
+    _compile(_select_tokens_kernel,
+             [("scores", "*fp32"), ("cand", "*i32"), ("req_to_token", "*i32"), ("req_pool_indices", "*i64"),
+              ("seq_lens", "*i64"), ("out", "*i32")]
+             + _i32("C", "sink_tokens", "local_window", "stride_sb", "stride_sh", "stride_cb", "stride_ch",
+                    "stride_rr", "stride_ob", "stride_oh")
+             + [(n, None) for n in ("HKV", "FROM_BLOCKS", "BS", "TO_SLOTS", "KT", "CP", "KTP", "RADIX")],
+             dict(HKV=8, FROM_BLOCKS=True, BS=64, TO_SLOTS=True, KT=1024, CP=8192, KTP=1024, RADIX=radix), 16)
+
+
+def append_decode_index(d, half_dc):
+    _compile(_append_decode_index_kernel,
+             [("k_buffer", "*bf16"), ("new_loc", "*i64"), ("seq_lens", "*i64"), ("channels", "*i64"),
+              ("labels", "*u8"), ("label_scale", "*fp32"), ("kmin", "*bf16"), ("kmax", "*bf16")]
+             + _i32("stride_ks", "stride_kh", "stride_ch", "stride_ls", "stride_lh", "stride_ss", "stride_sh",
+                    "stride_mp", "stride_mh") + [(n, None) for n in ("D", "BLOCK_D", "HALF_DC", "BS")],
+             dict(D=d, BLOCK_D=triton.next_power_of_2(d), HALF_DC=half_dc, BS=64), 4)
+
+
+if __name__ == "__main__":
+    for radix in (True, False):
+        selection_kernels(radix)
+        print(f"select_blocks, select_tokens (radix={radix}): compiled for sm_90")
+    for d, half_dc in ((128, 16), (576, 64)):  # GQA (Qwen3-8B) and the MLA latent
+        append_decode_index(d, half_dc)
+        print(f"append_decode_index (D={d}): compiled for sm_90")
