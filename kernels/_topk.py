@@ -8,9 +8,10 @@ thresholds per step as one [4, N] reduction 30 us; torch.topk + gather 106 us. T
 `torch.topk` (ties broken towards lower indices), listed in index order.
 Keys are int32 (float order, see `ordered_key`); INVALID (= INT32_MIN) is never kept.
 
-`topk_threshold_radix` finds the same threshold 8 bits at a time: four histogram passes (256 digit bins plus one
-bin for keys already ruled out) instead of 31 counts; `topk_compact(..., RADIX=False)` keeps the bitwise search
-for comparison (benchmarks/op_latency.py times both).
+`topk_threshold_radix` finds the same threshold 8 bits at a time (four tl.histogram passes instead of 31 counts)
+but is slower on the H100 (op_latency_h100.json, 96k x 8 GQA: select_blocks 29.7 vs 10.8 us, select_token_slots
+48.5 vs 22.0 us; the histogram's shared-memory atomics contend on the few hot bins), so the launchers default to
+the bitwise search and keep radix=True for the benchmark's comparison.
 """
 
 import triton
@@ -62,7 +63,7 @@ def topk_threshold_radix(key, K):
 
 
 @triton.jit
-def topk_compact(key, K, RADIX: tl.constexpr = True):
+def topk_compact(key, K, RADIX: tl.constexpr = False):
     """Keep the K largest valid keys (ties to lower index). Returns (keep [N] bool, rank [N] int32 = output slot
     of each kept entry in index order, num_kept scalar)."""
     if RADIX:

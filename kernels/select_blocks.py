@@ -33,8 +33,8 @@ def _select_blocks_kernel(scores, seq_lens, block_ids, NB, sink_tokens, local_wi
 
 def select_blocks(scores: torch.Tensor, seq_lens: torch.Tensor, block_size: int, block_budget: int,
                   sink_tokens: int, local_window: int, out: Optional[torch.Tensor] = None,
-                  radix: bool = True) -> torch.Tensor:
-    """Top-Kb blocks per KV group (see `reference.select_blocks`). radix=False: the bitwise threshold search.
+                  radix: bool = False) -> torch.Tensor:
+    """Top-Kb blocks per KV group (see `reference.select_blocks`). radix=True: the (slower) histogram search.
 
     scores: [B, Hkv, NB] float32 from `block_scores`; seq_lens: [B]. Returns block ids [B, Hkv, Kb] int32, -1
     padded. Same set as the reference (ties to lower block ids) but listed in ascending block id rather than

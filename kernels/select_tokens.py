@@ -49,7 +49,7 @@ def _select_tokens_kernel(scores, cand, req_to_token, req_pool_indices, seq_lens
 
 
 def _launch(scores, cand, req_to_token, req_pool_indices, seq_lens, out, block_size, token_budget, sink_tokens,
-            local_window, to_slots, num_warps=0, radix=True):
+            local_window, to_slots, num_warps=0, radix=False):
     b, hkv, c = scores.shape
     assert scores.dtype == torch.float32 and scores.stride(2) == 1 and cand.stride(2) == 1
     assert c <= MAX_FUSED_CANDIDATES and seq_lens.shape == (b,)
@@ -66,7 +66,7 @@ def _launch(scores, cand, req_to_token, req_pool_indices, seq_lens, out, block_s
 
 def select_tokens(scores: torch.Tensor, positions: torch.Tensor, seq_lens: torch.Tensor, token_budget: int,
                   sink_tokens: int, local_window: int, out: Optional[torch.Tensor] = None,
-                  radix: bool = True) -> torch.Tensor:
+                  radix: bool = False) -> torch.Tensor:
     """Top-Kt candidate positions per KV group (see `reference.select_tokens`).
 
     scores, positions: [B, Hkv, C] (float32, int). Returns positions [B, Hkv, Kt] int64, -1 padded: the same
@@ -87,10 +87,10 @@ def select_tokens(scores: torch.Tensor, positions: torch.Tensor, seq_lens: torch
 def select_token_slots(scores: torch.Tensor, candidates: torch.Tensor, req_to_token: torch.Tensor,
                        req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, *, block_size: int,
                        token_budget: int, sink_tokens: int, local_window: int, out: Optional[torch.Tensor] = None,
-                       num_warps: int = 0, radix: bool = True) -> torch.Tensor:
+                       num_warps: int = 0, radix: bool = False) -> torch.Tensor:
     """`select_tokens` then `positions_to_slots`, in one kernel, over candidates given as positions [B, Hkv, C]
     (block_size == 0) or block ids [B, Hkv, Kb] (C = Kb * block_size). Returns [B, Hkv, Kt] int32 KV slots.
-    radix=False: the bitwise threshold search (for comparison)."""
+    radix=True: the histogram threshold search (slower on the H100; kept for the benchmark)."""
     b, hkv, _ = scores.shape
     assert req_to_token.stride(1) == 1
     if out is None:
