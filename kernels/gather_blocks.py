@@ -2,8 +2,11 @@
 
 One `copy_` per 256 KiB block costs ~15 us of launch overhead on the H100 (shared/MEASUREMENTS.md), so the copy
 list of a whole layer goes in one launch. On the GPU the source is pinned host memory that the kernel reads over
-PCIe directly (zero-copy, as SGLang's HiSparse swap-in kernel does); `offload.host_view.device_view` makes the CUDA
-view and refuses memory that is not pinned. Entries with src < 0 are skipped, so the list keeps a static shape.
+PCIe directly (zero-copy, as SGLang's HiSparse swap-in kernel does) through a CUDA tensor aliasing it:
+`offload.host_view.device_view` makes that view and refuses memory that is not pinned. Triton launches take CUDA
+tensors only (a CPU tensor, pinned or not, fails in its driver with "Pointer argument cannot be accessed from
+Triton"), so the launcher refuses mixed devices; under the CPU interpreter every tensor is a CPU tensor. Entries
+with src < 0 are skipped, so the list keeps a static shape.
 """
 
 import torch
@@ -57,6 +60,8 @@ def gather_blocks(src_k: torch.Tensor, src_v: torch.Tensor, dst_k: torch.Tensor,
     assert src_blocks.stride(2) == 1 and src_blocks.dtype == dst_blocks.dtype == torch.int32
     assert all(t.stride(2) == 1 for t in (src_k, src_v, dst_k, dst_v))
     assert src_k.dtype == src_v.dtype == dst_k.dtype == dst_v.dtype
+    assert len({t.device.type for t in (src_k, src_v, dst_k, dst_v, src_blocks, dst_blocks)}) == 1, \
+        "gather_blocks: all tensors on one device; on the GPU pass the host store as device_view(pinned tensor)"
     if b * kk == 0:
         return
     copy_v = not (_aliases(src_v, src_k) and _aliases(dst_v, dst_k))

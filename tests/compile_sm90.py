@@ -8,7 +8,10 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from sglang_asynctls.kernels.device_clock import _device_clock_kernel
+from sglang_asynctls.kernels.gather_blocks import _gather_blocks_kernel
 from sglang_asynctls.kernels.index_append import _append_decode_index_kernel
+from sglang_asynctls.kernels.resident_update import _resident_update_kernel
 from sglang_asynctls.kernels.select_blocks import _select_blocks_kernel
 from sglang_asynctls.kernels.select_tokens import _select_tokens_kernel
 
@@ -48,6 +51,36 @@ def append_decode_index(d, half_dc):
              dict(D=d, BLOCK_D=triton.next_power_of_2(d), HALF_DC=half_dc, BS=64), 4)
 
 
+def resident_update(r, kb, num_warps):
+    _compile(_resident_update_kernel,
+             [(n, "*i32") for n in ("tags", "last_used", "prev")] + [("rows", "*i64")]
+             + [(n, "*i32") for n in ("blocks", "step", "slots", "copy_src", "copy_dst", "overlap", "misses")]
+             + _i32("stride_tr", "stride_th", "stride_pr", "stride_ph", "stride_bb", "stride_bh")
+             + [(n, None) for n in ("HKV", "R", "KB", "R_P2", "KB_P2")],
+             dict(HKV=8, R=r, KB=kb, R_P2=triton.next_power_of_2(r), KB_P2=triton.next_power_of_2(kb)), num_warps)
+
+
+def gather_blocks(copy_v):
+    _compile(_gather_blocks_kernel,
+             [(n, "*bf16") for n in ("src_k", "src_v", "dst_k", "dst_v")] + [(n, "*i32") for n in ("src_blocks",
+                                                                                                   "dst_blocks")]
+             + _i32("K", "stride_sks", "stride_skh", "stride_svs", "stride_svh", "stride_dks", "stride_dkh",
+                    "stride_dvs", "stride_dvh", "stride_bb", "stride_bh")
+             + [(n, None) for n in ("HKV", "BS", "D", "DV", "D_P2", "DV_P2", "ROWS", "COPY_V")],
+             dict(HKV=8, BS=64, D=128, DV=128, D_P2=128, DV_P2=128, ROWS=64, COPY_V=copy_v), 4)
+
+
+def offload_kernels():
+    for r, kb, warps in ((128, 128, 4), (256, 128, 8), (12, 5, 4)):  # r = 1, 2 at k_b 128, and an odd shape
+        resident_update(r, kb, warps)
+        print(f"resident_update (R={r}, Kb={kb}): compiled for sm_90")
+    for copy_v in (True, False):
+        gather_blocks(copy_v)
+        print(f"gather_blocks (copy_v={copy_v}): compiled for sm_90")
+    _compile(_device_clock_kernel, [("out", "*i64"), ("index", "i32")], {}, 1)
+    print("device_clock: compiled for sm_90")
+
+
 if __name__ == "__main__":
     for radix in (True, False):
         selection_kernels(radix)
@@ -55,3 +88,4 @@ if __name__ == "__main__":
     for d, half_dc in ((128, 16), (576, 64)):  # GQA (Qwen3-8B) and the MLA latent
         append_decode_index(d, half_dc)
         print(f"append_decode_index (D={d}): compiled for sm_90")
+    offload_kernels()

@@ -46,6 +46,10 @@ def test_reference_is_lru_over_slots_outside_m_t():
     assert upd(2, [0, 4]) == [[0, 1], [-1, 4], [-1, 1], [0], [1]]
     assert upd(3, [4, 0]) == [[1, 0], [-1, -1], [-1, -1], [2], [0]]
     assert tags.flatten().tolist() == [0, 4, 2, 3] and lu.flatten().tolist() == [3, 3, 1, 1]
+    assert upd(4, [0, 5]) == [[0, 2], [-1, 5], [-1, 2], [1], [1]]  # slots 2 and 3 tie at step 1: the lower goes
+    # LRU order is slot 3 (step 1), then slot 1 (step 3); the misses take that set in slot order
+    assert upd(5, [7, 8]) == [[1, 3], [7, 8], [1, 3], [0], [2]]
+    assert tags.flatten().tolist() == [0, 7, 5, 8] and lu.flatten().tolist() == [4, 5, 4, 5]
 
 
 def test_every_entry_of_m_t_is_resident_after_the_update_and_hits_keep_their_slot():

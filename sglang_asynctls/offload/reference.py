@@ -10,9 +10,11 @@ Semantics of the resident-set update (per batch row b = request row rows[b], KV 
     state   tags [NR, Hkv, R] int32 (logical block id held by each slot, -1 empty), last_used [NR, Hkv, R] int32
             (step of the last selection that used the slot, -1 empty), prev [NR, Hkv, Kb] int32 (M_{t-1}).
     hits    valid entries of M_t (>= 0) whose block is in tags.
-    victims slots whose tag is not in M_t, ordered by (last_used, slot) ascending: empty slots first, then least
-            recently used. M_t's blocks are never victims, so no entry of M_t can evict another one.
-    misses  valid non-hit entries of M_t in entry order; the m-th miss takes the m-th victim (needs R >= Kb).
+    victims the m slots (m = number of misses) first in (last_used, slot) ascending order among the slots whose tag
+            is not in M_t: empty slots first, then least recently used. M_t's blocks are never victims, so no entry
+            of M_t can evict another one (needs R >= Kb).
+    misses  valid non-hit entries of M_t; the i-th miss in entry order takes the i-th victim in slot order (which
+            victim takes which miss does not change the set; slot order is what a prefix sum gives the kernel).
     after   tags[victim] = block, last_used[slot of every valid entry] = step, prev = M_t.
 Returns slots [B, Hkv, Kb] int32 (the slot of every valid entry, -1 padded), copy_src / copy_dst [B, Hkv, Kb] int32
 (block id -> slot for misses, -1 elsewhere; static shape so that CUDA graphs can capture it), overlap [B, Hkv]
@@ -44,8 +46,11 @@ def resident_update(tags: torch.Tensor, last_used: torch.Tensor, prev: torch.Ten
     in_m = match.any(-2)  # slot holds a block of M_t
     key = torch.where(in_m, torch.full_like(lu, _PINNED), lu).long() * t.shape[-1]
     key = key + torch.arange(t.shape[-1], device=t.device)  # ties to the lower slot
-    victims = key.argsort(-1)  # [B, Hkv, R]
     miss = valid & ~hit
+    lru_rank = key.argsort(-1).argsort(-1)  # [B, Hkv, R]: place of each slot in the victim order
+    chosen = lru_rank < miss.sum(-1, keepdim=True)
+    slot_ids = torch.arange(t.shape[-1], device=t.device)
+    victims = torch.where(chosen, slot_ids, slot_ids + t.shape[-1]).argsort(-1)  # the chosen first, by slot
     miss_rank = miss.long().cumsum(-1) - 1
     victim = torch.gather(victims, -1, miss_rank.clamp(min=0))  # [B, Hkv, Kb]
     slots = torch.where(hit, match.long().argmax(-1), victim)
