@@ -16,7 +16,16 @@ decode over a selection trace giving the stall share. Qwen3-8B attention shape (
   measured locality (overlap 0.86; LRU hit 0.975 at r = 2) unless --trace names a recorded one
   ([T, L, B, Hkv, Kb] int32, torch.save).
 
-Not yet run on a GPU (written on a CPU-only machine; tests/test_offload_benchmark.py checks its bookkeeping).
+  overhead = step_us / resident_step_us - 1 (0 = offload is free; 11.4 = the step takes 12.4x as long).
+  resident_step_us is the same loop without the engine: per layer, the same slicing of Kt slots, the same attention
+  kernel over that layer's own KV buffer and the rest-of-layer stand-in; no wait, candidates, update, copy or
+  telemetry. Both loops are eager (no CUDA graph), so the overhead includes the host's launch cost of the engine's
+  ops; host_us_per_step is the time the host takes to issue one offloaded step (no sync at its end): when it is
+  close to step_us the step is host-bound, and graph capture, not the kernels, is what removes that part.
+  --profile writes a torch.profiler table of two b1 steps (<name>_profile.txt) to show where a step goes.
+
+First H100 run (offload_engine_h100.json, before the resident-update rewrite): gather 49 GB/s (0.91 of a bulk
+copy), update 72-600 us, decode overhead 11-16x with no measured stall.
 """
 
 import argparse
@@ -101,13 +110,18 @@ class Timing:
 
     def total(self, fn) -> float:
         """Wall µs of one call of fn, its device work included."""
+        return self.host_and_total(fn)[1]
+
+    def host_and_total(self, fn):
+        """(µs until fn returns, µs until its device work is done): the first is the host's issue time."""
         if self.cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         fn()
+        t1 = time.perf_counter()
         if self.cuda:
             torch.cuda.synchronize()
-        return (time.perf_counter() - t0) * 1e6
+        return (t1 - t0) * 1e6, (time.perf_counter() - t0) * 1e6
 
     @staticmethod
     def _capture(fn):
@@ -269,22 +283,24 @@ def bench_decode(sh: Shape, timing: Timing, dev: str, trace_path: str):
             _run_steps(sh, engine, ids, lens, trace, q, attn, rest, 1, 2)  # warm-up (compiles, fills)
             engine.telemetry.reset()
             steps = min(sh.steps, len(trace[0]) - 3)
-            t = timing.total(lambda: _run_steps(sh, engine, ids, lens, trace, q, attn, rest, 3, steps))
+            host, t = timing.host_and_total(lambda: _run_steps(sh, engine, ids, lens, trace, q, attn, rest, 3,
+                                                                 steps))
             s = engine.telemetry.summary()
             step_us = t / steps
             rows.append(dict(kind="decode", batch=batch, r=r, layers=sh.layers, steps=steps, step_us=step_us,
+                             host_us_per_step=host / steps,
                              stall_us_per_step=s["stall_ms"] * 1e3 / steps,
                              stall_share=s["stall_ms"] * 1e3 / steps / step_us,
                              mb_copied_per_step=s["bytes_copied"] / steps / 1e6, overlap_ratio=s["overlap_ratio"],
                              blocks_copied_per_step=s["blocks_copied"] / steps))
-            # the same steps with every selected block already resident: attention + rest only
-            slots = engine.resident.candidates(0, ids, lens, sh.bs)[1][:, :, :sh.kt].contiguous()
-            kv = (engine.dev_k[0], engine.dev_v[0])
+            # the same steps with every selected block already resident: slicing, attention and rest only
+            cands = [engine.resident.candidates(layer, ids, lens, sh.bs)[1] for layer in range(sh.layers)]
+            kvs = list(zip(engine.dev_k, engine.dev_v))
 
             def resident_only():
                 for _ in range(steps):
-                    for _ in range(sh.layers):
-                        attn(q, *kv, slots, sh.d ** -0.5)
+                    for slots, kv in zip(cands, kvs):
+                        attn(q, *kv, slots[:, :, :sh.kt].contiguous(), sh.d ** -0.5)
                         rest()
 
             resident_only()  # warm-up
@@ -292,6 +308,23 @@ def bench_decode(sh: Shape, timing: Timing, dev: str, trace_path: str):
             rows[-1]["overhead"] = step_us / rows[-1]["resident_step_us"] - 1
             engine.lane.synchronize()
     return rows, sorted(sources)
+
+
+def profile_decode(sh: Shape, dev: str, path: str):
+    """torch.profiler table (sorted by host time) of two offloaded steps at batch 1, r = 1, into `path`."""
+    trace, _ = _trace(sh, 1, dev, "")
+    _, store = host_store(sh.context // sh.bs, sh, dev == "cuda")
+    engine, ids = _decode_world(sh, 1, 1, store, dev)
+    lens = torch.full((1,), sh.context, device=dev)
+    q = torch.randn(1, sh.hq, sh.d, device=dev).to(getattr(torch, sh.dtype))
+    run = (sh, engine, ids, lens, trace, q, _impls(dev == "cuda")[2], _layer_rest(sh, 1, dev))
+    _run_steps(*run, 0, 3)  # warm-up
+    with torch.profiler.profile() as prof:
+        _run_steps(*run, 3, 2)
+        if dev == "cuda":
+            torch.cuda.synchronize()
+    with open(path, "w") as f:
+        f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -307,6 +340,8 @@ def summarize(rows):
                          triton_share_of_bulk=tri["gb_per_s"] / bulk["gb_per_s"])
     out["update_us"] = {f"b{r['batch']}_r{r['r']}_{r['impl']}": r["median_us"] for r in rows if r["kind"] == "update"}
     out["decode"] = {f"b{r['batch']}_r{r['r']}": dict(stall_share=r["stall_share"], overhead=r["overhead"],
+                                                      step_us=r["step_us"], host_us_per_step=r["host_us_per_step"],
+                                                      resident_step_us=r["resident_step_us"],
                                                       mb_copied_per_step=r["mb_copied_per_step"],
                                                       overlap_ratio=r["overlap_ratio"])
                      for r in rows if r["kind"] == "decode"}
@@ -352,6 +387,7 @@ def main():
     p.add_argument("--trace", default="", help="recorded selections [T, L, B, Hkv, Kb] int32 (torch.save)")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--profile", action="store_true", help="also write <name>_profile.txt (two b1 r1 steps)")
     a = p.parse_args()
     cuda = not a.dry_run
     if cuda and not torch.cuda.is_available():
@@ -364,6 +400,8 @@ def main():
     t0 = time.time()
     rows = bench_gather(sh, timing, dev) + bench_update(sh, timing, dev)
     decode, sources = bench_decode(sh, timing, dev, a.trace)
+    if a.profile:
+        profile_decode(sh, dev, os.path.join(out, a.name + "_profile.txt"))
     rows += decode
     result = dict(benchmark="offload_engine", command=" ".join(["python3"] + sys.argv),
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

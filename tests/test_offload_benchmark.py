@@ -33,6 +33,10 @@ def test_dry_run_rows_are_consistent(bench, tmp_path):
     assert by_r[1]["overlap_ratio"] == by_r[2]["overlap_ratio"] and 0.5 < by_r[1]["overlap_ratio"] < 1
     assert all(r["stall_share"] == 0 for r in decode)  # the CPU lane copies inline: nothing waits
     assert "synthetic" in sources[0]
+    # the CPU runs every op as it is issued: issuing is the whole step
+    assert all(0 < r["host_us_per_step"] <= r["step_us"] for r in decode)
+    bench.profile_decode(sh, "cpu", str(tmp_path / "p.txt"))
+    assert "aten::index" in (tmp_path / "p.txt").read_text()  # the candidates gather pages by index
     rows = gather + update + decode
     summary = bench.summarize(rows)
     assert set(summary["decode"]) == {f"b{b}_r{r}" for b in sh.batches for r in sh.ratios}

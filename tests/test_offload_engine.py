@@ -205,3 +205,31 @@ def test_on_the_gpu_with_pinned_host_stores_and_a_side_stream():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     s = w["tele"].summary()
     assert s["blocks_copied"] > 0 and s["stall_ms"] >= 0
+
+
+@pytest.mark.gpu
+def test_steps_never_sync_the_host_and_an_update_with_its_copy_captures_in_a_cuda_graph():
+    """The step must run inside a captured decode graph: any host sync (.item(), nonzero, bool(t), an event or
+    stream synchronize) raises under sync debug mode "error", and a CUDA-graph capture refuses it too."""
+    w = _world(KB + 2, impl="triton", lane=CudaLane, device="cuda")
+    _run(w, num_steps=2)  # compiles the kernels outside the checked region
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _run(w, num_steps=3, seed=4)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    w = _world(KB + 2, impl="triton", lane=InlineLane, device="cuda")
+    eng, rows = w["eng"], w["rows"]
+    sel = walk(3, w["nblk"], HKV, KB, keep=0.5, seed=2, device="cuda")
+    eng.prefetch(0, rows, sel[0])  # warm-up: compiles
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        eng.prefetch(0, rows, sel[1])
+    graph.replay()
+    torch.cuda.synchronize()
+    r = rows.long()
+    held = torch.gather(eng.resident.tags[0][r], 2, eng.resident.prev_slots[0][r].long().clamp(min=0))
+    assert torch.equal(torch.where(sel[1] >= 0, held, -1), sel[1])  # the replayed update made M_1 resident
+
