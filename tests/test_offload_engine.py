@@ -213,10 +213,16 @@ def test_steps_never_sync_the_host_and_an_update_with_its_copy_captures_in_a_cud
     stream synchronize) raises under sync debug mode "error", and a CUDA-graph capture refuses it too."""
     w = _world(KB + 2, impl="triton", lane=CudaLane, device="cuda")
     _run(w, num_steps=2)  # compiles the kernels outside the checked region
+    eng, rows, lens = w["eng"], w["rows"], w["seq_lens"]
+    # inputs made beforehand: a pageable host -> device copy syncs too, and is the test's, not the engine's
+    sel = walk(4, w["nblk"], HKV, KB, keep=0.5, seed=4, device="cuda")
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        _run(w, num_steps=3, seed=4)
+        for t in range(4):
+            for layer in range(len(eng.dev_k)):
+                eng.step(layer, rows, lens, sel[t], lambda positions, token_slots: token_slots.sum())
+            eng.end_step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
     w = _world(KB + 2, impl="triton", lane=InlineLane, device="cuda")
