@@ -282,11 +282,11 @@ def alternatives(out, c, timer, q, lens, kt, scores, blocks, slots, tscores, sgl
         lambda: torch.topk(scores.masked_fill(forced, float("inf")), KB, dim=2))
     positions = R.candidate_positions(blocks, lens, BS)
     out["alt_select_tokens_ours"] = timer(lambda: select_tokens(tscores, positions, lens, kt, SINK, WINDOW))
-    # the other threshold search (kernels/_topk.py: radix histogram vs bitwise)
-    out["alt_select_blocks_radix"] = timer(lambda: select_blocks(scores, lens, BS, KB, SINK, WINDOW, radix=True))
-    out["alt_select_token_slots_radix"] = timer(lambda: select_token_slots(
+    # exact 32-bit keys instead of the default bfloat16-resolution ones (kernels/_topk.py)
+    out["alt_select_blocks_31bit"] = timer(lambda: select_blocks(scores, lens, BS, KB, SINK, WINDOW, key_bits=31))
+    out["alt_select_token_slots_31bit"] = timer(lambda: select_token_slots(
         tscores, blocks, c["r2t"], c["rows"], lens, block_size=BS, token_budget=kt, sink_tokens=SINK,
-        local_window=WINDOW, radix=True))
+        local_window=WINDOW, key_bits=31))
     # decode-time index append of one layer (the backend runs it once per layer and step): fused vs torch ops
     loc = c["r2t"][c["rows"], lens - 1]
     idx = (c["k"], loc, lens, c["channels"], c["labels"], c["scale"], c["kmin"], c["kmax"], BS)

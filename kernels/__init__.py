@@ -10,7 +10,8 @@ Notations for shapes: see `sglang_asynctls/reference.py` (B, Hq, Hkv, G, D, Dv, 
     attention     sparse_decode (split-K) -> splitk_combine
     whole step    asynctls_decode.{asynctls_decode, quest_decode, token_only_decode, dense_method}; METHODS
 
-Selections (`select_blocks`, `select_tokens`, `fine_select`) return the reference's *set* (ties to lower index)
+Selections (`select_blocks`, `select_tokens`, `fine_select`) return the reference's *set*, with priorities compared
+at bfloat16 resolution (`_topk.KEY_BITS`; ties within 2^-7 relative go to the lower index)
 in ascending candidate order rather than priority order.
 
 Layout: the launchers take any strides. Store the label pool head-major ([Hkv, S, Dc // 2] uint8 and [Hkv, S]

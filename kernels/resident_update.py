@@ -52,7 +52,7 @@ def _resident_update_kernel(tags, last_used, prev, rows, blocks, step, slots, co
 
     # victims: the num_miss least recently used slots outside M_t (largest -last_used; ties to the lower slot)
     key = tl.where(in_m | ~mask_r, INVALID, -lu)
-    victim, vrank, _ = topk_compact(key, num_miss)  # vrank: position among the victims in slot order
+    victim, vrank, _ = topk_compact(key, num_miss, 31)  # exact int keys; vrank: rank among victims in slot order
     miss_rank = tl.cumsum(miss.to(tl.int32), axis=0) - 1
     take = (vrank[None, :] == miss_rank[:, None]) & victim[None, :] & miss[:, None]  # [KB, R]: miss -> victim
     slot = tl.where(hit, hit_slot, tl.sum(tl.where(take, offs_r[None, :], 0), axis=1))

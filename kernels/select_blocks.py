@@ -6,14 +6,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ._topk import INVALID, MAX_ENTRIES, ordered_key, topk_compact
+from ._topk import INVALID, KEY_BITS, MAX_ENTRIES, ordered_key, topk_compact
 
 
 @triton.jit
 def _select_blocks_kernel(scores, seq_lens, block_ids, NB, sink_tokens, local_window,
                           stride_sb, stride_sh, stride_ob, stride_oh,
                           HKV: tl.constexpr, BS: tl.constexpr, KB: tl.constexpr, NBP: tl.constexpr,
-                          KBP: tl.constexpr, RADIX: tl.constexpr):
+                          KBP: tl.constexpr, KEY_BITS: tl.constexpr):
     pid = tl.program_id(0)
     b = pid // HKV
     h = pid % HKV
@@ -24,7 +24,7 @@ def _select_blocks_kernel(scores, seq_lens, block_ids, NB, sink_tokens, local_wi
     forced = (j < NB) & (start < seq_len) & ((start < sink_tokens) | (start + BS > seq_len - local_window))
     key = tl.where(forced, ordered_key(tl.full([NBP], float("inf"), tl.float32)), ordered_key(s))
     key = tl.where(forced | (s > float("-inf")), key, INVALID)
-    keep, rank, num_kept = topk_compact(key, KB, RADIX)
+    keep, rank, num_kept = topk_compact(key, KB, KEY_BITS)
     out = block_ids + b * stride_ob + h * stride_oh
     tl.store(out + rank, j, mask=keep)
     pad = tl.arange(0, KBP)
@@ -33,8 +33,9 @@ def _select_blocks_kernel(scores, seq_lens, block_ids, NB, sink_tokens, local_wi
 
 def select_blocks(scores: torch.Tensor, seq_lens: torch.Tensor, block_size: int, block_budget: int,
                   sink_tokens: int, local_window: int, out: Optional[torch.Tensor] = None,
-                  radix: bool = False) -> torch.Tensor:
-    """Top-Kb blocks per KV group (see `reference.select_blocks`). radix=True: the (slower) histogram search.
+                  key_bits: int = KEY_BITS) -> torch.Tensor:
+    """Top-Kb blocks per KV group (see `reference.select_blocks`); scores compared at key_bits + 1 bits
+    (kernels/_topk.py: 16 = bfloat16 resolution, 31 = exact).
 
     scores: [B, Hkv, NB] float32 from `block_scores`; seq_lens: [B]. Returns block ids [B, Hkv, Kb] int32, -1
     padded. Same set as the reference (ties to lower block ids) but listed in ascending block id rather than
@@ -50,5 +51,5 @@ def select_blocks(scores: torch.Tensor, seq_lens: torch.Tensor, block_size: int,
     _select_blocks_kernel[(b * hkv,)](
         scores, seq_lens, out, nb, sink_tokens, local_window, scores.stride(0), scores.stride(1),
         out.stride(0), out.stride(1), HKV=hkv, BS=block_size, KB=block_budget, NBP=nbp,
-        KBP=triton.next_power_of_2(block_budget), RADIX=radix, num_warps=4 if nbp <= 2048 else 8)
+        KBP=triton.next_power_of_2(block_budget), KEY_BITS=key_bits, num_warps=4 if nbp <= 2048 else 8)
     return out

@@ -8,7 +8,7 @@ import triton.language as tl
 
 from sglang_asynctls import reference
 
-from ._topk import INVALID, MAX_ENTRIES, ordered_key, topk_compact
+from ._topk import INVALID, KEY_BITS, MAX_ENTRIES, ordered_key, topk_compact
 
 # Candidates one program selects from in registers (8,192 = Kb 128 blocks of 64 is 32 KiB of fp32 scores); longer
 # lists (token-only over a whole context) go through torch.topk.
@@ -19,7 +19,7 @@ MAX_FUSED_CANDIDATES = MAX_ENTRIES
 def _select_tokens_kernel(scores, cand, req_to_token, req_pool_indices, seq_lens, out, C, sink_tokens,
                           local_window, stride_sb, stride_sh, stride_cb, stride_ch, stride_rr, stride_ob, stride_oh,
                           HKV: tl.constexpr, FROM_BLOCKS: tl.constexpr, BS: tl.constexpr, TO_SLOTS: tl.constexpr,
-                          KT: tl.constexpr, CP: tl.constexpr, KTP: tl.constexpr, RADIX: tl.constexpr):
+                          KT: tl.constexpr, CP: tl.constexpr, KTP: tl.constexpr, KEY_BITS: tl.constexpr):
     pid = tl.program_id(0)
     b = pid // HKV
     h = pid % HKV
@@ -36,7 +36,7 @@ def _select_tokens_kernel(scores, cand, req_to_token, req_pool_indices, seq_lens
     forced = valid & ((pos < sink_tokens) | (pos >= seq_len - local_window))
     key = tl.where(forced, ordered_key(tl.full([CP], float("inf"), tl.float32)), ordered_key(score))
     key = tl.where(forced | (valid & (score > float("-inf"))), key, INVALID)
-    keep, rank, num_kept = topk_compact(key, KT, RADIX)
+    keep, rank, num_kept = topk_compact(key, KT, KEY_BITS)
     dst = out + b * stride_ob + h * stride_oh
     if TO_SLOTS:
         req = tl.load(req_pool_indices + b).to(tl.int64)
@@ -49,7 +49,7 @@ def _select_tokens_kernel(scores, cand, req_to_token, req_pool_indices, seq_lens
 
 
 def _launch(scores, cand, req_to_token, req_pool_indices, seq_lens, out, block_size, token_budget, sink_tokens,
-            local_window, to_slots, num_warps=0, radix=False):
+            local_window, to_slots, num_warps=0, key_bits=KEY_BITS):
     b, hkv, c = scores.shape
     assert scores.dtype == torch.float32 and scores.stride(2) == 1 and cand.stride(2) == 1
     assert c <= MAX_FUSED_CANDIDATES and seq_lens.shape == (b,)
@@ -59,14 +59,14 @@ def _launch(scores, cand, req_to_token, req_pool_indices, seq_lens, out, block_s
         scores, cand, req_to_token, req_pool_indices, seq_lens, out, c, sink_tokens, local_window,
         scores.stride(0), scores.stride(1), cand.stride(0), cand.stride(1), req_to_token.stride(0),
         out.stride(0), out.stride(1), HKV=hkv, FROM_BLOCKS=bool(block_size), BS=max(block_size, 1),
-        TO_SLOTS=to_slots, KT=token_budget, CP=cp, KTP=triton.next_power_of_2(token_budget), RADIX=radix,
+        TO_SLOTS=to_slots, KT=token_budget, CP=cp, KTP=triton.next_power_of_2(token_budget), KEY_BITS=key_bits,
         num_warps=num_warps or (16 if cp >= 8192 else 8 if cp > 2048 else 4))
     return out
 
 
 def select_tokens(scores: torch.Tensor, positions: torch.Tensor, seq_lens: torch.Tensor, token_budget: int,
                   sink_tokens: int, local_window: int, out: Optional[torch.Tensor] = None,
-                  radix: bool = False) -> torch.Tensor:
+                  key_bits: int = KEY_BITS) -> torch.Tensor:
     """Top-Kt candidate positions per KV group (see `reference.select_tokens`).
 
     scores, positions: [B, Hkv, C] (float32, int). Returns positions [B, Hkv, Kt] int64, -1 padded: the same
@@ -81,20 +81,20 @@ def select_tokens(scores: torch.Tensor, positions: torch.Tensor, seq_lens: torch
         out = torch.empty(b, hkv, token_budget, dtype=torch.int64, device=scores.device)
     assert out.dtype == torch.int64
     return _launch(scores, positions, positions, seq_lens, seq_lens, out, 0, token_budget, sink_tokens,
-                   local_window, False, radix=radix)
+                   local_window, False, key_bits=key_bits)
 
 
 def select_token_slots(scores: torch.Tensor, candidates: torch.Tensor, req_to_token: torch.Tensor,
                        req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, *, block_size: int,
                        token_budget: int, sink_tokens: int, local_window: int, out: Optional[torch.Tensor] = None,
-                       num_warps: int = 0, radix: bool = False) -> torch.Tensor:
+                       num_warps: int = 0, key_bits: int = KEY_BITS) -> torch.Tensor:
     """`select_tokens` then `positions_to_slots`, in one kernel, over candidates given as positions [B, Hkv, C]
     (block_size == 0) or block ids [B, Hkv, Kb] (C = Kb * block_size). Returns [B, Hkv, Kt] int32 KV slots.
-    radix=True: the histogram threshold search (slower on the H100; kept for the benchmark)."""
+    Scores are compared at key_bits + 1 bits (kernels/_topk.py)."""
     b, hkv, _ = scores.shape
     assert req_to_token.stride(1) == 1
     if out is None:
         out = torch.empty(b, hkv, token_budget, dtype=torch.int32, device=scores.device)
     assert out.dtype == torch.int32
     return _launch(scores, candidates, req_to_token, req_pool_indices, seq_lens, out, block_size, token_budget,
-                   sink_tokens, local_window, True, num_warps, radix)
+                   sink_tokens, local_window, True, num_warps, key_bits)

@@ -27,19 +27,19 @@ def _i32(*names):
     return [(n, "i32") for n in names]
 
 
-def selection_kernels(radix):
+def selection_kernels(key_bits):
     _compile(_select_blocks_kernel,
              [("scores", "*fp32"), ("seq_lens", "*i64"), ("block_ids", "*i32")]
              + _i32("NB", "sink_tokens", "local_window", "stride_sb", "stride_sh", "stride_ob", "stride_oh")
-             + [(n, None) for n in ("HKV", "BS", "KB", "NBP", "KBP", "RADIX")],
-             dict(HKV=8, BS=64, KB=128, NBP=2048, KBP=128, RADIX=radix), 8)
+             + [(n, None) for n in ("HKV", "BS", "KB", "NBP", "KBP", "KEY_BITS")],
+             dict(HKV=8, BS=64, KB=128, NBP=2048, KBP=128, KEY_BITS=key_bits), 8)
     _compile(_select_tokens_kernel,
              [("scores", "*fp32"), ("cand", "*i32"), ("req_to_token", "*i32"), ("req_pool_indices", "*i64"),
               ("seq_lens", "*i64"), ("out", "*i32")]
              + _i32("C", "sink_tokens", "local_window", "stride_sb", "stride_sh", "stride_cb", "stride_ch",
                     "stride_rr", "stride_ob", "stride_oh")
-             + [(n, None) for n in ("HKV", "FROM_BLOCKS", "BS", "TO_SLOTS", "KT", "CP", "KTP", "RADIX")],
-             dict(HKV=8, FROM_BLOCKS=True, BS=64, TO_SLOTS=True, KT=1024, CP=8192, KTP=1024, RADIX=radix), 16)
+             + [(n, None) for n in ("HKV", "FROM_BLOCKS", "BS", "TO_SLOTS", "KT", "CP", "KTP", "KEY_BITS")],
+             dict(HKV=8, FROM_BLOCKS=True, BS=64, TO_SLOTS=True, KT=1024, CP=8192, KTP=1024, KEY_BITS=key_bits), 16)
 
 
 def append_decode_index(d, half_dc):
@@ -82,9 +82,9 @@ def offload_kernels():
 
 
 if __name__ == "__main__":
-    for radix in (True, False):
-        selection_kernels(radix)
-        print(f"select_blocks, select_tokens (radix={radix}): compiled for sm_90")
+    for key_bits in (16, 31):
+        selection_kernels(key_bits)
+        print(f"select_blocks, select_tokens (key_bits={key_bits}): compiled for sm_90")
     for d, half_dc in ((128, 16), (576, 64)):  # GQA (Qwen3-8B) and the MLA latent
         append_decode_index(d, half_dc)
         print(f"append_decode_index (D={d}): compiled for sm_90")

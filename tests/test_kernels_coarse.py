@@ -7,7 +7,7 @@ from sglang_asynctls import reference as R
 from sglang_asynctls.kernels.block_scores import block_scores
 from sglang_asynctls.kernels.select_blocks import select_blocks
 
-from kernel_cases import SHAPES, TOL, assert_topk_set, make_cache
+from kernel_cases import KEY_RTOL, SHAPES, TOL, assert_topk_set, make_cache
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -25,25 +25,25 @@ def test_block_scores_match_reference(shape, dtype):
     assert block_scores(c["q"], kmin, kmax, table, c["seq_lens"], c["bs"], out=out) is out
 
 
-def _check_select_blocks(scores, seq_lens, bs, budget, sink, window, radix=True):
-    ids = select_blocks(scores, seq_lens, bs, budget, sink, window, radix=radix)
+def _check_select_blocks(scores, seq_lens, bs, budget, sink, window, key_bits=16):
+    ids = select_blocks(scores, seq_lens, bs, budget, sink, window, key_bits=key_bits)
     assert ids.shape == (*scores.shape[:2], budget) and ids.dtype == torch.int32
     nb = scores.shape[2]
     forced = R.forced_block_mask(seq_lens, nb, bs, sink, window)[:, None, :].expand_as(scores)
     pri = scores.masked_fill(forced, float("inf"))
     cand = torch.arange(nb, device=scores.device).expand_as(scores)
-    assert_topk_set(ids, cand, pri, budget)
+    assert_topk_set(ids, cand, pri, budget, rtol=KEY_RTOL if key_bits < 31 else 0.0)
     return ids
 
 
-@pytest.mark.parametrize("radix", [True, False])
+@pytest.mark.parametrize("key_bits", [16, 31])
 @pytest.mark.parametrize("budget", [1, 3, 7, 40])
-def test_select_blocks_is_a_top_k_with_forced_blocks(budget, radix):
+def test_select_blocks_is_a_top_k_with_forced_blocks(budget, key_bits):
     lens = torch.tensor([27, 61, 113, 2047])
     g = torch.Generator().manual_seed(budget)
     scores = torch.round(torch.randn(4, 2, 2047 // 8 + 1, generator=g) * 4) / 4  # many ties
     scores = scores.masked_fill(torch.arange(scores.shape[2]) >= (lens // 8)[:, None, None], float("-inf"))
-    _check_select_blocks(scores.to(DEV), lens.to(DEV), 8, budget, 4, 12, radix)
+    _check_select_blocks(scores.to(DEV), lens.to(DEV), 8, budget, 4, 12, key_bits)
 
 
 def test_select_blocks_budget_covering_everything_keeps_every_block():
