@@ -23,20 +23,22 @@ from .token_scores import candidate_scores
 
 
 def coarse_select(q, kmin, kmax, block_table, seq_lens, *, block_size, block_budget, sink_tokens,
-                  local_window) -> torch.Tensor:
+                  local_window, bound_slack: float = 1.0, group_score: str = "sum") -> torch.Tensor:
     """Coarse stage (see `reference.coarse_select`): [B, Hkv, Kb] int32 block ids (M_t), ascending id order."""
-    scores = block_scores(q, kmin, kmax, block_table, seq_lens, block_size)
+    scores = block_scores(q, kmin, kmax, block_table, seq_lens, block_size, bound_slack, group_score)
     return select_blocks(scores, seq_lens, block_size, block_budget, sink_tokens, local_window)
 
 
 def asynctls_select(q, req_to_token, req_pool_indices, seq_lens, kmin, kmax, block_table, labels, label_scale,
                     channels, *, block_size, block_budget, token_budget, sink_tokens, local_window, sm_scale,
-                    candidate_blocks: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    candidate_blocks: Optional[torch.Tensor] = None, bound_slack: float = 1.0,
+                    group_score: str = "sum") -> torch.Tensor:
     """Both selection levels: [B, Hkv, Kt] int32 KV slots (-1 padded) that `asynctls_decode` attends over."""
     if candidate_blocks is None:
         candidate_blocks = coarse_select(q, kmin, kmax, block_table, seq_lens, block_size=block_size,
                                          block_budget=block_budget, sink_tokens=sink_tokens,
-                                         local_window=local_window)
+                                         local_window=local_window, bound_slack=bound_slack,
+                                         group_score=group_score)
     kw = dict(token_budget=token_budget, sink_tokens=sink_tokens, local_window=local_window, sm_scale=sm_scale)
     if candidate_blocks.shape[2] * block_size <= MAX_FUSED_CANDIDATES:
         return fine_select_candidates(q, labels, label_scale, channels, req_to_token, req_pool_indices, seq_lens,
@@ -48,12 +50,14 @@ def asynctls_select(q, req_to_token, req_pool_indices, seq_lens, kmin, kmax, blo
 def asynctls_decode(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, kmin, kmax, block_table,
                     labels, label_scale, channels, *, block_size, block_budget, token_budget, sink_tokens,
                     local_window, sm_scale, candidate_blocks: Optional[torch.Tensor] = None,
-                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    out: Optional[torch.Tensor] = None, bound_slack: float = 1.0,
+                    group_score: str = "sum") -> torch.Tensor:
     """Two-level sparse decode (see `reference.asynctls_decode`). q: [B, Hq, D] -> o: [B, Hq, Dv] in q's dtype."""
     slots = asynctls_select(q, req_to_token, req_pool_indices, seq_lens, kmin, kmax, block_table, labels,
                             label_scale, channels, block_size=block_size, block_budget=block_budget,
                             token_budget=token_budget, sink_tokens=sink_tokens, local_window=local_window,
-                            sm_scale=sm_scale, candidate_blocks=candidate_blocks)
+                            sm_scale=sm_scale, candidate_blocks=candidate_blocks, bound_slack=bound_slack,
+                            group_score=group_score)
     return sparse_decode(q, k_buffer, v_buffer, slots, sm_scale, out=out)
 
 

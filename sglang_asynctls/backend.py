@@ -154,6 +154,7 @@ class _AsyncTLSMixin:
             q3, k_buffer, v_buffer, self.req_to_token, rpi, seq_lens, ix.kmin[lid], ix.kmax[lid], self._block_table,
             ix.labels[lid], ix.label_scale[lid], ix.channels[lid], block_size=cfg.block_size,
             block_budget=cfg.block_budget, token_budget=cfg.token_budget, sink_tokens=cfg.sink_tokens,
-            local_window=cfg.local_window, sm_scale=layer.scaling)
+            local_window=cfg.local_window, sm_scale=layer.scaling, bound_slack=cfg.bound_slack,
+            group_score=cfg.group_score)
         long_seq = (seq_lens >= cfg.dense_below)[:, None]
         return torch.where(long_seq, o_sparse.reshape(o_dense.shape).to(o_dense.dtype), o_dense)

@@ -10,6 +10,7 @@ from triton.compiler import ASTSource
 
 from sglang_asynctls.kernels.device_clock import _device_clock_kernel
 from sglang_asynctls.kernels.gather_blocks import _gather_blocks_kernel
+from sglang_asynctls.kernels.block_scores import _block_scores_kernel
 from sglang_asynctls.kernels.index_append import _append_decode_index_kernel
 from sglang_asynctls.kernels.resident_update import _resident_update_kernel
 from sglang_asynctls.kernels.select_blocks import _select_blocks_kernel
@@ -81,7 +82,21 @@ def offload_kernels():
     print("device_clock: compiled for sm_90")
 
 
+def block_scores(d1, d2, g, group_max):
+    _compile(_block_scores_kernel,
+             [("q", "*bf16"), ("kmin", "*bf16"), ("kmax", "*bf16"), ("block_table", "*i32"), ("seq_lens", "*i64"),
+              ("scores", "*fp32"), ("NB", "i32"), ("slack", "fp32")]
+             + _i32("stride_qb", "stride_qh", "stride_ke", "stride_kh", "stride_tb", "stride_sb", "stride_sh")
+             + [(n, None) for n in ("HKV", "G", "BS", "GP", "D1", "D2", "BLOCK_N", "GROUP_MAX")],
+             dict(HKV=8 if g == 4 else 1, G=g, BS=64, GP=max(16, triton.next_power_of_2(g)) if group_max
+                  else triton.next_power_of_2(g), D1=d1, D2=d2, BLOCK_N=64, GROUP_MAX=group_max), 8)
+
+
 if __name__ == "__main__":
+    for d1, d2, g in ((128, 0, 4), (512, 64, 20)):  # Qwen3-8B GQA, GLM-4.7-Flash MLA latent
+        for group_max in (False, True):
+            block_scores(d1, d2, g, group_max)
+            print(f"block_scores (D={d1}+{d2}, G={g}, max={group_max}): compiled for sm_90")
     for key_bits in (16, 31):
         selection_kernels(key_bits)
         print(f"select_blocks, select_tokens (key_bits={key_bits}): compiled for sm_90")

@@ -12,17 +12,34 @@ from kernel_cases import KEY_RTOL, SHAPES, TOL, assert_topk_set, make_cache
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@pytest.mark.parametrize("slack, group", [(1.0, "sum"), (0.5, "sum"), (1.0, "max"), (0.5, "max")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("shape", ["gqa", "mha", "mla"])
-def test_block_scores_match_reference(shape, dtype):
+def test_block_scores_match_reference(shape, dtype, slack, group):
     c = make_cache([27, 61, 113], **SHAPES[shape], dtype=dtype, device=DEV)
     kmin, kmax, table, _, _ = c["index"]
-    s = block_scores(c["q"], kmin, kmax, table, c["seq_lens"], c["bs"])
-    r = R.block_scores(c["q"], kmin, kmax, table, c["seq_lens"], c["bs"])
+    s = block_scores(c["q"], kmin, kmax, table, c["seq_lens"], c["bs"], slack, group)
+    r = R.block_scores(c["q"], kmin, kmax, table, c["seq_lens"], c["bs"], slack, group)
     assert torch.equal(s.isinf(), r.isinf())
     torch.testing.assert_close(s[r.isfinite()], r[r.isfinite()], rtol=1e-5, atol=1e-4)
     out = torch.empty_like(s)
-    assert block_scores(c["q"], kmin, kmax, table, c["seq_lens"], c["bs"], out=out) is out
+    assert block_scores(c["q"], kmin, kmax, table, c["seq_lens"], c["bs"], slack, group, out=out) is out
+
+
+def test_block_scores_group_max_differs_from_sum_and_bounds_each_head():
+    """"max" is not "sum" in disguise: per block it is the largest head's bound, so it never exceeds the sum of
+    the (non-negative part of the) heads' bounds and is at least each head's own bound."""
+    c = make_cache([61, 113], **SHAPES["gqa"], device=DEV)
+    kmin, kmax, table, _, _ = c["index"]
+    s_max = block_scores(c["q"], kmin, kmax, table, c["seq_lens"], c["bs"], 1.0, "max")
+    s_sum = block_scores(c["q"], kmin, kmax, table, c["seq_lens"], c["bs"], 1.0, "sum")
+    fin = s_sum.isfinite()
+    assert not torch.allclose(s_max[fin], s_sum[fin])
+    g = SHAPES["gqa"]["hq"] // SHAPES["gqa"]["hkv"]
+    for h in range(g):  # one query head per group alone: its bound is below the group max
+        q1 = c["q"].view(2, -1, g, c["q"].shape[2])[:, :, h:h + 1].reshape(2, -1, c["q"].shape[2])
+        one = R.block_scores(q1, kmin, kmax, table, c["seq_lens"], c["bs"])
+        assert bool((one[fin] <= s_max[fin] + 1e-4).all())
 
 
 def _check_select_blocks(scores, seq_lens, bs, budget, sink, window, key_bits=16):
@@ -55,3 +72,18 @@ def test_select_blocks_budget_covering_everything_keeps_every_block():
     assert torch.equal((ids >= 0).sum(dim=2).cpu(), nblocks[:, None].expand(-1, 2).cpu())
     out = torch.empty_like(ids)
     assert select_blocks(s, c["seq_lens"], c["bs"], 20, 4, 8, out=out) is out and torch.equal(out, ids)
+
+
+@pytest.mark.parametrize("shape", ["gqa", "mla"])
+def test_coarse_select_with_slack_and_group_max_is_a_top_k_of_those_scores(shape):
+    """The server passes --asynctls-bound-slack / --asynctls-group-score down to the kernels' coarse stage."""
+    from sglang_asynctls.kernels.asynctls_decode import coarse_select
+
+    c = make_cache([61, 113, 2047], **SHAPES[shape], device=DEV)
+    kmin, kmax, table, _, _ = c["index"]
+    blocks = coarse_select(c["q"], kmin, kmax, table, c["seq_lens"], block_size=c["bs"], block_budget=9,
+                           sink_tokens=4, local_window=8, bound_slack=0.5, group_score="max")
+    scores = R.block_scores(c["q"], kmin, kmax, table, c["seq_lens"], c["bs"], 0.5, "max")
+    forced = R.forced_block_mask(c["seq_lens"], scores.shape[2], c["bs"], 4, 8)[:, None, :].expand_as(scores)
+    cand = torch.arange(scores.shape[2], device=scores.device).expand_as(scores)
+    assert_topk_set(blocks, cand, scores.masked_fill(forced, float("inf")), 9, tol=1e-4)
