@@ -43,6 +43,10 @@ def run_point(method: str, batch: int, input_len: int, model: str, raw: str, tim
     lines = [ln for ln in proc.stdout.splitlines() + proc.stderr.splitlines()
              if ln.startswith(("Prefill.", "Decode.", "Total.")) or "Error" in ln]
     row["log"] = lines[-8:]
+    # bench_one_batch runs the point twice in one process (the first as warm-up) and writes the last run's numbers;
+    # with --profile-dir the profiled steps fall in that last run, so keep both medians visible
+    row["median_decode_latency_runs_s"] = [float(ln.split("median latency:")[1].split()[0]) for ln in lines
+                                           if ln.startswith("Decode.") and "median latency:" in ln]
     if proc.returncode == 0 and os.path.exists(raw):
         last = json.loads(open(raw).read().strip().splitlines()[-1])
         row["median_decode_latency_s"] = last.get("median_decode_latency")
