@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .quantize_labels import _round_half_even
+from .quantize_labels import _pack_labels
 
 
 @triton.jit
@@ -21,17 +21,13 @@ def _append_decode_index_kernel(k_buffer, new_loc, seq_lens, channels, labels, l
     loc = tl.load(new_loc + b).to(tl.int64)
     n = tl.load(seq_lens + b).to(tl.int64)
     row = k_buffer + loc * stride_ks + h * stride_kh
-    # labels: exactly reference.quantize_labels on one key
+    # labels: exactly reference.quantize_labels on one key (a [1, HALF_DC] tile of the shared packer)
     offs_c = tl.arange(0, HALF_DC)
     lo = tl.load(row + tl.load(channels + h * stride_ch + 2 * offs_c).to(tl.int64)).to(tl.float32)
     hi = tl.load(row + tl.load(channels + h * stride_ch + 2 * offs_c + 1).to(tl.int64)).to(tl.float32)
-    sc = tl.math.div_rn(tl.maximum(tl.max(tl.abs(lo), axis=0), tl.max(tl.abs(hi), axis=0)), 7.0)
-    safe = tl.where(sc > 0, sc, 1.0)
-    q_lo = tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(lo, safe)), -7.0), 7.0) + 8.0
-    q_hi = tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(hi, safe)), -7.0), 7.0) + 8.0
-    byte = q_lo.to(tl.int32) | (q_hi.to(tl.int32) << 4)
-    tl.store(labels + loc * stride_ls + h * stride_lh + offs_c, byte.to(tl.uint8))
-    tl.store(label_scale + loc * stride_ss + h * stride_sh, sc)
+    byte, sc = _pack_labels(lo[None, :], hi[None, :])
+    tl.store(labels + loc * stride_ls + h * stride_lh + offs_c[None, :], byte)
+    tl.store(label_scale + loc * stride_ss + h * stride_sh + tl.arange(0, 1), sc)
     # running page bound; the token that opens a page restarts it
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D

@@ -17,6 +17,18 @@ def _round_half_even(x):
 
 
 @triton.jit
+def _pack_labels(lo, hi):
+    """lo, hi [T, HALF_DC] float32: channels 2i and 2i+1 of T keys -> (codes [T, HALF_DC] uint8 with channel 2i in
+    the low nibble, scale [T] = absmax / 7), exactly as `reference.quantize_labels`."""
+    amax = tl.maximum(tl.max(tl.abs(lo), axis=1), tl.max(tl.abs(hi), axis=1))
+    sc = tl.math.div_rn(amax, 7.0)
+    safe = tl.where(sc > 0, sc, 1.0)
+    q_lo = tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(lo, safe[:, None])), -7.0), 7.0) + 8.0
+    q_hi = tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(hi, safe[:, None])), -7.0), 7.0) + 8.0
+    return (q_lo.to(tl.int32) | (q_hi.to(tl.int32) << 4)).to(tl.uint8), sc
+
+
+@triton.jit
 def _quantize_labels_kernel(keys, channels, packed, scale, N,
                             stride_kn, stride_kh, stride_ch, stride_pn, stride_ph, stride_sn, stride_sh,
                             HALF_DC: tl.constexpr, BLOCK_T: tl.constexpr):
@@ -29,14 +41,9 @@ def _quantize_labels_kernel(keys, channels, packed, scale, N,
     row = keys + offs_t.to(tl.int64)[:, None] * stride_kn + h * stride_kh
     lo = tl.load(row + ch_lo[None, :], mask=mask_t[:, None], other=0.0).to(tl.float32)
     hi = tl.load(row + ch_hi[None, :], mask=mask_t[:, None], other=0.0).to(tl.float32)
-    amax = tl.maximum(tl.max(tl.abs(lo), axis=1), tl.max(tl.abs(hi), axis=1))
-    sc = tl.math.div_rn(amax, 7.0)
-    safe = tl.where(sc > 0, sc, 1.0)
-    q_lo = tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(lo, safe[:, None])), -7.0), 7.0) + 8.0
-    q_hi = tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(hi, safe[:, None])), -7.0), 7.0) + 8.0
-    byte = q_lo.to(tl.int32) | (q_hi.to(tl.int32) << 4)
+    byte, sc = _pack_labels(lo, hi)
     out = packed + offs_t.to(tl.int64)[:, None] * stride_pn + h * stride_ph + offs_c[None, :]
-    tl.store(out, byte.to(tl.uint8), mask=mask_t[:, None])
+    tl.store(out, byte, mask=mask_t[:, None])
     tl.store(scale + offs_t * stride_sn + h * stride_sh, sc, mask=mask_t)
 
 
