@@ -94,7 +94,8 @@ class _AsyncTLSMixin:
                                k0.dtype, k0.device, channels, quantize=quantize, append=append)
         self.num_blocks = -(-model_runner.model_config.context_len // cfg.block_size)
         self.sparse_fn, impl = _sparse_decode_fn()
-        self._block_table = None  # [B, NB] page ids, computed at the first layer of each decode step
+        # per decode step, computed at its first layer: [B, NB] page of every block, [B, 1] sparse-path rows
+        self._block_table = self._long_seq = None
         self.stats = {"index_pages_written": 0, "index_slots_labelled": 0}
         logger.info("asynctls backend: %s, sparse decode via %s, index %.1f MiB, %d blocks per request max, "
                     "label channels %s", cfg, impl, self.index.nbytes() / 2**20, self.num_blocks,
@@ -146,9 +147,9 @@ class _AsyncTLSMixin:
         if save_kv_cache:
             self.index.write_decode(lid, k_buffer, forward_batch.out_cache_loc, seq_lens)
         ix, cfg = self.index, self.cfg
-        bt = self._block_table
-        if lid == 0 or bt is None or bt.shape[0] != rpi.shape[0]:  # once per step: req_to_token is fixed within it
+        if lid == 0 or self._block_table is None:  # once per step, shared by the layers (fixed within a step)
             self._block_table = ix.block_table(self.req_to_token, rpi, self.num_blocks)
+            self._long_seq = (seq_lens >= cfg.dense_below)[:, None]
         q3 = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim).contiguous()  # [B, Hq, D]
         o_sparse = self.sparse_fn(
             q3, k_buffer, v_buffer, self.req_to_token, rpi, seq_lens, ix.kmin[lid], ix.kmax[lid], self._block_table,
@@ -156,5 +157,4 @@ class _AsyncTLSMixin:
             block_budget=cfg.block_budget, token_budget=cfg.token_budget, sink_tokens=cfg.sink_tokens,
             local_window=cfg.local_window, sm_scale=layer.scaling, bound_slack=cfg.bound_slack,
             group_score=cfg.group_score)
-        long_seq = (seq_lens >= cfg.dense_below)[:, None]
-        return torch.where(long_seq, o_sparse.reshape(o_dense.shape).to(o_dense.dtype), o_dense)
+        return torch.where(self._long_seq, o_sparse.reshape(o_dense.shape).to(o_dense.dtype), o_dense)
