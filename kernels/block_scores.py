@@ -7,6 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sglang_asynctls.config import GROUP_SCORES
+
 
 @triton.jit
 def _bound_part(q_row, kmin_row, kmax_row, mask_g, complete, offs_d, slack, GROUP_MAX: tl.constexpr):
@@ -70,7 +72,7 @@ def block_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, block_
     if out is None:
         out = torch.empty(b, hkv, nb, dtype=torch.float32, device=q.device)
     assert out.shape == (b, hkv, nb) and out.dtype == torch.float32 and out.stride(2) == 1
-    assert group_score in ("sum", "max") and 0.0 <= bound_slack <= 1.0
+    assert group_score in GROUP_SCORES and 0.0 <= bound_slack <= 1.0
     g = hq // hkv
     group_max = group_score == "max"
     gp = max(16, triton.next_power_of_2(g)) if group_max else triton.next_power_of_2(g)

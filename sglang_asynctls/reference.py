@@ -140,10 +140,8 @@ def block_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, block_
     b, hq, d = q.shape
     hkv = kmin.shape[1]
     qg = _f(q).view(b, hkv, hq // hkv, d)
-    if bound_slack == 1.0:  # exact q+ / q- (bit-identical to the kernels' bound)
-        q_pos, q_neg = qg.clamp(min=0), qg.clamp(max=0)
-    else:
-        q_pos, q_neg = (qg + bound_slack * qg.abs()) / 2, (qg - bound_slack * qg.abs()) / 2
+    # (q +- s|q|) / 2: at s = 1 exactly q+ = max(q, 0) and q- = min(q, 0)
+    q_pos, q_neg = (qg + bound_slack * qg.abs()) / 2, (qg - bound_slack * qg.abs()) / 2
     entries = block_table.long().clamp(min=0)
     kmax_b = _f(kmax[entries])  # [B, NB, Hkv, D]
     kmin_b = _f(kmin[entries])
