@@ -3,8 +3,10 @@
 Every method has `reference.METHODS`' signature. No host synchronisation and no data-dependent shape anywhere
 (shapes follow block_table's NB and the budgets), so a step can be captured in a CUDA graph.
 
-asynctls, 7 kernels: block_scores -> select_blocks -> token_logits -> softmax combine -> top-Kt with the slot
-lookup -> sparse_decode split-K -> split combine.
+asynctls, 4 kernels: block scores with the top-Kb folded in (`block_scores_topk`) -> label logits
+(`token_logits`) -> group-mean softmax and top-Kt with the slot lookup (`select_token_slots`) -> split-K sparse
+decode with the split merge folded in. Each fold is a last-arrival ticket (kernels/_ticket.py); unfolded, the
+same stages are 7 launches (`fused=False`, kept for the benchmark's comparison).
 """
 
 from typing import Optional
@@ -13,7 +15,7 @@ import torch
 
 from sglang_asynctls import reference
 
-from .block_scores import block_scores
+from .block_scores import block_scores, block_scores_topk
 from .candidate_slots import candidate_slots
 from .fine_select import fine_select, fine_select_candidates
 from .select_blocks import select_blocks
@@ -23,8 +25,12 @@ from .token_scores import candidate_scores
 
 
 def coarse_select(q, kmin, kmax, block_table, seq_lens, *, block_size, block_budget, sink_tokens,
-                  local_window, bound_slack: float = 1.0, group_score: str = "sum") -> torch.Tensor:
+                  local_window, bound_slack: float = 1.0, group_score: str = "sum",
+                  fused: bool = True) -> torch.Tensor:
     """Coarse stage (see `reference.coarse_select`): [B, Hkv, Kb] int32 block ids (M_t), ascending id order."""
+    if fused:
+        return block_scores_topk(q, kmin, kmax, block_table, seq_lens, block_size, block_budget, sink_tokens,
+                                 local_window, bound_slack, group_score)
     scores = block_scores(q, kmin, kmax, block_table, seq_lens, block_size, bound_slack, group_score)
     return select_blocks(scores, seq_lens, block_size, block_budget, sink_tokens, local_window)
 
@@ -32,17 +38,18 @@ def coarse_select(q, kmin, kmax, block_table, seq_lens, *, block_size, block_bud
 def asynctls_select(q, req_to_token, req_pool_indices, seq_lens, kmin, kmax, block_table, labels, label_scale,
                     channels, *, block_size, block_budget, token_budget, sink_tokens, local_window, sm_scale,
                     candidate_blocks: Optional[torch.Tensor] = None, bound_slack: float = 1.0,
-                    group_score: str = "sum") -> torch.Tensor:
+                    group_score: str = "sum", fused: bool = True) -> torch.Tensor:
     """Both selection levels: [B, Hkv, Kt] int32 KV slots (-1 padded) that `asynctls_decode` attends over."""
     if candidate_blocks is None:
         candidate_blocks = coarse_select(q, kmin, kmax, block_table, seq_lens, block_size=block_size,
                                          block_budget=block_budget, sink_tokens=sink_tokens,
                                          local_window=local_window, bound_slack=bound_slack,
-                                         group_score=group_score)
+                                         group_score=group_score, fused=fused)
     kw = dict(token_budget=token_budget, sink_tokens=sink_tokens, local_window=local_window, sm_scale=sm_scale)
     if candidate_blocks.shape[2] * block_size <= MAX_FUSED_CANDIDATES:
         return fine_select_candidates(q, labels, label_scale, channels, req_to_token, req_pool_indices, seq_lens,
-                                      candidate_blocks.contiguous(), block_size=block_size, **kw)
+                                      candidate_blocks.contiguous(), block_size=block_size, fused_combine=fused,
+                                      **kw)
     positions = reference.candidate_positions(candidate_blocks, seq_lens, block_size)
     return fine_select(q, labels, label_scale, channels, req_to_token, req_pool_indices, seq_lens, positions, **kw)
 
@@ -51,14 +58,16 @@ def asynctls_decode(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_l
                     labels, label_scale, channels, *, block_size, block_budget, token_budget, sink_tokens,
                     local_window, sm_scale, candidate_blocks: Optional[torch.Tensor] = None,
                     out: Optional[torch.Tensor] = None, bound_slack: float = 1.0,
-                    group_score: str = "sum") -> torch.Tensor:
-    """Two-level sparse decode (see `reference.asynctls_decode`). q: [B, Hq, D] -> o: [B, Hq, Dv] in q's dtype."""
+                    group_score: str = "sum", out_rows: Optional[torch.Tensor] = None,
+                    fused: bool = True) -> torch.Tensor:
+    """Two-level sparse decode (see `reference.asynctls_decode`). q: [B, Hq, D] -> o: [B, Hq, Dv] in q's dtype.
+    With out and out_rows [B] bool, only the flagged rows of out are written (the backend's long requests)."""
     slots = asynctls_select(q, req_to_token, req_pool_indices, seq_lens, kmin, kmax, block_table, labels,
                             label_scale, channels, block_size=block_size, block_budget=block_budget,
                             token_budget=token_budget, sink_tokens=sink_tokens, local_window=local_window,
                             sm_scale=sm_scale, candidate_blocks=candidate_blocks, bound_slack=bound_slack,
-                            group_score=group_score)
-    return sparse_decode(q, k_buffer, v_buffer, slots, sm_scale, out=out)
+                            group_score=group_score, fused=fused)
+    return sparse_decode(q, k_buffer, v_buffer, slots, sm_scale, out=out, out_rows=out_rows, fused_combine=fused)
 
 
 def quest_decode(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, kmin, kmax, block_table,

@@ -8,20 +8,26 @@ import torch
 from sglang_asynctls import reference
 
 from .select_tokens import MAX_FUSED_CANDIDATES, select_token_slots, select_tokens
+from .token_logits import token_logits
 from .token_scores import candidate_scores
 
 
 def fine_select_candidates(q, labels, label_scale, channels, req_to_token, req_pool_indices, seq_lens, candidates,
                            *, block_size, token_budget, sink_tokens, local_window, sm_scale,
-                           out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                           out: Optional[torch.Tensor] = None, fused_combine: bool = True) -> torch.Tensor:
     """`fine_select` over candidates given as positions [B, Hkv, C] (block_size == 0) or as block ids
     [B, Hkv, Kb] (block_size > 0: all Kb * block_size positions of those blocks, as `candidate_positions`).
-    Returns KV slots [B, Hkv, Kt] int32, -1 padded. Three kernels."""
+    Returns KV slots [B, Hkv, Kt] int32, -1 padded. Two kernels: `token_logits`, then the top-Kt with the
+    softmax combine folded in (fused_combine=False: three, the combine in `token_scores`' own launch)."""
+    kw = dict(block_size=block_size, token_budget=token_budget, sink_tokens=sink_tokens,
+              local_window=local_window, out=out)
+    if fused_combine:
+        logits, stats = token_logits(q, labels, label_scale, channels, req_to_token, req_pool_indices, seq_lens,
+                                     candidates, sm_scale, block_size=block_size)
+        return select_token_slots(logits, candidates, req_to_token, req_pool_indices, seq_lens, stats=stats, **kw)
     scores = candidate_scores(q, labels, label_scale, channels, req_to_token, req_pool_indices, seq_lens,
                               candidates, sm_scale, block_size=block_size)
-    return select_token_slots(scores, candidates, req_to_token, req_pool_indices, seq_lens, block_size=block_size,
-                              token_budget=token_budget, sink_tokens=sink_tokens, local_window=local_window,
-                              out=out)
+    return select_token_slots(scores, candidates, req_to_token, req_pool_indices, seq_lens, **kw)
 
 
 def fine_select(q: torch.Tensor, labels: torch.Tensor, label_scale: torch.Tensor, channels: torch.Tensor,

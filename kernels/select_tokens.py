@@ -9,6 +9,7 @@ import triton.language as tl
 from sglang_asynctls import reference
 
 from ._topk import INVALID, KEY_BITS, MAX_ENTRIES, ordered_key, topk_compact
+from .token_scores import group_softmax_stats
 
 # Candidates one program selects from in registers (8,192 = Kb 128 blocks of 64 is 32 KiB of fp32 scores); longer
 # lists (token-only over a whole context) go through torch.topk.
@@ -18,8 +19,10 @@ MAX_FUSED_CANDIDATES = MAX_ENTRIES
 @triton.jit
 def _select_tokens_kernel(scores, cand, req_to_token, req_pool_indices, seq_lens, out, C, sink_tokens,
                           local_window, stride_sb, stride_sh, stride_cb, stride_ch, stride_rr, stride_ob, stride_oh,
+                          stats, stride_sg, stride_tb, stride_th,
                           HKV: tl.constexpr, FROM_BLOCKS: tl.constexpr, BS: tl.constexpr, TO_SLOTS: tl.constexpr,
-                          KT: tl.constexpr, CP: tl.constexpr, KTP: tl.constexpr, KEY_BITS: tl.constexpr):
+                          KT: tl.constexpr, CP: tl.constexpr, KTP: tl.constexpr, KEY_BITS: tl.constexpr,
+                          G: tl.constexpr, GP: tl.constexpr, NSPLIT: tl.constexpr):
     pid = tl.program_id(0)
     b = pid // HKV
     h = pid % HKV
@@ -31,7 +34,20 @@ def _select_tokens_kernel(scores, cand, req_to_token, req_pool_indices, seq_lens
         pos = tl.where((blk >= 0) & (pos < seq_len) & (offs < C), pos, -1)
     else:  # cand: [B, Hkv, C] positions, -1 = invalid
         pos = tl.load(cand + b * stride_cb + h * stride_ch + offs, mask=offs < C, other=-1).to(tl.int32)
-    score = tl.load(scores + b * stride_sb + h * stride_sh + offs, mask=offs < C, other=float("-inf"))
+    if G == 0:  # scores: [B, Hkv, C] group-mean softmax (token_scores)
+        score = tl.load(scores + b * stride_sb + h * stride_sh + offs, mask=offs < C, other=float("-inf"))
+    else:  # scores: logits [B, Hkv, G, C] + split stats: token_scores' combine, here instead of its own launch
+        m, inv_s = group_softmax_stats(stats + b * stride_tb + h * stride_th, NSPLIT, GP, G)
+        offs_g = tl.arange(0, GP)
+        score = tl.zeros([CP], tl.float32)
+        lg = score
+        for g in tl.static_range(G):
+            m_g = tl.sum(tl.where(offs_g == g, m, 0.0), axis=0)
+            inv_g = tl.sum(tl.where(offs_g == g, inv_s, 0.0), axis=0)
+            lg = tl.load(scores + b * stride_sb + h * stride_sh + g * stride_sg + offs, mask=offs < C,
+                         other=float("-inf"))
+            score += tl.exp(lg - m_g) * inv_g
+        score = tl.where(lg > float("-inf"), score / G, float("-inf"))  # a candidate is invalid in every head
     valid = pos >= 0
     forced = valid & ((pos < sink_tokens) | (pos >= seq_len - local_window))
     key = tl.where(forced, ordered_key(tl.full([CP], float("inf"), tl.float32)), ordered_key(score))
@@ -49,17 +65,27 @@ def _select_tokens_kernel(scores, cand, req_to_token, req_pool_indices, seq_lens
 
 
 def _launch(scores, cand, req_to_token, req_pool_indices, seq_lens, out, block_size, token_budget, sink_tokens,
-            local_window, to_slots, num_warps=0, key_bits=KEY_BITS):
-    b, hkv, c = scores.shape
-    assert scores.dtype == torch.float32 and scores.stride(2) == 1 and cand.stride(2) == 1
+            local_window, to_slots, num_warps=0, key_bits=KEY_BITS, stats=None):
+    """scores: [B, Hkv, C] group-mean softmax, or (stats given) logits [B, Hkv, G, C] from `token_logits`."""
+    b, hkv, c = scores.shape[0], scores.shape[1], scores.shape[-1]
+    assert scores.dtype == torch.float32 and scores.stride(-1) == 1 and cand.stride(2) == 1
     assert c <= MAX_FUSED_CANDIDATES and seq_lens.shape == (b,)
     assert out.shape == (b, hkv, token_budget) and out.stride(2) == 1
+    if stats is None:
+        g = stride_sg = 0
+        stats = scores
+    else:
+        g, stride_sg = scores.shape[2], scores.stride(2)
+        assert scores.dim() == 4 and stats.shape[:2] == (b, hkv) and stats.shape[3:] == (g, 2)
+        assert stats.is_contiguous()
     cp = triton.next_power_of_2(c)
     _select_tokens_kernel[(b * hkv,)](
         scores, cand, req_to_token, req_pool_indices, seq_lens, out, c, sink_tokens, local_window,
         scores.stride(0), scores.stride(1), cand.stride(0), cand.stride(1), req_to_token.stride(0),
-        out.stride(0), out.stride(1), HKV=hkv, FROM_BLOCKS=bool(block_size), BS=max(block_size, 1),
+        out.stride(0), out.stride(1), stats, stride_sg, stats.stride(0), stats.stride(1),
+        HKV=hkv, FROM_BLOCKS=bool(block_size), BS=max(block_size, 1),
         TO_SLOTS=to_slots, KT=token_budget, CP=cp, KTP=triton.next_power_of_2(token_budget), KEY_BITS=key_bits,
+        G=g, GP=triton.next_power_of_2(max(g, 1)), NSPLIT=stats.shape[2] if g else 1,
         num_warps=num_warps or (16 if cp >= 8192 else 8 if cp > 2048 else 4))
     return out
 
@@ -87,14 +113,16 @@ def select_tokens(scores: torch.Tensor, positions: torch.Tensor, seq_lens: torch
 def select_token_slots(scores: torch.Tensor, candidates: torch.Tensor, req_to_token: torch.Tensor,
                        req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, *, block_size: int,
                        token_budget: int, sink_tokens: int, local_window: int, out: Optional[torch.Tensor] = None,
-                       num_warps: int = 0, key_bits: int = KEY_BITS) -> torch.Tensor:
+                       num_warps: int = 0, key_bits: int = KEY_BITS,
+                       stats: Optional[torch.Tensor] = None) -> torch.Tensor:
     """`select_tokens` then `positions_to_slots`, in one kernel, over candidates given as positions [B, Hkv, C]
     (block_size == 0) or block ids [B, Hkv, Kb] (C = Kb * block_size). Returns [B, Hkv, Kt] int32 KV slots.
-    Scores are compared at key_bits + 1 bits (kernels/_topk.py)."""
-    b, hkv, _ = scores.shape
+    Scores are compared at key_bits + 1 bits (kernels/_topk.py). With `stats`, `scores` are `token_logits`'
+    (logits, stats) pair's logits and the group-mean softmax (`token_scores`) is computed here: one launch less."""
+    b, hkv = scores.shape[:2]
     assert req_to_token.stride(1) == 1
     if out is None:
         out = torch.empty(b, hkv, token_budget, dtype=torch.int32, device=scores.device)
     assert out.dtype == torch.int32
     return _launch(scores, candidates, req_to_token, req_pool_indices, seq_lens, out, block_size, token_budget,
-                   sink_tokens, local_window, True, num_warps, key_bits)
+                   sink_tokens, local_window, True, num_warps, key_bits, stats)

@@ -93,12 +93,12 @@ class _AsyncTLSMixin:
         self.index = IndexPool(pool.layer_num, k0.shape[0], k0.shape[1], k0.shape[2], d_c, cfg.block_size,
                                k0.dtype, k0.device, channels, quantize=quantize, append=append)
         self.num_blocks = -(-model_runner.model_config.context_len // cfg.block_size)
-        self.sparse_fn, impl = _sparse_decode_fn()
-        # per decode step, computed at its first layer: [B, NB] page of every block, [B, 1] sparse-path rows
+        self.sparse_fn, self.sparse_impl = _sparse_decode_fn()
+        # per decode step, computed at its first layer: [B, NB] page of every block, [B] sparse-path rows
         self._block_table = self._long_seq = None
         self.stats = {"index_pages_written": 0, "index_slots_labelled": 0}
         logger.info("asynctls backend: %s, sparse decode via %s, index %.1f MiB, %d blocks per request max, "
-                    "label channels %s", cfg, impl, self.index.nbytes() / 2**20, self.num_blocks,
+                    "label channels %s", cfg, self.sparse_impl, self.index.nbytes() / 2**20, self.num_blocks,
                     "calibrated" if channels is not None else "ranked by |K| at the first long prefill")
 
     # ------------------------------------------------------------------ metadata: hide long requests from dense
@@ -149,12 +149,19 @@ class _AsyncTLSMixin:
         ix, cfg = self.index, self.cfg
         if lid == 0 or self._block_table is None:  # once per step, shared by the layers (fixed within a step)
             self._block_table = ix.block_table(self.req_to_token, rpi, self.num_blocks)
-            self._long_seq = (seq_lens >= cfg.dense_below)[:, None]
-        q3 = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim).contiguous()  # [B, Hq, D]
+            self._long_seq = seq_lens >= cfg.dense_below
+        q3 = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)  # [B, Hq, D]; the kernels take its strides
+        kw = {}
+        if self.sparse_impl == "triton":  # the kernels write the long rows of o_dense in place: no merge launch
+            kw = dict(out=o_dense.view(q3.shape[0], layer.tp_q_head_num, -1), out_rows=self._long_seq)
+        else:
+            q3 = q3.contiguous()
         o_sparse = self.sparse_fn(
             q3, k_buffer, v_buffer, self.req_to_token, rpi, seq_lens, ix.kmin[lid], ix.kmax[lid], self._block_table,
             ix.labels[lid], ix.label_scale[lid], ix.channels[lid], block_size=cfg.block_size,
             block_budget=cfg.block_budget, token_budget=cfg.token_budget, sink_tokens=cfg.sink_tokens,
             local_window=cfg.local_window, sm_scale=layer.scaling, bound_slack=cfg.bound_slack,
-            group_score=cfg.group_score)
-        return torch.where(self._long_seq, o_sparse.reshape(o_dense.shape).to(o_dense.dtype), o_dense)
+            group_score=cfg.group_score, **kw)
+        if kw:
+            return o_dense
+        return torch.where(self._long_seq[:, None], o_sparse.reshape(o_dense.shape).to(o_dense.dtype), o_dense)

@@ -15,6 +15,8 @@ from sglang_asynctls.kernels.index_append import _append_decode_index_kernel
 from sglang_asynctls.kernels.resident_update import _resident_update_kernel
 from sglang_asynctls.kernels.select_blocks import _select_blocks_kernel
 from sglang_asynctls.kernels.select_tokens import _select_tokens_kernel
+from sglang_asynctls.kernels.sparse_decode import _sparse_decode_kernel
+from sglang_asynctls.kernels.token_logits import _token_logits_kernel
 
 SM90 = GPUTarget("cuda", 90, 32)
 
@@ -34,13 +36,17 @@ def selection_kernels(key_bits):
              + _i32("NB", "sink_tokens", "local_window", "stride_sb", "stride_sh", "stride_ob", "stride_oh")
              + [(n, None) for n in ("HKV", "BS", "KB", "NBP", "KBP", "KEY_BITS")],
              dict(HKV=8, BS=64, KB=128, NBP=2048, KBP=128, KEY_BITS=key_bits), 8)
-    _compile(_select_tokens_kernel,
-             [("scores", "*fp32"), ("cand", "*i32"), ("req_to_token", "*i32"), ("req_pool_indices", "*i64"),
-              ("seq_lens", "*i64"), ("out", "*i32")]
-             + _i32("C", "sink_tokens", "local_window", "stride_sb", "stride_sh", "stride_cb", "stride_ch",
-                    "stride_rr", "stride_ob", "stride_oh")
-             + [(n, None) for n in ("HKV", "FROM_BLOCKS", "BS", "TO_SLOTS", "KT", "CP", "KTP", "KEY_BITS")],
-             dict(HKV=8, FROM_BLOCKS=True, BS=64, TO_SLOTS=True, KT=1024, CP=8192, KTP=1024, KEY_BITS=key_bits), 16)
+    for g in (0, 4, 20):  # scores given; logits of a GQA / MLA group with the combine folded in
+        _compile(_select_tokens_kernel,
+                 [("scores", "*fp32"), ("cand", "*i32"), ("req_to_token", "*i32"), ("req_pool_indices", "*i64"),
+                  ("seq_lens", "*i64"), ("out", "*i32")]
+                 + _i32("C", "sink_tokens", "local_window", "stride_sb", "stride_sh", "stride_cb", "stride_ch",
+                        "stride_rr", "stride_ob", "stride_oh") + [("stats", "*fp32")]
+                 + _i32("stride_sg", "stride_tb", "stride_th")
+                 + [(n, None) for n in ("HKV", "FROM_BLOCKS", "BS", "TO_SLOTS", "KT", "CP", "KTP", "KEY_BITS", "G",
+                                        "GP", "NSPLIT")],
+                 dict(HKV=8, FROM_BLOCKS=True, BS=64, TO_SLOTS=True, KT=1024, CP=8192, KTP=1024, KEY_BITS=key_bits,
+                      G=g, GP=triton.next_power_of_2(max(g, 1)), NSPLIT=32 if g else 1), 16)
 
 
 def append_decode_index(d, half_dc):
@@ -82,25 +88,68 @@ def offload_kernels():
     print("device_clock: compiled for sm_90")
 
 
-def block_scores(d1, d2, g, group_max):
+def block_scores(d1, d2, g, group_max, select):
     _compile(_block_scores_kernel,
              [("q", "*bf16"), ("kmin", "*bf16"), ("kmax", "*bf16"), ("block_table", "*i32"), ("seq_lens", "*i64"),
               ("scores", "*fp32"), ("NB", "i32"), ("slack", "fp32")]
              + _i32("stride_qb", "stride_qh", "stride_ke", "stride_kh", "stride_tb", "stride_sb", "stride_sh")
-             + [(n, None) for n in ("HKV", "G", "BS", "GP", "D1", "D2", "BLOCK_N", "GROUP_MAX")],
+             + [("block_ids", "*i32"), ("counters", "*i32")]
+             + _i32("sink_tokens", "local_window", "stride_ob", "stride_oh")
+             + [(n, None) for n in ("HKV", "G", "BS", "GP", "D1", "D2", "BLOCK_N", "GROUP_MAX", "SELECT", "KB", "NBP",
+                                    "KBP", "KEY_BITS")],
              dict(HKV=8 if g == 4 else 1, G=g, BS=64, GP=max(16, triton.next_power_of_2(g)) if group_max
-                  else triton.next_power_of_2(g), D1=d1, D2=d2, BLOCK_N=64, GROUP_MAX=group_max), 8)
+                  else triton.next_power_of_2(g), D1=d1, D2=d2, BLOCK_N=64, GROUP_MAX=group_max, SELECT=select,
+                  KB=128, NBP=2048, KBP=128, KEY_BITS=16), 8)
+
+
+def token_logits(g, half_dc):
+    _compile(_token_logits_kernel,
+             [("q", "*bf16"), ("labels", "*u8"), ("label_scale", "*fp32"), ("channels", "*i64"),
+              ("req_to_token", "*i32"), ("req_pool_indices", "*i64"), ("seq_lens", "*i64"), ("cand", "*i32"),
+              ("logits", "*fp32"), ("stats", "*fp32"), ("sm_scale", "fp32"), ("C", "i32")]
+             + _i32("stride_qb", "stride_qh", "stride_ls", "stride_lh", "stride_ss", "stride_sh", "stride_ch",
+                    "stride_rr", "stride_cb", "stride_ch2", "stride_ob", "stride_oh", "stride_og", "stride_tb",
+                    "stride_th", "stride_ts")
+             + [(n, None) for n in ("HKV", "G", "GP", "HDC", "FROM_BLOCKS", "BS", "SPLIT_C", "BLOCK_C", "USE_DOT")],
+             dict(HKV=8 if g == 4 else 1, G=g, GP=max(16, triton.next_power_of_2(g)), HDC=half_dc, FROM_BLOCKS=True,
+                  BS=64, SPLIT_C=256, BLOCK_C=128, USE_DOT=True), 4)
+
+
+def sparse_decode(d1, d2, dv, g, combine):
+    _compile(_sparse_decode_kernel,
+             [("q", "*bf16"), ("k_buffer", "*bf16"), ("v_buffer", "*bf16"), ("token_slots", "*i32"),
+              ("mid_o", "*fp32"), ("mid_lse", "*fp32"), ("sm_scale", "fp32"), ("K", "i32")]
+             + _i32("stride_qb", "stride_qh", "stride_ks", "stride_kh", "stride_vs", "stride_vh", "stride_tb",
+                    "stride_th", "stride_mb", "stride_mh", "stride_ms", "stride_lb", "stride_lh")
+             + [("out", "*bf16"), ("out_rows", "*i1"), ("counters", "*i32")] + _i32("stride_ob", "stride_oh")
+             + [(n, None) for n in ("HKV", "G", "NHB", "BLOCK_H", "D1", "D2", "DV", "V_IS_K", "SPLIT_K", "BLOCK_N",
+                                    "COMBINE", "HAS_ROWS")],
+             dict(HKV=8 if g == 4 else 1, G=g, NHB=1, BLOCK_H=max(16, triton.next_power_of_2(g)), D1=d1, D2=d2, DV=dv,
+                  V_IS_K=d2 > 0, SPLIT_K=128, BLOCK_N=32 if d2 else 64, COMBINE=combine, HAS_ROWS=combine),
+             8 if d2 else 4)
+
+
+def attention_kernels():
+    for d1, d2, dv, g, half_dc in ((128, 0, 128, 4, 16), (512, 64, 512, 20, 64)):
+        token_logits(g, half_dc)
+        print(f"token_logits (G={g}): compiled for sm_90")
+        for combine in (False, True):
+            sparse_decode(d1, d2, dv, g, combine)
+            print(f"sparse_decode (D={d1}+{d2}, G={g}, merge folded={combine}): compiled for sm_90")
 
 
 if __name__ == "__main__":
     for d1, d2, g in ((128, 0, 4), (512, 64, 20)):  # Qwen3-8B GQA, GLM-4.7-Flash MLA latent
         for group_max in (False, True):
-            block_scores(d1, d2, g, group_max)
-            print(f"block_scores (D={d1}+{d2}, G={g}, max={group_max}): compiled for sm_90")
+            for select in (False, True):
+                block_scores(d1, d2, g, group_max, select)
+                print(f"block_scores (D={d1}+{d2}, G={g}, max={group_max}, top-k folded={select}): "
+                      "compiled for sm_90")
     for key_bits in (16, 31):
         selection_kernels(key_bits)
         print(f"select_blocks, select_tokens (key_bits={key_bits}): compiled for sm_90")
     for d, half_dc in ((128, 16), (576, 64)):  # GQA (Qwen3-8B) and the MLA latent
         append_decode_index(d, half_dc)
         print(f"append_decode_index (D={d}): compiled for sm_90")
+    attention_kernels()
     offload_kernels()

@@ -78,3 +78,20 @@ def test_fine_select_picks_a_top_k_of_the_reference_scores(shape, budget):
     cand_slots = R.positions_to_slots(positions, c["r2t"], c["rows"])
     assert_topk_set(slots, cand_slots, pri, budget, tol=1e-6)
     assert_topk_set(from_blocks, cand_slots, pri, budget, tol=1e-6)
+
+
+@pytest.mark.parametrize("shape", ["gqa", "mha", "mla"])
+def test_combine_folded_into_the_top_k_picks_what_the_separate_combine_picks(shape):
+    """fine_select_candidates with the group-mean softmax computed inside the top-Kt kernel (two launches)
+    against the separate `token_scores` combine (three): both a top-k of the reference scores."""
+    c = make_cache([27, 61, 113], **SHAPES[shape], device=DEV)
+    blocks, positions = _candidates(c, 6)
+    _, _, _, labels, scale = c["index"]
+    kw = dict(token_budget=9, sink_tokens=SINK, local_window=WINDOW, sm_scale=c["sm_scale"], block_size=c["bs"])
+    args = (c["q"], labels, scale, c["channels"], c["r2t"], c["rows"], c["seq_lens"], blocks)
+    folded = fine_select_candidates(*args, **kw)
+    separate = fine_select_candidates(*args, fused_combine=False, **kw)
+    pri = _priority(_ref_scores(c, positions), positions, c["seq_lens"])
+    cand_slots = R.positions_to_slots(positions, c["r2t"], c["rows"])
+    for slots in (folded, separate):
+        assert_topk_set(slots, cand_slots, pri, 9, tol=1e-6)
