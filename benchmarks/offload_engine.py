@@ -7,8 +7,14 @@ decode over a selection trace giving the stall share. Qwen3-8B attention shape (
 - gather: k head-blocks (32 KiB each: 64 tokens x 128 dims x K+V x bf16) per launch from pinned host memory
   (read in place through `device_view`), beside one `copy_` per whole block (all heads, K and V: the same bytes)
   and one bulk contiguous copy of the same bytes (the PCIe roofline, 55 GB/s measured, shared/MEASUREMENTS.md).
-- update: the Triton resident-set update beside its torch reference, batch x r (R = r x k_b), CUDA-graph replays.
+- update: the Triton resident-set update beside its torch reference, batch x r (R = r x k_b), CUDA-graph replays;
+  and the engine's fused `layer_update` (update + M_t's slots + copy list in pages + telemetry, one launch).
   The kernel's work does not depend on the hit count, so replaying one selection measures it.
+- layer_step: the engine's own cost per layer step (engine.step with an empty attention and no rest of layer:
+  candidates, wait, update, gather on the side stream), eager (wall time per step, host issue included) and as
+  a whole decode step (all layers) captured in one CUDA graph (replays; the copy lane is joined at the end of the
+  step, so the last layers' copies are inside the time), and the kernel launches per layer step (profiler count of
+  launch calls in one eager step, the step counter's increment included; GPU only).
 - decode: L layers x T steps of engine.step (wait, attention over Kt of M_{t-1}'s resident tokens, update, gather
   on the side stream) plus a stand-in for the rest of the layer (the MLP's weight read at batch <= 8), eager, beside
   the same loop with everything resident. The layers share one host store (they only read it: the copy cost is the
@@ -22,10 +28,15 @@ decode over a selection trace giving the stall share. Qwen3-8B attention shape (
   telemetry. Both loops are eager (no CUDA graph), so the overhead includes the host's launch cost of the engine's
   ops; host_us_per_step is the time the host takes to issue one offloaded step (no sync at its end): when it is
   close to step_us the step is host-bound, and graph capture, not the kernels, is what removes that part.
+  The decode loop is also run as one captured CUDA graph per step (step_us_graph, beside resident_step_us_graph:
+  the resident loop captured the same way); each replay is preceded by one copy of that step's selections into
+  the graph's input buffer (in the time).
   --profile writes a torch.profiler table of two b1 steps (<name>_profile.txt) to show where a step goes.
 
-First H100 run (offload_engine_h100.json, before the resident-update rewrite): gather 49 GB/s (0.91 of a bulk
-copy), update 72-600 us, decode overhead 11-16x with no measured stall.
+First H100 run (before the resident-update rewrite): gather 49 GB/s (0.91 of a bulk copy), update 72-600 us,
+decode overhead 11-16x with no measured stall. Second (offload_engine_h100.json, bitwise top-k update): update
+59 / 76 / 345 us at b1 r1 / b8 r1 / b32 r2, decode host-bound (~50 ops a layer step). The fused three-launch step
+and the counting-rank update (this version) have not been run on the GPU yet.
 """
 
 import argparse
@@ -137,14 +148,15 @@ class Timing:
 
 
 def _impls(cuda: bool):
-    """(update, gather, attention) on this device: the Triton kernels on the GPU, the references on the CPU."""
+    """(update, gather, attention, layer_update) on this device: the Triton kernels on the GPU, the references on
+    the CPU."""
     if cuda:
         from sglang_asynctls.kernels.gather_blocks import gather_blocks
-        from sglang_asynctls.kernels.resident_update import resident_update
+        from sglang_asynctls.kernels.resident_update import layer_update, resident_update
         from sglang_asynctls.kernels.sparse_decode import sparse_decode
 
-        return resident_update, gather_blocks, sparse_decode
-    return OR.resident_update, OR.gather_blocks, R.sparse_decode
+        return resident_update, gather_blocks, sparse_decode, layer_update
+    return OR.resident_update, OR.gather_blocks, R.sparse_decode, OR.layer_update
 
 
 def host_store(num_pages: int, sh: Shape, cuda: bool):
@@ -161,7 +173,7 @@ def host_store(num_pages: int, sh: Shape, cuda: bool):
 
 def bench_gather(sh: Shape, timing: Timing, dev: str):
     cuda = dev == "cuda"
-    _, gather, _ = _impls(cuda)
+    _, gather, _, _ = _impls(cuda)
     most = max(sh.gather_counts) // sh.hkv
     (hk, hv), (sk, sv) = host_store(4 * most, sh, cuda)
     dk = torch.empty(most * sh.bs, sh.hkv, sh.d, dtype=hk.dtype, device=dev)
@@ -197,19 +209,34 @@ def bench_gather(sh: Shape, timing: Timing, dev: str):
 
 def bench_update(sh: Shape, timing: Timing, dev: str):
     cuda = dev == "cuda"
-    update, _, _ = _impls(cuda)
+    update, _, _, layer_update = _impls(cuda)
     nblk = sh.context // sh.bs
     rows = []
+    i32 = dict(dtype=torch.int32, device=dev)
     for b in sh.update_batches:
         sel = random_walk(2, [nblk] * b, sh.hkv, sh.kb, keep=sh.keep, seed=b, revisit=sh.revisit, device=dev)
+        ids = torch.arange(b, device=dev)
         for r in sh.ratios:
-            for name, fn in (("triton" if cuda else "reference", update), ("torch_reference", OR.resident_update)):
-                rs = ResidentSet(1, b, sh.hkv, r * sh.kb, sh.kb, dev, update_fn=fn)
-                ids = torch.arange(b, device=dev)
-                rs.update(0, ids, sel[0])
-                args = (rs.tags[0], rs.last_used[0], rs.prev[0], ids, sel[1], rs.step)
+            slots = r * sh.kb
+            runs = [("triton" if cuda else "reference", "update", update),
+                    ("torch_reference", "update", OR.resident_update),
+                    ("triton" if cuda else "reference", "layer_update", layer_update)]
+            for name, kind, fn in runs:
+                tags = torch.full((b, sh.hkv, slots), -1, **i32)
+                lu, prev = torch.full_like(tags, -1), torch.full((b, sh.hkv, sh.kb), -1, **i32)
+                step = torch.zeros(1, **i32)
+                OR.resident_update(tags, lu, prev, ids, sel[0], step)  # M_0 resident: sel[1] hits ~keep of it
+                step += 1
+                if kind == "update":
+                    args = (tags, lu, prev, ids, sel[1], step)
+                else:
+                    pages = torch.arange(b * slots, **i32).view(b, slots)
+                    table = torch.arange(b * nblk, **i32).view(b, nblk)
+                    tele = (torch.zeros(5, dtype=torch.int64, device=dev), torch.zeros(2, dtype=torch.int64,
+                                                                                       device=dev))
+                    args = (tags, lu, prev, torch.full_like(prev, -1), ids, sel[1], step, pages, table, *tele, True)
                 t = timing(lambda: fn(*args), graph=True)
-                rows.append(dict(kind="update", impl=name, batch=b, r=r, slots=r * sh.kb, **t))
+                rows.append(dict(kind=kind, impl=name, batch=b, r=r, slots=slots, **t))
     return rows
 
 # ---------------------------------------------------------------------------------------------- decode
@@ -226,20 +253,20 @@ def _trace(sh: Shape, batch: int, dev: str, path: str):
         f"revisit {sh.revisit}"
 
 
-def _decode_world(sh: Shape, batch: int, r: int, store, dev: str):
+def _decode_world(sh: Shape, batch: int, r: int, store, dev: str, capture: bool = False):
     cuda = dev == "cuda"
-    update, gather, _ = _impls(cuda)
+    _, gather, _, _ = _impls(cuda)
     nblk = sh.context // sh.bs
     slots = r * sh.kb
     dt = getattr(torch, sh.dtype)
     dev_k = [torch.zeros(batch * slots * sh.bs, sh.hkv, sh.d, dtype=dt, device=dev) for _ in range(sh.layers)]
     dev_v = [torch.zeros_like(t) for t in dev_k]
-    rs = ResidentSet(sh.layers, batch, sh.hkv, slots, sh.kb, dev, update_fn=update)
+    rs = ResidentSet(sh.layers, batch, sh.hkv, slots, sh.kb, dev, impl="triton" if cuda else "reference")
     ids = torch.arange(batch, device=dev)
     rs.admit(ids, torch.arange(batch * slots, device=dev).view(batch, slots))
     table = torch.arange(batch * nblk, dtype=torch.int32, device=dev).view(batch, nblk)
     tele = OffloadTelemetry(sh.layers, sh.bs * sh.d * 2 * dev_k[0].element_size(), dev)
-    lane = CudaLane(sh.layers) if cuda else InlineLane(sh.layers)
+    lane = CudaLane(sh.layers, capture=capture) if cuda else InlineLane(sh.layers)
     sk, sv = store
     return OffloadEngine(rs, lane, tele, [sk] * sh.layers, [sv] * sh.layers, dev_k, dev_v, table, sh.bs,
                          gather_fn=gather), ids
@@ -264,9 +291,101 @@ def _run_steps(sh, engine, ids, lens, trace, q, attn, rest, first, count):
         engine.end_step()
 
 
+LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
+
+
+def _one_step(sh, engine, ids, lens, sels, attend, rest):
+    """One decode step over every layer: sels[layer] = M_t [B, Hkv, Kb]; attend(layer, positions, slots)."""
+    for layer in range(sh.layers):
+        engine.step(layer, ids, lens, sels[layer], lambda pos, slots, layer=layer: attend(layer, pos, slots))
+        if rest is not None:
+            rest()
+    engine.end_step()
+
+
+def _graph_us(timing: Timing, step, sel_buf, sel_all, first: int, count: int) -> float:
+    """µs per step of `step` captured once as a CUDA graph and replayed for steps first .. first + count - 1, each
+    replay after one copy of that step's selections sel_all[t] [L, B, Hkv, Kb] into the graph's input sel_buf."""
+    for t in (first - 2, first - 1):  # eager warm-up on the same buffers (compiles; the lane ends joined)
+        sel_buf.copy_(sel_all[t])
+        step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+
+    def replay():
+        for t in range(first, first + count):
+            sel_buf.copy_(sel_all[t])
+            graph.replay()
+
+    replay()  # warm-up replays
+    return timing.total(replay) / count
+
+
+def _count_launches(fn) -> int:
+    """Kernel launch calls that fn issues (torch.profiler, host side; CUDA only)."""
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(e.count for e in prof.key_averages() if e.key in LAUNCH_CALLS)
+
+
+def bench_layer_step(sh: Shape, timing: Timing, dev: str):
+    """The engine's own cost per layer step (empty attention, no rest of layer): eager wall time per step over L,
+    the whole step captured in one graph over L, and kernel launches per layer step (GPU)."""
+    cuda = dev == "cuda"
+    rows = []
+    for batch in sh.batches:
+        trace, _ = _trace(sh, batch, dev, "")
+        sel_all = torch.stack([torch.stack([trace[layer][t] for layer in range(sh.layers)])
+                               for t in range(len(trace[0]))])  # [T, L, B, Hkv, Kb]
+        _, store = host_store(batch * (sh.context // sh.bs), sh, cuda)
+        lens = torch.full((batch,), sh.context, device=dev)
+        steps = min(sh.steps, len(trace[0]) - 3)
+        for r in sh.ratios:
+            row = dict(kind="layer_step", batch=batch, r=r, layers=sh.layers, steps=steps)
+            for capture in ((False, True) if cuda else (False,)):
+                engine, ids = _decode_world(sh, batch, r, store, dev, capture=capture)
+                for layer in range(sh.layers):
+                    engine.prefetch(layer, ids, sel_all[0, layer])
+                engine.end_step()
+                sel_buf = sel_all[1].clone()
+
+                def step():
+                    _one_step(sh, engine, ids, lens, sel_buf, lambda layer, pos, slots: slots, None)
+
+                if capture:
+                    row["graph_us_per_layer"] = _graph_us(timing, step, sel_buf, sel_all, 3, steps) / sh.layers
+                    continue
+
+                def eager():
+                    for t in range(3, 3 + steps):
+                        sel_buf.copy_(sel_all[t])
+                        step()
+
+                for t in (1, 2):
+                    sel_buf.copy_(sel_all[t])
+                    step()
+                host, total = timing.host_and_total(eager)
+                row["eager_us_per_layer"] = total / steps / sh.layers
+                row["eager_host_us_per_layer"] = host / steps / sh.layers
+                if cuda:
+                    n = _count_launches(step)
+                    row["launches_per_step"] = n
+                    row["launches_per_layer_step"] = n / sh.layers  # the step counter's += 1 shared by the layers
+                else:
+                    row["launches_per_step"] = row["launches_per_layer_step"] = None  # no kernels on the CPU
+                engine.lane.synchronize()
+            row.setdefault("graph_us_per_layer", None)
+            rows.append(row)
+    return rows
+
+
 def bench_decode(sh: Shape, timing: Timing, dev: str, trace_path: str):
     cuda = dev == "cuda"
-    _, _, attn = _impls(cuda)
+    _, _, attn, _ = _impls(cuda)
     rows, sources = [], set()
     for batch in sh.batches:
         trace, source = _trace(sh, batch, dev, trace_path)
@@ -307,7 +426,36 @@ def bench_decode(sh: Shape, timing: Timing, dev: str, trace_path: str):
             rows[-1]["resident_step_us"] = timing.total(resident_only) / steps
             rows[-1]["overhead"] = step_us / rows[-1]["resident_step_us"] - 1
             engine.lane.synchronize()
+            rows[-1].update(_decode_graph(sh, timing, batch, r, store, trace, lens, q, attn, rest, cands, steps)
+                            if cuda else dict(step_us_graph=None, resident_step_us_graph=None, overhead_graph=None))
     return rows, sorted(sources)
+
+
+def _decode_graph(sh, timing, batch, r, store, trace, lens, q, attn, rest, cands, steps):
+    """The decode loop and the resident loop, each step captured as one CUDA graph (GPU)."""
+    engine, ids = _decode_world(sh, batch, r, store, "cuda", capture=True)
+    sel_all = torch.stack([torch.stack([trace[layer][t] for layer in range(sh.layers)])
+                           for t in range(len(trace[0]))])
+    for layer in range(sh.layers):
+        engine.prefetch(layer, ids, sel_all[0, layer])
+    engine.end_step()
+    sel_buf = sel_all[1].clone()
+    kvs = list(zip(engine.dev_k, engine.dev_v))
+
+    def attend(layer, pos, slots):
+        return attn(q, *kvs[layer], slots[:, :, :sh.kt].contiguous(), sh.d ** -0.5)
+
+    step_us = _graph_us(timing, lambda: _one_step(sh, engine, ids, lens, sel_buf, attend, rest), sel_buf, sel_all,
+                        3, steps)
+    engine.lane.synchronize()
+
+    def resident_step():
+        for slots, kv in zip(cands, kvs):
+            attn(q, *kv, slots[:, :, :sh.kt].contiguous(), sh.d ** -0.5)
+            rest()
+
+    resident_us = _graph_us(timing, resident_step, sel_buf, sel_all, 3, steps)
+    return dict(step_us_graph=step_us, resident_step_us_graph=resident_us, overhead_graph=step_us / resident_us - 1)
 
 
 def profile_decode(sh: Shape, dev: str, path: str):
@@ -339,9 +487,18 @@ def summarize(rows):
                          bulk_copy_gb_per_s=bulk["gb_per_s"], triton_over_per_block=per["median_us"] / tri["median_us"],
                          triton_share_of_bulk=tri["gb_per_s"] / bulk["gb_per_s"])
     out["update_us"] = {f"b{r['batch']}_r{r['r']}_{r['impl']}": r["median_us"] for r in rows if r["kind"] == "update"}
+    out["layer_update_us"] = {f"b{r['batch']}_r{r['r']}": r["median_us"] for r in rows
+                              if r["kind"] == "layer_update"}
+    out["layer_step"] = {f"b{r['batch']}_r{r['r']}": {k: r[k] for k in ("eager_us_per_layer", "eager_host_us_per_layer",
+                                                                          "graph_us_per_layer",
+                                                                          "launches_per_layer_step")}
+                         for r in rows if r["kind"] == "layer_step"}
     out["decode"] = {f"b{r['batch']}_r{r['r']}": dict(stall_share=r["stall_share"], overhead=r["overhead"],
                                                       step_us=r["step_us"], host_us_per_step=r["host_us_per_step"],
                                                       resident_step_us=r["resident_step_us"],
+                                                      step_us_graph=r["step_us_graph"],
+                                                      resident_step_us_graph=r["resident_step_us_graph"],
+                                                      overhead_graph=r["overhead_graph"],
                                                       mb_copied_per_step=r["mb_copied_per_step"],
                                                       overlap_ratio=r["overlap_ratio"])
                      for r in rows if r["kind"] == "decode"}
@@ -360,8 +517,8 @@ def plot(rows, path):
     ax[0].set(xscale="log", xlabel="32 KiB head-blocks per launch", ylabel="GB/s host -> GPU",
               title="gather from pinned host memory")
     ax[0].legend()
-    upd = [r for r in rows if r["kind"] == "update"]
-    labels = [f"b{r['batch']} r{r['r']}\n{r['impl']}" for r in upd]
+    upd = [r for r in rows if r["kind"] in ("update", "layer_update")]
+    labels = [f"b{r['batch']} r{r['r']}\n{r['impl'] if r['kind'] == 'update' else 'fused'}" for r in upd]
     ax[1].bar(range(len(upd)), [r["median_us"] for r in upd], tick_label=labels)
     ax[1].set(ylabel="µs (median, graph replay)", title="resident-set update")
     ax[1].tick_params(axis="x", labelsize=7)
@@ -398,7 +555,7 @@ def main():
     os.makedirs(out, exist_ok=True)
     timing = Timing(cuda, a.iters if cuda else 2, a.warmup if cuda else 1)
     t0 = time.time()
-    rows = bench_gather(sh, timing, dev) + bench_update(sh, timing, dev)
+    rows = bench_gather(sh, timing, dev) + bench_update(sh, timing, dev) + bench_layer_step(sh, timing, dev)
     decode, sources = bench_decode(sh, timing, dev, a.trace)
     if a.profile:
         profile_decode(sh, dev, os.path.join(out, a.name + "_profile.txt"))
@@ -408,8 +565,10 @@ def main():
                   gpu=torch.cuda.get_device_name() if cuda else "none (dry run on CPU)", torch=torch.__version__,
                   triton=importlib.import_module("triton").__version__, sglang="not used (op level)",
                   config=dict(shape=asdict(sh), trace=sources, dry_run=a.dry_run, iters=timing.iters,
-                              timing="gather/update: CUDA events (update: graph replays); decode: wall time of "
-                              "eager steps with a device sync at both ends; stall: device-clock stamps "
+                              timing="gather/update: CUDA events (update: graph replays); decode and layer_step: "
+                              "wall time of eager steps with a device sync at both ends, and of graph replays "
+                              "(one captured step each, after a copy of its selections); launches: profiler "
+                              "count of kernel launch calls in one eager step; stall: device-clock stamps "
                               "max(0, copy landed - needed)"),
                   rows=rows, summary=summarize(rows), wall_s=round(time.time() - t0, 1))
     with open(os.path.join(out, a.name + ".json"), "w") as f:

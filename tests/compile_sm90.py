@@ -12,6 +12,7 @@ from sglang_asynctls.kernels.device_clock import _device_clock_kernel
 from sglang_asynctls.kernels.gather_blocks import _gather_blocks_kernel
 from sglang_asynctls.kernels.block_scores import _block_scores_kernel
 from sglang_asynctls.kernels.index_append import _append_decode_index_kernel
+from sglang_asynctls.kernels.resident_candidates import _resident_candidates_kernel
 from sglang_asynctls.kernels.resident_update import _resident_update_kernel
 from sglang_asynctls.kernels.select_blocks import _select_blocks_kernel
 from sglang_asynctls.kernels.select_tokens import _select_tokens_kernel
@@ -58,32 +59,54 @@ def append_decode_index(d, half_dc):
              dict(D=d, BLOCK_D=triton.next_power_of_2(d), HALF_DC=half_dc, BS=64), 4)
 
 
-def resident_update(r, kb, num_warps):
+def resident_update(r, kb, num_warps, fused):
+    r_p2 = triton.next_power_of_2(r)
     _compile(_resident_update_kernel,
              [(n, "*i32") for n in ("tags", "last_used", "prev")] + [("rows", "*i64")]
-             + [(n, "*i32") for n in ("blocks", "step", "slots", "copy_src", "copy_dst", "overlap", "misses")]
-             + _i32("stride_tr", "stride_th", "stride_pr", "stride_ph", "stride_bb", "stride_bh")
-             + [(n, None) for n in ("HKV", "R", "KB", "R_P2", "KB_P2")],
-             dict(HKV=8, R=r, KB=kb, R_P2=triton.next_power_of_2(r), KB_P2=triton.next_power_of_2(kb)), num_warps)
+             + [(n, "*i32") for n in ("blocks", "step", "slots", "copy_src", "copy_dst", "overlap", "misses",
+                                      "prev_slots", "cache_pages", "page_table")]
+             + [(n, "*i64") for n in ("counters", "stamps")]
+             + _i32("stride_tr", "stride_th", "stride_pr", "stride_ph", "stride_bb", "stride_bh", "stride_cr",
+                    "stride_pt")
+             + [(n, None) for n in ("HKV", "R", "KB", "R_P2", "KB_P2", "RC", "FUSED", "RECORD_STALL")],
+             dict(HKV=8, R=r, KB=kb, R_P2=r_p2, KB_P2=triton.next_power_of_2(kb), RC=min(32, r_p2), FUSED=fused,
+                  RECORD_STALL=fused), num_warps)
 
 
-def gather_blocks(copy_v):
+def resident_candidates(stamp):
+    _compile(_resident_candidates_kernel,
+             [(n, "*i32") for n in ("prev", "prev_slots", "cache_pages")] + [("rows", "*i64"), ("seq_lens", "*i64"),
+                                                                            ("positions", "*i64"),
+                                                                            ("token_slots", "*i32"),
+                                                                            ("stamps", "*i64")]
+             + _i32("C", "stride_pr", "stride_ph", "stride_cr", "stride_ob", "stride_oh")
+             + [(n, None) for n in ("HKV", "BS", "BLOCK_C", "STAMP")],
+             dict(HKV=8, BS=64, BLOCK_C=1024, STAMP=stamp), 4)
+
+
+def gather_blocks(copy_v, epp, stamp):
     _compile(_gather_blocks_kernel,
              [(n, "*bf16") for n in ("src_k", "src_v", "dst_k", "dst_v")] + [(n, "*i32") for n in ("src_blocks",
                                                                                                    "dst_blocks")]
              + _i32("K", "stride_sks", "stride_skh", "stride_svs", "stride_svh", "stride_dks", "stride_dkh",
                     "stride_dvs", "stride_dvh", "stride_bb", "stride_bh")
-             + [(n, None) for n in ("HKV", "BS", "D", "DV", "D_P2", "DV_P2", "ROWS", "COPY_V")],
-             dict(HKV=8, BS=64, D=128, DV=128, D_P2=128, DV_P2=128, ROWS=64, COPY_V=copy_v), 4)
+             + [("stamp", "*i64"), ("ticket", "*i32"), ("num_programs", "i32")]
+             + [(n, None) for n in ("HKV", "BS", "D", "DV", "D_P2", "DV_P2", "ROWS", "COPY_V", "EPP", "STAMP")],
+             dict(HKV=8, BS=64, D=128, DV=128, D_P2=128, DV_P2=128, ROWS=64, COPY_V=copy_v, EPP=epp, STAMP=stamp),
+             4)
 
 
 def offload_kernels():
     for r, kb, warps in ((128, 128, 4), (256, 128, 8), (12, 5, 4)):  # r = 1, 2 at k_b 128, and an odd shape
-        resident_update(r, kb, warps)
-        print(f"resident_update (R={r}, Kb={kb}): compiled for sm_90")
-    for copy_v in (True, False):
-        gather_blocks(copy_v)
-        print(f"gather_blocks (copy_v={copy_v}): compiled for sm_90")
+        for fused in (False, True):
+            resident_update(r, kb, warps, fused)
+            print(f"resident_update (R={r}, Kb={kb}, fused={fused}): compiled for sm_90")
+    for stamp in (False, True):
+        resident_candidates(stamp)
+        print(f"resident_candidates (stamp={stamp}): compiled for sm_90")
+    for copy_v, epp, stamp in ((True, 1, 0), (False, 1, 0), (True, 16, 1), (True, 2, 2)):
+        gather_blocks(copy_v, epp, stamp)
+        print(f"gather_blocks (copy_v={copy_v}, epp={epp}, stamp={stamp}): compiled for sm_90")
     _compile(_device_clock_kernel, [("out", "*i64"), ("index", "i32")], {}, 1)
     print("device_clock: compiled for sm_90")
 

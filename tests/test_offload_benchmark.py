@@ -25,7 +25,11 @@ def test_dry_run_rows_are_consistent(bench, tmp_path):
     assert {r["kind"] for r in gather} == {"gather_triton", "copy_per_block", "bulk_copy"}
     assert all(r["bytes"] == r["head_blocks"] * sh.bs * sh.d * 2 * 4 for r in gather)
     update = bench.bench_update(sh, timing, "cpu")
-    assert len(update) == 2 * len(sh.ratios) * len(sh.update_batches)
+    assert sum(r["kind"] == "update" for r in update) == 2 * len(sh.ratios) * len(sh.update_batches)
+    assert sum(r["kind"] == "layer_update" for r in update) == len(sh.ratios) * len(sh.update_batches)
+    steps = bench.bench_layer_step(sh, timing, "cpu")
+    assert len(steps) == len(sh.batches) * len(sh.ratios)
+    assert all(r["eager_us_per_layer"] > 0 and r["graph_us_per_layer"] is None for r in steps)  # no graph on CPU
     decode, sources = bench.bench_decode(sh, timing, "cpu", "")
     by_r = {r["r"]: r for r in decode}
     # a larger resident set copies less; the overlap is a property of the trace, the same for both
@@ -37,8 +41,10 @@ def test_dry_run_rows_are_consistent(bench, tmp_path):
     assert all(0 < r["host_us_per_step"] <= r["step_us"] for r in decode)
     bench.profile_decode(sh, "cpu", str(tmp_path / "p.txt"))
     assert "aten::index" in (tmp_path / "p.txt").read_text()  # the candidates gather pages by index
-    rows = gather + update + decode
+    assert all(r["step_us_graph"] is None for r in decode)
+    rows = gather + update + steps + decode
     summary = bench.summarize(rows)
+    assert set(summary["layer_step"]) == set(summary["decode"])
     assert set(summary["decode"]) == {f"b{b}_r{r}" for b in sh.batches for r in sh.ratios}
     bench.plot(rows, str(tmp_path / "x.png"))
     assert (tmp_path / "x.png").stat().st_size > 0

@@ -8,7 +8,6 @@ import torch
 
 from sglang_asynctls import reference as R
 from sglang_asynctls.kernels.gather_blocks import gather_blocks as kernel_gather
-from sglang_asynctls.kernels.resident_update import resident_update as kernel_update
 from sglang_asynctls.offload import reference as OR
 from sglang_asynctls.offload.engine import OffloadEngine
 from sglang_asynctls.offload.host_view import device_view
@@ -18,7 +17,7 @@ from sglang_asynctls.offload.telemetry import OffloadTelemetry
 from sglang_asynctls.offload.trace import random_walk as walk
 
 BS, HKV, HQ, D, KB, KT = 8, 2, 4, 16, 4, 12
-IMPLS = {"reference": (OR.resident_update, OR.gather_blocks), "triton": (kernel_update, kernel_gather)}
+IMPLS = {"reference": ("reference", OR.gather_blocks), "triton": ("triton", kernel_gather)}
 
 
 class DeferredLane(InlineLane):
@@ -78,13 +77,13 @@ def _world(num_slots, lens=(61, 113, 90), rows=(3, 0, 4), num_rows=5, seed=0, im
     dev_pages = num_rows * num_slots + 3
     dev_k = [torch.full((dev_pages * BS, HKV, D), float("nan")) for _ in range(num_layers)]
     dev_v = [torch.full((dev_pages * BS, HKV, D), float("nan")) for _ in range(num_layers)]
-    update_fn, gather_fn = IMPLS[impl]
+    kernels, gather_fn = IMPLS[impl]
     pages = torch.randperm(dev_pages, generator=g)[: len(rows) * num_slots].view(len(rows), -1)
     if device != "cpu":  # the GPU reads the host stores in place: pinned, through CUDA views
         host_k = [device_view(t.pin_memory()) for t in host_k]
         host_v = [device_view(t.pin_memory()) for t in host_v]
         dev_k, dev_v, table = [t.to(device) for t in dev_k], [t.to(device) for t in dev_v], table.to(device)
-    resident = ResidentSet(num_layers, num_rows, HKV, num_slots, KB, device, update_fn=update_fn)
+    resident = ResidentSet(num_layers, num_rows, HKV, num_slots, KB, device, impl=kernels)
     rows_t = torch.tensor(rows, device=device)
     resident.admit(rows_t, pages.to(device))
     tele = OffloadTelemetry(num_layers, BS * HKV * D * 4 * 2 // HKV, device)

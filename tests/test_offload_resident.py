@@ -1,9 +1,12 @@
 """Resident-set update: the Triton kernel against the torch reference, and the reference against hand-made LRU
-cases (hits keep their slot, misses evict the least recently used slot not in M_t, overlap counts |M_t ∩ M_{t-1}|)."""
+cases (hits keep their slot, misses evict the least recently used slot not in M_t, overlap counts |M_t ∩ M_{t-1}|);
+the engine's fused launches (layer_update, resident_candidates) against their references."""
 
 import pytest
 import torch
 
+from sglang_asynctls.kernels.resident_candidates import resident_candidates as kernel_candidates
+from sglang_asynctls.kernels.resident_update import layer_update as kernel_layer_update
 from sglang_asynctls.kernels.resident_update import resident_update as kernel_update
 from sglang_asynctls.offload import reference as OR
 from sglang_asynctls.offload.trace import random_walk as walk
@@ -86,3 +89,59 @@ def test_random_walk_selections_are_distinct_in_range_and_keep_about_keep():
                 assert len(set(ids)) == len(ids) and all(0 <= x < n for x in ids)
                 kept += len(set(ids) & set(prev[b, h].tolist()))
     assert 0.65 < kept / (29 * 2 * 2 * 8) < 0.85
+
+
+def _engine_state(num_rows, hkv, r, kb, nblk, seed):
+    g = torch.Generator().manual_seed(seed)
+    tags, lu, prev = _state(num_rows, hkv, r, kb)
+    prev_slots = torch.full_like(prev, -1)
+    cache_pages = torch.randperm(num_rows * r + 5, generator=g)[: num_rows * r].view(num_rows, r).int().to(DEV)
+    table = torch.randperm(num_rows * nblk + 7, generator=g)[: num_rows * nblk].view(num_rows, nblk).int().to(DEV)
+    counters = torch.zeros(5, dtype=torch.int64, device=DEV)
+    stamps = torch.tensor([0, 0], dtype=torch.int64, device=DEV)
+    return [tags, lu, prev, prev_slots], cache_pages, table, counters, stamps
+
+
+@pytest.mark.parametrize("r,kb", [(8, 8), (12, 5), (40, 16)])
+def test_fused_layer_update_matches_reference(r, kb):
+    """layer_update (update + prev_slots + compacted copy list in pages + telemetry counters, one launch) against
+    its torch reference over a random walk, with and without the stall record."""
+    num_rows, hkv, nblk = 6, 2, 53
+    rows = torch.tensor([4, 0, 3], device=DEV)
+    ref = _engine_state(num_rows, hkv, r, kb, nblk, seed=r)
+    ker = _engine_state(num_rows, hkv, r, kb, nblk, seed=r)
+    for t, sel in enumerate(walk(10, [nblk] * 3, hkv, kb, keep=0.6, seed=kb, revisit=0.5, device=DEV)):
+        step = torch.tensor([t], dtype=torch.int32, device=DEV)
+        for st in (ref, ker):
+            st[4].copy_(torch.tensor([1000 + 7 * t, 1000 + 5 * t + (t % 3) * 9], device=DEV))  # landed, needed
+        want = OR.layer_update(*ref[0][:4], rows, sel, step, *ref[1:], t % 2 == 1)
+        got = kernel_layer_update(*ker[0][:4], rows, sel, step, *ker[1:], t % 2 == 1)
+        for name, w, g in zip(("slots", "src_pages", "dst_pages", "overlap", "misses"), want, got):
+            assert torch.equal(w, g), (t, name)
+        for w, g in zip(ref[0] + [ref[3]], ker[0] + [ker[3]]):
+            assert torch.equal(w, g), t
+        # compacted: a row's misses first
+        n = got[4]
+        assert torch.equal((got[1] >= 0).sum(-1).int(), n) and torch.equal((got[2] >= 0).sum(-1).int(), n)
+    assert int(ker[3][3]) == 10 and int(ker[3][4]) > 0
+
+
+@pytest.mark.parametrize("bs,lens", [(8, (61, 113, 90)), (4, (7, 40, 33))])
+def test_candidates_kernel_matches_reference(bs, lens):
+    num_rows, hkv, r, kb = 5, 3, 9, 6
+    g = torch.Generator().manual_seed(bs)
+    rows = torch.tensor([3, 0, 4], device=DEV)
+    prev = torch.full((num_rows, hkv, kb), -1, dtype=torch.int32)
+    for i, n in zip(rows.tolist(), lens):
+        for h in range(hkv):
+            ids = torch.randperm(-(-n // bs), generator=g)[:kb].int()
+            prev[i, h, : len(ids)] = ids
+    prev[torch.rand(prev.shape, generator=g) < 0.2] = -1
+    prev_slots = torch.where(prev >= 0, torch.randint(0, r, prev.shape, generator=g, dtype=torch.int32), -1)
+    cache_pages = torch.randperm(num_rows * r + 3, generator=g)[: num_rows * r].view(num_rows, r).int()
+    seq_lens = torch.tensor(lens, device=DEV)
+    args = (prev.to(DEV), prev_slots.to(DEV), cache_pages.to(DEV), rows, seq_lens, bs)
+    want = OR.resident_candidates(*args)
+    got = kernel_candidates(*args)
+    assert torch.equal(want[0], got[0]) and torch.equal(want[1], got[1])
+    assert bool((got[0] < 0).any()) and bool((got[0] >= 0).any())

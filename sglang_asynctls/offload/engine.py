@@ -3,6 +3,8 @@
 Step t of layer l attends over tokens of M_{t-1}, whose blocks were made resident by the copy issued at step t-1
 (waited for, never read stale), then makes M_t resident: the update runs on the main stream (tiny; keeps the
 state in program order), the gather of the missed blocks runs on the copy lane and overlaps the rest of the step.
+With the Triton kernels a layer step is three launches and no other op: `resident_candidates` (+ NEEDED stamp),
+`layer_update` (update, M_t's slots, copy list in pages, telemetry), `gather_blocks` (+ LANDED stamp).
 
     engine = OffloadEngine(resident, lane, telemetry, host_k, host_v, dev_k, dev_v, host_page_table, block_size)
     engine.prefetch(layer, rows, m_0)                 # at admission: M_0 from the prefill's last query
@@ -46,30 +48,44 @@ class OffloadEngine:
 
     def step(self, layer: int, rows: torch.Tensor, seq_lens: torch.Tensor, blocks: torch.Tensor,
              attend: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """attend(positions, token_slots) over M_{t-1}'s resident tokens, then make M_t = blocks resident."""
-        self.telemetry.stamp(layer, Stamp.NEEDED)
+        """attend(positions, token_slots) over M_{t-1}'s resident tokens, then make M_t = blocks resident.
+        The candidates are index arithmetic on state the main stream wrote (not the copied KV), so they are
+        built before the wait; the attention, which reads the copies, after it."""
+        tele = self.telemetry
+        if not tele.device_stamps:
+            tele.stamp(layer, Stamp.NEEDED)
+        positions, token_slots = self.resident.candidates(
+            layer, rows, seq_lens, self.block_size, needed=tele.stamps[layer] if tele.device_stamps else None)
         self.lane.wait(layer)
-        self.telemetry.record_stall(layer)
-        positions, token_slots = self.resident.candidates(layer, rows, seq_lens, self.block_size)
         out = attend(positions, token_slots)
-        self.prefetch(layer, rows, blocks)
+        self._update(layer, rows, blocks, record_stall=True)
         return out
 
     def prefetch(self, layer: int, rows: torch.Tensor, blocks: torch.Tensor):
-        """Update the resident set with `blocks` [B, Hkv, Kb] and queue the copies of its misses."""
-        upd = self.resident.update(layer, rows, blocks)
-        self.telemetry.record_update(layer, blocks, upd.overlap, upd.misses)
-        src, dst = self.resident.copy_pages(rows, upd, self.host_page_table)
+        """Update the resident set with `blocks` [B, Hkv, Kb] and queue the copies of its misses (admission)."""
+        self._update(layer, rows, blocks, record_stall=False)
+
+    def _update(self, layer: int, rows: torch.Tensor, blocks: torch.Tensor, record_stall: bool):
+        tele = self.telemetry
+        upd = self.resident.update(layer, rows, blocks, self.host_page_table, tele.counters[layer],
+                                   tele.stamps[layer], record_stall)
+        src, dst = upd.src_pages, upd.dst_pages
+        args = (self.host_k[layer], self.host_v[layer], self.dev_k[layer], self.dev_v[layer], src, dst,
+                self.block_size)
 
         def copy():
-            self.gather_fn(self.host_k[layer], self.host_v[layer], self.dev_k[layer], self.dev_v[layer], src, dst,
-                           self.block_size)
-            self.telemetry.stamp(layer, Stamp.LANDED)
+            if tele.device_stamps:  # the gather's last program stamps LANDED
+                self.gather_fn(*args, landed=(tele.stamps[layer, Stamp.LANDED:Stamp.LANDED + 1],
+                                              tele.tickets[layer:layer + 1]))
+            else:
+                self.gather_fn(*args)
+                tele.stamp(layer, Stamp.LANDED)
 
         self.lane.submit(layer, copy, src, dst)
 
     def end_step(self):
         self.resident.advance()
+        self.lane.end_step()
 
     def release(self, rows: torch.Tensor) -> torch.Tensor:
         """Abort or finish: wait for in-flight copies (they may target these rows' pages), then forget the rows.

@@ -2,6 +2,9 @@
 
 CudaLane: a side stream; one event per layer orders a layer's copy before its first use at the next step.
 InlineLane: runs the copy at once (CPU, or debugging); waiting is a no-op. Both keep a per-layer `CopyState`.
+CudaLane(capture=True): for a decode step captured in a CUDA graph. A graph cannot leave the side stream unjoined,
+so `end_step` joins it (the main stream waits for every copy of the step: the last layers' copies are exposed), and
+the next step's waits are then no-ops; `record_stream` is skipped (the graph's pool owns the tensors).
 """
 
 from __future__ import annotations
@@ -30,10 +33,14 @@ class InlineLane:
     def synchronize(self):
         self.state = [CopyState.IDLE] * len(self.state)
 
+    def end_step(self):
+        """After the last layer of a decode step."""
+
 
 class CudaLane(InlineLane):
-    def __init__(self, num_layers: int, device=None):
+    def __init__(self, num_layers: int, device=None, capture: bool = False):
         super().__init__(num_layers)
+        self.capture = capture
         self.stream = torch.cuda.Stream(device)
         self.events = [torch.cuda.Event() for _ in range(num_layers)]
 
@@ -44,8 +51,9 @@ class CudaLane(InlineLane):
         self.stream.wait_stream(main)
         with torch.cuda.stream(self.stream):
             copy()
-        for t in tensors:
-            t.record_stream(self.stream)
+        if not self.capture:
+            for t in tensors:
+                t.record_stream(self.stream)
         self.events[layer].record(self.stream)
         self.state[layer] = CopyState.IN_FLIGHT
 
@@ -53,6 +61,11 @@ class CudaLane(InlineLane):
         if self.state[layer] is CopyState.IN_FLIGHT:
             torch.cuda.current_stream().wait_event(self.events[layer])
         self.state[layer] = CopyState.IDLE
+
+    def end_step(self):
+        if self.capture:  # join: the graph ends with every copy of the step landed
+            torch.cuda.current_stream().wait_stream(self.stream)
+            self.state = [CopyState.IDLE] * len(self.state)
 
     def synchronize(self):
         """Host wait for every copy (abort path: pages may be freed only after the copies into them landed)."""

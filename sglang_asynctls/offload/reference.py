@@ -1,5 +1,6 @@
-"""Pure-torch reference of the offload engine's kernels: the spec `kernels/resident_update.py` and
-`kernels/gather_blocks.py` are held to (same names, same signatures).
+"""Pure-torch reference of the offload engine's kernels: the spec `kernels/resident_update.py` (resident_update,
+layer_update), `kernels/resident_candidates.py` and `kernels/gather_blocks.py` are held to (same names, same
+signatures; the kernels take optional extras: `out=`, and the device-clock stamps that only the GPU can take).
 
 Notations for shapes (see also `sglang_asynctls/reference.py`):
     B    batch rows        Hkv  num_kv_heads       Kb  block_budget (|M_t|)     BS  block_size (= page_size)
@@ -19,6 +20,10 @@ Semantics of the resident-set update (per batch row b = request row rows[b], KV 
 Returns slots [B, Hkv, Kb] int32 (the slot of every valid entry, -1 padded), copy_src / copy_dst [B, Hkv, Kb] int32
 (block id -> slot for misses, -1 elsewhere; static shape so that CUDA graphs can capture it), overlap [B, Hkv]
 int32 = |M_t ∩ M_{t-1}| and misses [B, Hkv] int32.
+
+One engine step of one layer is three launches (docs/offload.md): `resident_candidates` (M_{t-1}'s tokens and
+their resident KV slots, before the copy wait), `layer_update` (resident_update + M_t's slots + the copy list in
+pages + telemetry counters, after attention) and `gather_blocks` (the copies, on the copy lane).
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from __future__ import annotations
 from typing import Tuple
 
 import torch
+
+from sglang_asynctls import reference as _R
 
 # a last_used value above every real step: slots holding M_t's blocks sort after every victim
 _PINNED = torch.iinfo(torch.int32).max
@@ -64,6 +71,59 @@ def resident_update(tags: torch.Tensor, last_used: torch.Tensor, prev: torch.Ten
     lu = torch.where(onehot.any(-2), step.to(lu.dtype).expand_as(lu), lu)
     tags[r], last_used[r], prev[r] = t, lu, blocks
     return slots, copy_src, copy_dst, overlap.to(torch.int32), miss.sum(-1).to(torch.int32)
+
+
+# telemetry counters (offload/telemetry.py Counter) and stamps (Stamp), repeated here so the kernels need no import
+OVERLAP, SELECTED, COPIED, STEPS, STALL_NS = range(5)
+LANDED, NEEDED = range(2)
+
+
+def layer_update(tags: torch.Tensor, last_used: torch.Tensor, prev: torch.Tensor, prev_slots: torch.Tensor,
+                 rows: torch.Tensor, blocks: torch.Tensor, step: torch.Tensor, cache_pages: torch.Tensor,
+                 host_page_table: torch.Tensor, counters: torch.Tensor, stamps: torch.Tensor,
+                 record_stall: bool) -> Tuple[torch.Tensor, ...]:
+    """One layer's update as the engine needs it, in one op: `resident_update`, then prev_slots[rows] = slots,
+    the copy list in pages, compacted (the i-th miss of (b, h) in entry order at [b, h, i], -1 after the last:
+    host page host_page_table[row, block] -> device page cache_pages[row, slot]), and the layer's telemetry:
+    counters [5] int64 += (sum overlap, valid entries, misses, 1 step, stall), stall = max(0, stamps[LANDED] -
+    stamps[NEEDED]) when record_stall (a decode step, after the wait: both stamps final), else 0.
+
+    prev_slots [NR, Hkv, Kb] int32; cache_pages [NR, R] int32; host_page_table [NR, NB] int32; counters [5] int64;
+    stamps [2] int64 (one layer's rows of OffloadTelemetry). Returns slots, src_pages, dst_pages [B, Hkv, Kb] int32,
+    overlap, misses [B, Hkv] int32.
+    """
+    slots, copy_src, copy_dst, overlap, misses = resident_update(tags, last_used, prev, rows, blocks, step)
+    r = rows.long()
+    prev_slots[r] = slots
+    miss = copy_src >= 0
+    src = torch.where(miss, host_page_table[r[:, None, None], copy_src.long().clamp(min=0)], -1)
+    dst = torch.where(miss, cache_pages[r[:, None, None], copy_dst.long().clamp(min=0)], -1)
+    kb = blocks.shape[-1]
+    at = torch.where(miss, miss.long().cumsum(-1) - 1, kb)  # compacted position; kb = a spill column
+    src_pages = torch.full(blocks.shape[:-1] + (kb + 1,), -1, dtype=torch.int32, device=blocks.device)
+    dst_pages = torch.full_like(src_pages, -1)
+    src_pages.scatter_(-1, at, src.to(torch.int32))
+    dst_pages.scatter_(-1, at, dst.to(torch.int32))
+    stall = (stamps[LANDED] - stamps[NEEDED]).clamp(min=0) if record_stall else torch.zeros_like(stamps[0])
+    counters += torch.stack([overlap.sum(), (blocks >= 0).sum(), misses.sum(), torch.ones_like(stall),
+                             stall]).to(counters.dtype)
+    src_pages, dst_pages = src_pages[..., :kb].contiguous(), dst_pages[..., :kb].contiguous()
+    return slots, src_pages, dst_pages, overlap, misses
+
+
+def resident_candidates(prev: torch.Tensor, prev_slots: torch.Tensor, cache_pages: torch.Tensor, rows: torch.Tensor,
+                        seq_lens: torch.Tensor, block_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Tokens of M_{t-1} for step t: positions [B, Hkv, Kb * BS] int64 (-1 invalid: no block, or at/after
+    seq_lens[b]) and the device KV slots of their resident copies [B, Hkv, Kb * BS] int32 (-1 invalid), from
+    prev / prev_slots [NR, Hkv, Kb] (M_{t-1} and its resident slots) and cache_pages [NR, R] (device page of each
+    slot)."""
+    r = rows.long()
+    blocks, slots = prev[r], prev_slots[r]
+    positions = _R.candidate_positions(blocks, seq_lens, block_size)
+    pages = cache_pages[r[:, None, None], slots.long().clamp(min=0)]  # [B, Hkv, Kb]
+    off = torch.arange(block_size, device=pages.device)
+    token_slots = (pages.long()[..., None] * block_size + off).flatten(2)
+    return positions, torch.where(positions >= 0, token_slots, -1).to(torch.int32)
 
 
 def gather_blocks(src_k: torch.Tensor, src_v: torch.Tensor, dst_k: torch.Tensor, dst_v: torch.Tensor,

@@ -4,6 +4,11 @@ interval): overlap |M_t ∩ M_{t-1}|, blocks selected, head-blocks and bytes cop
 Stall is measured from two timestamps in stream order: when the copy of a layer's M_t landed (side stream, after
 the gather) and when the next step first needed it (main stream, before its wait); stall = max(0, landed -
 needed). Unlike a pair of stamps around the wait this carries no launch-gap bias when nothing stalls.
+
+On the GPU the counters and stamps are written inside the engine's three kernels (no op of their own): NEEDED by
+`resident_candidates` (launched right before the wait), LANDED by the last program of `gather_blocks` (a ticket per
+layer), the counters and the stall by `layer_update` (after the attention: both stamps final). On the CPU
+(`device_stamps` False) the engine stamps with the host clock around the same points.
 """
 
 from __future__ import annotations
@@ -39,25 +44,12 @@ class OffloadTelemetry:
         self.bytes_per_block = bytes_per_block  # one KV head's K and V of one block
         self.counters = torch.zeros(num_layers, len(Counter), dtype=torch.int64, device=device)
         self.stamps = torch.zeros(num_layers, len(Stamp), dtype=torch.int64, device=device)
-        if self.stamps.is_cuda:
-            from sglang_asynctls.kernels.device_clock import device_clock as clock
-        else:
-            clock = _host_clock
-        self._clock = clock
-
-    def record_update(self, layer: int, blocks: torch.Tensor, overlap: torch.Tensor, misses: torch.Tensor):
-        """After a resident-set update of `layer`: blocks [B, Hkv, Kb], overlap and misses [B, Hkv]."""
-        row = self.counters[layer]
-        row[: Counter.COPIED + 1] += torch.stack([overlap.sum(), (blocks >= 0).sum(), misses.sum()])
-        row[Counter.STEPS] += 1
+        self.tickets = torch.zeros(num_layers, dtype=torch.int32, device=device)  # gather_blocks' last-program count
+        self.device_stamps = self.stamps.is_cuda  # stamps taken inside the kernels (GPU timer)
 
     def stamp(self, layer: int, which: Stamp):
-        self._clock(self.stamps[layer], int(which))
-
-    def record_stall(self, layer: int):
-        """After the main stream's wait for `layer`'s copy (both stamps are then final)."""
-        s = self.stamps[layer]
-        self.counters[layer, Counter.STALL_NS] += (s[Stamp.LANDED] - s[Stamp.NEEDED]).clamp(min=0)
+        """Host-clock stamp (CPU path; on the GPU the kernels stamp)."""
+        _host_clock(self.stamps[layer], int(which))
 
     def reset(self):
         self.counters.zero_()
