@@ -27,11 +27,17 @@ COMMON = ["--load-format", "dummy", "--mem-fraction-static", "0.6", "--output-le
 PROFILE_STEPS = 3
 
 
+def one_batch_cmd(method: str, batch: int, input_len: int, model: str, raw: str, extra, common=()) -> list:
+    """extra: flags for the asynctls method only; common: flags for every method (e.g. --tp-size), after COMMON
+    so they override it."""
+    return [sys.executable, os.path.join(HERE, "one_batch.py"), "--model-path", model, *COMMON, *common,
+            "--batch-size", str(batch), "--input-len", str(input_len), "--result-filename", raw,
+            "--run-name", method, *METHOD_ARGS[method], *(extra if method == "asynctls" else [])]
+
+
 def run_point(method: str, batch: int, input_len: int, model: str, raw: str, timeout: int, extra,
-              profile_dir: str = "") -> dict:
-    cmd = [sys.executable, os.path.join(HERE, "one_batch.py"), "--model-path", model, *COMMON,
-           "--batch-size", str(batch), "--input-len", str(input_len), "--result-filename", raw,
-           "--run-name", method, *METHOD_ARGS[method], *(extra if method == "asynctls" else [])]
+              profile_dir: str = "", common=()) -> dict:
+    cmd = one_batch_cmd(method, batch, input_len, model, raw, extra, common)
     prefix = os.path.join(profile_dir, f"{method}_b{batch}_n{input_len}") if profile_dir else ""
     if prefix:  # GPU kernels of 3 decode steps (from step 8), for the step-time breakdown
         cmd += ["--profile", "--profile-stage", "decode", "--profile-activities", "GPU", "--profile-start-step",

@@ -68,6 +68,11 @@ def generate(text: str, new_tokens: int) -> str:
     return post("/generate", {"text": text, "sampling_params": sp})["text"]
 
 
+def server_cmd(model: str, server_args) -> list:
+    return [sys.executable, "-m", "sglang.launch_server", "--model-path", model, "--port", str(PORT),
+            "--context-length", "8192", "--cuda-graph-max-bs", "8", *server_args]
+
+
 def run(args) -> None:
     from transformers import AutoTokenizer
 
@@ -76,8 +81,7 @@ def run(args) -> None:
     keys = [str(random.randint(10000, 99999)) for _ in range(3)]
     long_prompts = [passkey_prompt(tok, args.long_tokens, k, d) for k, d in zip(keys, (0.2, 0.5, 0.8))]
     log_path = args.out + ".log"
-    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", args.model, "--port", str(PORT),
-           "--context-length", "8192", "--cuda-graph-max-bs", "8", *args.server_args]
+    cmd = server_cmd(args.model, args.server_args)
     t0 = time.time()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)

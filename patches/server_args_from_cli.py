@@ -4,8 +4,9 @@ Target:  sglang.srt.server_args.ServerArgs.from_cli_args (classmethod), HookType
 SGLang:  0.5.17
 Reason:  `from_cli_args` keeps only dataclass fields, so our flags would be dropped. Around it we validate the
          flags (before the model is touched), route the attention backend to `asynctls`, and after SGLang has
-         resolved the model config, check that the model is GQA/MHA or MLA. Any error ends the launch in the
-         launcher process with one line naming the flag — no scheduler process starts half-configured.
+         resolved the model config, check that the model is GQA/MHA or MLA and that its heads split over the
+         attention tensor-parallel ranks. Any error ends the launch in the launcher process with one line naming
+         the flag — no scheduler process starts half-configured.
 """
 
 from __future__ import annotations
@@ -49,14 +50,24 @@ def _check_kv_dtype(args) -> None:
 
 
 def _check_model(server_args, cfg) -> None:
-    from sglang_asynctls.model_spec import check_config_for_model, from_sglang_model_config
+    from sglang_asynctls.model_spec import check_attention_tp, check_config_for_model, from_sglang_model_config
 
     if cfg.offload:
         # the offload engine is its own piece of work; refusing beats silently serving without it
         raise AsyncTLSConfigError(f"{FLAGS['offload']} is not available in this version of sglang-asynctls")
     if server_args.model_path.lower() in ("none", "dummy"):
         return
-    check_config_for_model(cfg, from_sglang_model_config(server_args.get_model_config()))
+    model = from_sglang_model_config(server_args.get_model_config())
+    check_config_for_model(cfg, model)
+    check_attention_tp(model, _attn_tp_size(server_args))
+
+
+def _attn_tp_size(server_args) -> int:
+    # SGLang's own split of --tp into attention DP x CP x TP, so the check sees the ranks the backend will see
+    from sglang.srt.layers.dp_attention import compute_dp_attention_world_info
+
+    return compute_dp_attention_world_info(server_args.enable_dp_attention, 0, server_args.tp_size,
+                                           server_args.dp_size, getattr(server_args, "attn_cp_size", 1) or 1)[1]
 
 
 def from_cli_args_with_asynctls(original, cls, args):

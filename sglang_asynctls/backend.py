@@ -18,7 +18,7 @@ import os
 import torch
 
 from sglang_asynctls.index import IndexPool, plan_extend
-from sglang_asynctls.model_spec import check_config_for_model, from_sglang_model_config
+from sglang_asynctls.model_spec import check_config_for_model, from_sglang_model_config, kv_heads_of_rank
 from sglang_asynctls.runtime_config import config_of
 
 logger = logging.getLogger(__name__)
@@ -38,14 +38,14 @@ def _sparse_decode_fn():
     return asynctls_decode, "reference"
 
 
-def _attn_tp_rank() -> int:
-    """This rank's index among the attention tensor-parallel ranks (its KV heads are that slice of the model's)."""
+def _attn_tp() -> tuple:
+    """(size, rank) of this process among the attention tensor-parallel ranks (model_spec.kv_heads_of_rank)."""
     try:
         from sglang.srt.runtime_context import get_parallel
 
-        return get_parallel().attn_tp_rank
+        return get_parallel().attn_tp_size, get_parallel().attn_tp_rank
     except Exception:  # no parallel state (unit tests): a single rank
-        return 0
+        return 1, 0
 
 
 def _index_writers():
@@ -86,9 +86,11 @@ class _AsyncTLSMixin:
         k0 = pool.get_key_buffer(pool.start_layer if hasattr(pool, "start_layer") else 0)
         self.layer_offset = getattr(pool, "start_layer", 0) or 0
         d_c = cfg.resolved_label_channels(spec.kind)
-        if channels is not None:  # tensor parallel: each rank indexes its own KV heads
-            rank = _attn_tp_rank()
-            channels = channels[:, rank * self.num_kv_head:(rank + 1) * self.num_kv_head]
+        if channels is not None:  # tensor parallel: each rank indexes the KV heads its pool holds
+            channels = channels[:, kv_heads_of_rank(channels.shape[1], *_attn_tp())]
+            if channels.shape[1] != k0.shape[1]:
+                raise ValueError(f"asynctls: this rank's KV pool holds {k0.shape[1]} KV heads, its share of the "
+                                 f"channel table {channels.shape[1]}")
         quantize, append = _index_writers()
         self.index = IndexPool(pool.layer_num, k0.shape[0], k0.shape[1], k0.shape[2], d_c, cfg.block_size,
                                k0.dtype, k0.device, channels, quantize=quantize, append=append)

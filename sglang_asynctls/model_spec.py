@@ -78,6 +78,37 @@ def check_model(model: ModelAttention) -> ModelAttention:
     return model
 
 
+def check_attention_tp(model: ModelAttention, attn_tp_size: int) -> ModelAttention:
+    """Refuse a head count that attention tensor parallelism cannot split the way SGLang 0.5.17's models and
+    QKVParallelLinear do: query heads evenly, KV heads evenly or (fewer KV heads than ranks) replicated."""
+    kv = model.num_kv_heads
+    if model.num_qo_heads % attn_tp_size or not _kv_heads_split(kv, attn_tp_size):
+        raise UnsupportedModelError(
+            f"{FLAGS['enabled']} with attention tensor parallel size {attn_tp_size} (--tp, divided by --dp under "
+            f"--enable-dp-attention) needs query heads divisible by it and KV heads divisible by it or dividing "
+            f"it (got {model.num_qo_heads} query heads, {kv} KV heads)")
+    return model
+
+
+def _kv_heads_split(num_kv_heads: int, attn_tp_size: int) -> bool:
+    return num_kv_heads % attn_tp_size == 0 or attn_tp_size % num_kv_heads == 0
+
+
+def kv_heads_of_rank(num_kv_heads: int, attn_tp_size: int, attn_tp_rank: int) -> slice:
+    """The model's KV heads that attention TP rank `attn_tp_rank` of `attn_tp_size` holds in its KV pool: an even
+    share, or with fewer KV heads than ranks the one head it replicates (QKVParallelLinear: rank // replicas;
+    MLA's single latent head is held by every rank)."""
+    if not 0 <= attn_tp_rank < attn_tp_size or not _kv_heads_split(num_kv_heads, attn_tp_size):
+        raise UnsupportedModelError(
+            f"{FLAGS['enabled']}: {num_kv_heads} KV heads cannot be split over {attn_tp_size} attention tensor "
+            f"parallel ranks (rank {attn_tp_rank}); the count must be divisible by it or divide it")
+    if num_kv_heads >= attn_tp_size:
+        share = num_kv_heads // attn_tp_size
+        return slice(attn_tp_rank * share, (attn_tp_rank + 1) * share)
+    head = attn_tp_rank // (attn_tp_size // num_kv_heads)
+    return slice(head, head + 1)
+
+
 def check_config_for_model(cfg: AsyncTLSConfig, model: ModelAttention) -> Optional[torch.Tensor]:
     """Model-dependent checks; returns the channel table [layers, kv_heads, d_c] from the given config file, else
     from a packaged calibration of the same attention shape, else None (ranked from K at the first prefill)."""

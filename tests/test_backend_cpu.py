@@ -130,7 +130,7 @@ def test_tensor_parallel_rank_indexes_its_slice_of_the_calibration(tmp_path, mon
     mr.model_config.num_key_value_heads = 2 * HKV  # the model has 4 KV heads; this rank holds 2 of them
     mr.model_config.num_attention_heads = 2 * HQ
     mr.server_args._asynctls_config = AsyncTLSConfig(**{**CFG.__dict__, "channel_config": str(path)})
-    monkeypatch.setattr(backend, "_attn_tp_rank", lambda: 1)
+    monkeypatch.setattr(backend, "_attn_tp", lambda: (2, 1))  # rank 1 of 2
     be = Backend(mr)
     want = torch.tensor(ranked)[:, HKV:2 * HKV, :8]
     assert torch.equal(be.index.channels, want)
