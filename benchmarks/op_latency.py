@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from sglang_asynctls import reference as R  # noqa: E402
 from sglang_asynctls.kernels import asynctls_decode as K  # noqa: E402
 from sglang_asynctls.kernels.block_minmax import block_minmax  # noqa: E402
-from sglang_asynctls.kernels.block_scores import block_scores, block_scores_topk  # noqa: E402
+from sglang_asynctls.kernels.block_scores import block_scores  # noqa: E402
 from sglang_asynctls.kernels.fine_select import fine_select_candidates  # noqa: E402
 from sglang_asynctls.kernels.index_append import append_decode_index  # noqa: E402
 from sglang_asynctls.kernels.quantize_labels import quantize_labels  # noqa: E402
@@ -255,17 +255,13 @@ def stage_breakdown(c, timer, kt, sgl, tune):
     out["5_select_token_slots"] = timer(lambda: select_token_slots(tscores, blocks, c["r2t"], c["rows"], lens,
                                                                    **fsel))
     out["6_sparse_decode"] = timer(lambda: sparse_decode(q, c["k"], c["v"], slots, c["sm_scale"]))
-    # the default pipeline folds 2 into 1, 4 into 5 and the split merge into 6 (kernels/_ticket.py)
-    out["1+2_block_scores_topk_folded"] = timer(lambda: block_scores_topk(
-        q, c["kmin"], c["kmax"], c["table"], lens, BS, KB, SINK, WINDOW))
+    # GQA's default folds the softmax combine (4) into the top-Kt (5): fine_select_candidates
     logits, stats = token_logits(q, *lab, blocks, c["sm_scale"], block_size=BS)
     out["4+5_select_token_slots_combine_folded"] = timer(lambda: select_token_slots(
         logits, blocks, c["r2t"], c["rows"], lens, stats=stats, **fsel))
     out["3-5_fine_folded"] = timer(lambda: fine_select_candidates(
         q, *lab, blocks, block_size=BS, token_budget=fsel["token_budget"], sink_tokens=SINK,
         local_window=WINDOW, sm_scale=c["sm_scale"]))
-    out["6_sparse_decode_merge_unfolded"] = timer(lambda: sparse_decode(q, c["k"], c["v"], slots, c["sm_scale"],
-                                                                        fused_combine=False))
     if tune:
         for nw in (8, 16, 32):
             out[f"tune_select_token_slots_combine_folded_warps{nw}"] = timer(lambda: select_token_slots(
@@ -346,9 +342,7 @@ def run_shape(model, ctx, batch, timer, sgl, token_budgets, breakdown):
                 nbytes = asynctls_bytes(c, kt)
                 row.update(bytes=nbytes, gb_per_s=nbytes / (t["median_us"] * 1e-6) / 1e9)
             rows.append(row)
-        # the same stages as 7 launches instead of 4 (no last-arrival folds): what the folds win
-        t = timer(lambda: K.asynctls_decode(*args, fused=False, **kw))
-        rows.append(dict(shape, method="asynctls_unfolded", token_budget=kt, **t))
+
         if breakdown:
             rows.append(dict(shape, method="asynctls_stages", token_budget=kt,
                              stages=stage_breakdown(c, timer, kt, sgl, tune=kt == token_budgets[0])))

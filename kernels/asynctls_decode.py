@@ -3,10 +3,9 @@
 Every method has `reference.METHODS`' signature. No host synchronisation and no data-dependent shape anywhere
 (shapes follow block_table's NB and the budgets), so a step can be captured in a CUDA graph.
 
-asynctls, 4 kernels: block scores with the top-Kb folded in (`block_scores_topk`) -> label logits
-(`token_logits`) -> group-mean softmax and top-Kt with the slot lookup (`select_token_slots`) -> split-K sparse
-decode with the split merge folded in. Each fold is a last-arrival ticket (kernels/_ticket.py); unfolded, the
-same stages are 7 launches (`fused=False`, kept for the benchmark's comparison).
+asynctls, 6 kernels: block_scores -> select_blocks -> token_logits -> group-mean softmax with top-Kt and the
+slot lookup (`select_token_slots`; the softmax combine is a launch of its own for groups wider than 8 heads,
+see `fine_select_candidates`) -> sparse_decode split-K -> split combine.
 """
 
 from typing import Optional
@@ -15,7 +14,7 @@ import torch
 
 from sglang_asynctls import reference
 
-from .block_scores import block_scores, block_scores_topk
+from .block_scores import block_scores
 from .candidate_slots import candidate_slots
 from .fine_select import fine_select, fine_select_candidates
 from .select_blocks import select_blocks
@@ -25,12 +24,8 @@ from .token_scores import candidate_scores
 
 
 def coarse_select(q, kmin, kmax, block_table, seq_lens, *, block_size, block_budget, sink_tokens,
-                  local_window, bound_slack: float = 1.0, group_score: str = "sum",
-                  fused: bool = True) -> torch.Tensor:
+                  local_window, bound_slack: float = 1.0, group_score: str = "sum") -> torch.Tensor:
     """Coarse stage (see `reference.coarse_select`): [B, Hkv, Kb] int32 block ids (M_t), ascending id order."""
-    if fused:
-        return block_scores_topk(q, kmin, kmax, block_table, seq_lens, block_size, block_budget, sink_tokens,
-                                 local_window, bound_slack, group_score)
     scores = block_scores(q, kmin, kmax, block_table, seq_lens, block_size, bound_slack, group_score)
     return select_blocks(scores, seq_lens, block_size, block_budget, sink_tokens, local_window)
 
@@ -44,12 +39,12 @@ def asynctls_select(q, req_to_token, req_pool_indices, seq_lens, kmin, kmax, blo
         candidate_blocks = coarse_select(q, kmin, kmax, block_table, seq_lens, block_size=block_size,
                                          block_budget=block_budget, sink_tokens=sink_tokens,
                                          local_window=local_window, bound_slack=bound_slack,
-                                         group_score=group_score, fused=fused)
+                                         group_score=group_score)
     kw = dict(token_budget=token_budget, sink_tokens=sink_tokens, local_window=local_window, sm_scale=sm_scale)
     if candidate_blocks.shape[2] * block_size <= MAX_FUSED_CANDIDATES:
         return fine_select_candidates(q, labels, label_scale, channels, req_to_token, req_pool_indices, seq_lens,
-                                      candidate_blocks.contiguous(), block_size=block_size, fused_combine=fused,
-                                      **kw)
+                                      candidate_blocks.contiguous(), block_size=block_size,
+                                      fused_combine=fused and q.shape[1] // channels.shape[0] <= 8, **kw)
     positions = reference.candidate_positions(candidate_blocks, seq_lens, block_size)
     return fine_select(q, labels, label_scale, channels, req_to_token, req_pool_indices, seq_lens, positions, **kw)
 
@@ -61,13 +56,14 @@ def asynctls_decode(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_l
                     group_score: str = "sum", out_rows: Optional[torch.Tensor] = None,
                     fused: bool = True) -> torch.Tensor:
     """Two-level sparse decode (see `reference.asynctls_decode`). q: [B, Hq, D] -> o: [B, Hq, Dv] in q's dtype.
-    With out and out_rows [B] bool, only the flagged rows of out are written (the backend's long requests)."""
+    With out and out_rows [B] bool, only the flagged rows of out are written (the backend's long requests).
+    fused=False: the softmax combine in its own launch at every group width (the benchmark's comparison)."""
     slots = asynctls_select(q, req_to_token, req_pool_indices, seq_lens, kmin, kmax, block_table, labels,
                             label_scale, channels, block_size=block_size, block_budget=block_budget,
                             token_budget=token_budget, sink_tokens=sink_tokens, local_window=local_window,
                             sm_scale=sm_scale, candidate_blocks=candidate_blocks, bound_slack=bound_slack,
                             group_score=group_score, fused=fused)
-    return sparse_decode(q, k_buffer, v_buffer, slots, sm_scale, out=out, out_rows=out_rows, fused_combine=fused)
+    return sparse_decode(q, k_buffer, v_buffer, slots, sm_scale, out=out, out_rows=out_rows)
 
 
 def quest_decode(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, kmin, kmax, block_table,

@@ -10,23 +10,6 @@ from ._topk import INVALID, KEY_BITS, MAX_ENTRIES, ordered_key, topk_compact
 
 
 @triton.jit
-def select_group_blocks(scores_row, seq_len, out_row, NB, sink_tokens, local_window, BS: tl.constexpr,
-                        KB: tl.constexpr, NBP: tl.constexpr, KBP: tl.constexpr, KEY_BITS: tl.constexpr):
-    """Top-KB of one KV group's NB block scores into out_row (ids ascending, -1 padded). Reads through L2, so
-    `block_scores` can run it on scores other programs of the same launch wrote (kernels/_ticket.py)."""
-    j = tl.arange(0, NBP)
-    s = tl.load(scores_row + j, mask=j < NB, other=float("-inf"), cache_modifier=".cg")
-    start = j * BS
-    forced = (j < NB) & (start < seq_len) & ((start < sink_tokens) | (start + BS > seq_len - local_window))
-    key = tl.where(forced, ordered_key(tl.full([NBP], float("inf"), tl.float32)), ordered_key(s))
-    key = tl.where(forced | (s > float("-inf")), key, INVALID)
-    keep, rank, num_kept = topk_compact(key, KB, KEY_BITS)
-    tl.store(out_row + rank, j, mask=keep)
-    pad = tl.arange(0, KBP)
-    tl.store(out_row + pad, tl.full([KBP], -1, tl.int32), mask=(pad >= num_kept) & (pad < KB))
-
-
-@triton.jit
 def _select_blocks_kernel(scores, seq_lens, block_ids, NB, sink_tokens, local_window,
                           stride_sb, stride_sh, stride_ob, stride_oh,
                           HKV: tl.constexpr, BS: tl.constexpr, KB: tl.constexpr, NBP: tl.constexpr,
@@ -34,13 +17,18 @@ def _select_blocks_kernel(scores, seq_lens, block_ids, NB, sink_tokens, local_wi
     pid = tl.program_id(0)
     b = pid // HKV
     h = pid % HKV
-    select_group_blocks(scores + b * stride_sb + h * stride_sh, tl.load(seq_lens + b),
-                        block_ids + b * stride_ob + h * stride_oh, NB, sink_tokens, local_window, BS, KB, NBP, KBP,
-                        KEY_BITS)
-
-
-def select_blocks_num_warps(nbp: int) -> int:
-    return 4 if nbp <= 2048 else 8
+    j = tl.arange(0, NBP)
+    seq_len = tl.load(seq_lens + b)
+    s = tl.load(scores + b * stride_sb + h * stride_sh + j, mask=j < NB, other=float("-inf"))
+    start = j * BS
+    forced = (j < NB) & (start < seq_len) & ((start < sink_tokens) | (start + BS > seq_len - local_window))
+    key = tl.where(forced, ordered_key(tl.full([NBP], float("inf"), tl.float32)), ordered_key(s))
+    key = tl.where(forced | (s > float("-inf")), key, INVALID)
+    keep, rank, num_kept = topk_compact(key, KB, KEY_BITS)
+    out = block_ids + b * stride_ob + h * stride_oh
+    tl.store(out + rank, j, mask=keep)
+    pad = tl.arange(0, KBP)
+    tl.store(out + pad, tl.full([KBP], -1, tl.int32), mask=(pad >= num_kept) & (pad < KB))
 
 
 def select_blocks(scores: torch.Tensor, seq_lens: torch.Tensor, block_size: int, block_budget: int,
@@ -63,5 +51,5 @@ def select_blocks(scores: torch.Tensor, seq_lens: torch.Tensor, block_size: int,
     _select_blocks_kernel[(b * hkv,)](
         scores, seq_lens, out, nb, sink_tokens, local_window, scores.stride(0), scores.stride(1),
         out.stride(0), out.stride(1), HKV=hkv, BS=block_size, KB=block_budget, NBP=nbp,
-        KBP=triton.next_power_of_2(block_budget), KEY_BITS=key_bits, num_warps=select_blocks_num_warps(nbp))
+        KBP=triton.next_power_of_2(block_budget), KEY_BITS=key_bits, num_warps=4 if nbp <= 2048 else 8)
     return out

@@ -17,6 +17,7 @@ from sglang_asynctls.kernels.resident_update import _resident_update_kernel
 from sglang_asynctls.kernels.select_blocks import _select_blocks_kernel
 from sglang_asynctls.kernels.select_tokens import _select_tokens_kernel
 from sglang_asynctls.kernels.sparse_decode import _sparse_decode_kernel
+from sglang_asynctls.kernels.splitk_combine import _splitk_combine_kernel
 from sglang_asynctls.kernels.token_logits import _token_logits_kernel
 
 SM90 = GPUTarget("cuda", 90, 32)
@@ -111,18 +112,15 @@ def offload_kernels():
     print("device_clock: compiled for sm_90")
 
 
-def block_scores(d1, d2, g, group_max, select):
+def block_scores(d1, d2, g, group_max):
     _compile(_block_scores_kernel,
              [("q", "*bf16"), ("kmin", "*bf16"), ("kmax", "*bf16"), ("block_table", "*i32"), ("seq_lens", "*i64"),
               ("scores", "*fp32"), ("NB", "i32"), ("slack", "fp32")]
              + _i32("stride_qb", "stride_qh", "stride_ke", "stride_kh", "stride_tb", "stride_sb", "stride_sh")
-             + [("block_ids", "*i32"), ("counters", "*i32")]
-             + _i32("sink_tokens", "local_window", "stride_ob", "stride_oh")
-             + [(n, None) for n in ("HKV", "G", "BS", "GP", "D1", "D2", "BLOCK_N", "GROUP_MAX", "SELECT", "KB", "NBP",
-                                    "KBP", "KEY_BITS")],
+             + [(n, None) for n in ("HKV", "G", "BS", "GP", "D1", "D2", "DCH", "BLOCK_N", "GROUP_MAX")],
              dict(HKV=8 if g == 4 else 1, G=g, BS=64, GP=max(16, triton.next_power_of_2(g)) if group_max
-                  else triton.next_power_of_2(g), D1=d1, D2=d2, BLOCK_N=64, GROUP_MAX=group_max, SELECT=select,
-                  KB=128, NBP=2048, KBP=128, KEY_BITS=16), 8)
+                  else triton.next_power_of_2(g), D1=d1, D2=d2, DCH=min(d1, 128), BLOCK_N=64, GROUP_MAX=group_max),
+             8 if d1 <= 256 else 4)
 
 
 def token_logits(g, half_dc):
@@ -138,36 +136,41 @@ def token_logits(g, half_dc):
                   BS=64, SPLIT_C=256, BLOCK_C=128, USE_DOT=True), 4)
 
 
-def sparse_decode(d1, d2, dv, g, combine):
+def sparse_decode(d1, d2, dv, g):
     _compile(_sparse_decode_kernel,
              [("q", "*bf16"), ("k_buffer", "*bf16"), ("v_buffer", "*bf16"), ("token_slots", "*i32"),
               ("mid_o", "*fp32"), ("mid_lse", "*fp32"), ("sm_scale", "fp32"), ("K", "i32")]
              + _i32("stride_qb", "stride_qh", "stride_ks", "stride_kh", "stride_vs", "stride_vh", "stride_tb",
                     "stride_th", "stride_mb", "stride_mh", "stride_ms", "stride_lb", "stride_lh")
-             + [("out", "*bf16"), ("out_rows", "*i1"), ("counters", "*i32")] + _i32("stride_ob", "stride_oh")
-             + [(n, None) for n in ("HKV", "G", "NHB", "BLOCK_H", "D1", "D2", "DV", "V_IS_K", "SPLIT_K", "BLOCK_N",
-                                    "COMBINE", "HAS_ROWS")],
+             + [(n, None) for n in ("HKV", "G", "NHB", "BLOCK_H", "D1", "D2", "DV", "V_IS_K", "SPLIT_K", "BLOCK_N")],
              dict(HKV=8 if g == 4 else 1, G=g, NHB=1, BLOCK_H=max(16, triton.next_power_of_2(g)), D1=d1, D2=d2, DV=dv,
-                  V_IS_K=d2 > 0, SPLIT_K=128, BLOCK_N=32 if d2 else 64, COMBINE=combine, HAS_ROWS=combine),
-             8 if d2 else 4)
+                  V_IS_K=d2 > 0, SPLIT_K=128, BLOCK_N=32 if d2 else 64), 8 if d2 else 4)
+
+
+def splitk_combine(dv, has_rows):
+    _compile(_splitk_combine_kernel,
+             [("mid_o", "*fp32"), ("mid_lse", "*fp32"), ("out", "*bf16"), ("out_rows", "*i1"), ("NSPLIT", "i32")]
+             + _i32("stride_mb", "stride_mh", "stride_ms", "stride_lb", "stride_lh", "stride_ob", "stride_oh")
+             + [(n, None) for n in ("HQ", "DV", "NSP", "HAS_ROWS")],
+             dict(HQ=32, DV=dv, NSP=16, HAS_ROWS=has_rows), 4)
 
 
 def attention_kernels():
     for d1, d2, dv, g, half_dc in ((128, 0, 128, 4, 16), (512, 64, 512, 20, 64)):
         token_logits(g, half_dc)
         print(f"token_logits (G={g}): compiled for sm_90")
-        for combine in (False, True):
-            sparse_decode(d1, d2, dv, g, combine)
-            print(f"sparse_decode (D={d1}+{d2}, G={g}, merge folded={combine}): compiled for sm_90")
+        sparse_decode(d1, d2, dv, g)
+        print(f"sparse_decode (D={d1}+{d2}, G={g}): compiled for sm_90")
+        for has_rows in (False, True):
+            splitk_combine(dv, has_rows)
+            print(f"splitk_combine (Dv={dv}, out_rows={has_rows}): compiled for sm_90")
 
 
 if __name__ == "__main__":
     for d1, d2, g in ((128, 0, 4), (512, 64, 20)):  # Qwen3-8B GQA, GLM-4.7-Flash MLA latent
         for group_max in (False, True):
-            for select in (False, True):
-                block_scores(d1, d2, g, group_max, select)
-                print(f"block_scores (D={d1}+{d2}, G={g}, max={group_max}, top-k folded={select}): "
-                      "compiled for sm_90")
+            block_scores(d1, d2, g, group_max)
+            print(f"block_scores (D={d1}+{d2}, G={g}, max={group_max}): compiled for sm_90")
     for key_bits in (16, 31):
         selection_kernels(key_bits)
         print(f"select_blocks, select_tokens (key_bits={key_bits}): compiled for sm_90")

@@ -50,20 +50,16 @@ def test_sparse_decode_empty_selection_gives_zeros_and_out_is_written():
     assert torch.equal(out[1], torch.zeros_like(out[1]))
 
 
+
 @pytest.mark.parametrize("shape", ["gqa", "mla"])
-def test_folded_split_merge_equals_the_separate_combine_and_leaves_unflagged_rows(shape):
-    """The last-arrival merge (one launch) against `splitk_combine` (two); run twice, since each launch must
-    leave its ticket counters at 0 for the next; out_rows writes only the flagged rows."""
+def test_out_rows_writes_only_the_flagged_rows(shape):
+    """The backend hands its dense output as out and the long requests as out_rows: the other rows keep the
+    dense kernel's values."""
     c = make_cache([27, 61, 113], **SHAPES[shape], device=DEV)
     slots = _random_slots(c, 113, seed=5)
-    two = sparse_decode(c["q"], c["k"], c["v"], slots, c["sm_scale"], num_splits=3, fused_combine=False)
-    for _ in range(2):
-        one = sparse_decode(c["q"], c["k"], c["v"], slots, c["sm_scale"], num_splits=3)
-        torch.testing.assert_close(one, two, rtol=1e-5, atol=1e-6)
+    full = sparse_decode(c["q"], c["k"], c["v"], slots, c["sm_scale"], num_splits=3)
+    out = torch.full_like(full, 7.0)
     rows = torch.tensor([True, False, True], device=DEV)
-    for fused in (True, False):
-        out = torch.full_like(two, 7.0)
-        sparse_decode(c["q"], c["k"], c["v"], slots, c["sm_scale"], out=out, out_rows=rows, num_splits=3,
-                      fused_combine=fused)
-        torch.testing.assert_close(out[rows], two[rows], rtol=1e-5, atol=1e-6)
-        assert torch.equal(out[1], torch.full_like(out[1], 7.0))
+    sparse_decode(c["q"], c["k"], c["v"], slots, c["sm_scale"], out=out, out_rows=rows, num_splits=3)
+    assert torch.equal(out[rows], full[rows])
+    assert torch.equal(out[1], torch.full_like(out[1], 7.0))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sglang_asynctls import reference as R
-from sglang_asynctls.kernels.block_scores import block_scores, block_scores_topk
+from sglang_asynctls.kernels.block_scores import block_scores
 from sglang_asynctls.kernels.select_blocks import select_blocks
 
 from kernel_cases import KEY_RTOL, SHAPES, TOL, assert_topk_set, make_cache
@@ -88,16 +88,3 @@ def test_coarse_select_with_slack_and_group_max_is_a_top_k_of_those_scores(shape
     cand = torch.arange(scores.shape[2], device=scores.device).expand_as(scores)
     assert_topk_set(blocks, cand, scores.masked_fill(forced, float("inf")), 9, tol=1e-4)
 
-
-@pytest.mark.parametrize("slack, group", [(1.0, "sum"), (0.5, "max")])
-@pytest.mark.parametrize("shape", ["gqa", "mla"])
-def test_top_k_folded_into_block_scores_equals_scores_then_select(shape, slack, group):
-    """One launch (the group's last scoring program selects) against two: the same scores, so the same ids;
-    twice, since each launch must leave its ticket counters at 0 for the next."""
-    c = make_cache([61, 113, 2047], **SHAPES[shape], device=DEV)
-    kmin, kmax, table, _, _ = c["index"]
-    scores = block_scores(c["q"], kmin, kmax, table, c["seq_lens"], c["bs"], slack, group, block_n=16)
-    two = select_blocks(scores, c["seq_lens"], c["bs"], 9, 4, 8)
-    for _ in range(2):
-        one = block_scores_topk(c["q"], kmin, kmax, table, c["seq_lens"], c["bs"], 9, 4, 8, slack, group)
-        assert torch.equal(one, two)
