@@ -10,6 +10,8 @@ decode over a selection trace giving the stall share. Qwen3-8B attention shape (
 - update: the Triton resident-set update beside its torch reference, batch x r (R = r x k_b), CUDA-graph replays;
   and the engine's fused `layer_update` (update + M_t's slots + copy list in pages + telemetry, one launch).
   The kernel's work does not depend on the hit count, so replaying one selection measures it.
+- kernel times (GPU): each engine kernel's device time inside eager layer steps (profiler, CUDA activity), at
+  batch 1/8/32 x r, and the graph-replay floor (a graph of one tiny op), to read the update's graph time against.
 - layer_step: the engine's own cost per layer step (engine.step with an empty attention and no rest of layer:
   candidates, wait, update, gather on the side stream), eager (wall time per step, host issue included) and as
   a whole decode step (all layers) captured in one CUDA graph (replays; the copy lane is joined at the end of the
@@ -383,6 +385,48 @@ def bench_layer_step(sh: Shape, timing: Timing, dev: str):
     return rows
 
 
+ENGINE_KERNELS = ("_resident_candidates_kernel", "_resident_update_kernel", "_gather_blocks_kernel")
+
+
+def bench_kernel_times(sh: Shape, timing: Timing, dev: str):
+    """GPU only. Device time of each engine kernel inside eager layer steps (torch.profiler, CUDA activity: the
+    kernel's own duration, without launch gaps), at every batch of `update_batches` x r; and the floor of the
+    graph-replay timing (a graph of one 1-element add): update_us - floor ~ what the kernel adds to a graph."""
+    if dev != "cuda":
+        return []
+    one = torch.zeros(1, device=dev)
+    rows = [dict(kind="graph_floor", **timing(lambda: one.add_(1), graph=True))]
+    for batch in sh.update_batches:
+        trace, _ = _trace(sh, batch, dev, "")
+        _, store = host_store(batch * (sh.context // sh.bs), sh, True)
+        lens = torch.full((batch,), sh.context, device=dev)
+        for r in sh.ratios:
+            engine, ids = _decode_world(sh, batch, r, store, dev)
+            for layer in range(sh.layers):
+                engine.prefetch(layer, ids, trace[layer][0])
+            engine.end_step()
+
+            def steps(first, count):
+                for t in range(first, first + count):
+                    _one_step(sh, engine, ids, lens, [trace[layer][t] for layer in range(sh.layers)],
+                              lambda layer, pos, slots: slots, None)
+
+            steps(1, 2)
+            torch.cuda.synchronize()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                steps(3, 3)
+                torch.cuda.synchronize()
+            for e in prof.key_averages():
+                name = next((k for k in ENGINE_KERNELS if k in e.key), None)
+                if name:
+                    dev_us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+                    rows.append(dict(kind="kernel_time", kernel=name, batch=batch, r=r, calls=e.count,
+                                     device_us=dev_us / max(e.count, 1)))
+            engine.lane.synchronize()
+            del engine
+    return rows
+
+
 def bench_decode(sh: Shape, timing: Timing, dev: str, trace_path: str):
     cuda = dev == "cuda"
     _, _, attn, _ = _impls(cuda)
@@ -487,6 +531,9 @@ def summarize(rows):
                          bulk_copy_gb_per_s=bulk["gb_per_s"], triton_over_per_block=per["median_us"] / tri["median_us"],
                          triton_share_of_bulk=tri["gb_per_s"] / bulk["gb_per_s"])
     out["update_us"] = {f"b{r['batch']}_r{r['r']}_{r['impl']}": r["median_us"] for r in rows if r["kind"] == "update"}
+    out["kernel_device_us"] = {f"b{r['batch']}_r{r['r']}_{r['kernel'].strip('_').replace('_kernel', '')}":
+                               r["device_us"] for r in rows if r["kind"] == "kernel_time"}
+    out["graph_floor_us"] = next((r["median_us"] for r in rows if r["kind"] == "graph_floor"), None)
     out["layer_update_us"] = {f"b{r['batch']}_r{r['r']}": r["median_us"] for r in rows
                               if r["kind"] == "layer_update"}
     out["layer_step"] = {f"b{r['batch']}_r{r['r']}": {k: r[k] for k in ("eager_us_per_layer", "eager_host_us_per_layer",
@@ -556,6 +603,7 @@ def main():
     timing = Timing(cuda, a.iters if cuda else 2, a.warmup if cuda else 1)
     t0 = time.time()
     rows = bench_gather(sh, timing, dev) + bench_update(sh, timing, dev) + bench_layer_step(sh, timing, dev)
+    rows += bench_kernel_times(sh, timing, dev)
     decode, sources = bench_decode(sh, timing, dev, a.trace)
     if a.profile:
         profile_decode(sh, dev, os.path.join(out, a.name + "_profile.txt"))

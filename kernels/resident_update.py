@@ -27,6 +27,7 @@ import triton.language as tl
 
 PINNED = tl.constexpr(2147483647)  # last_used key of M_t's slots: after every victim (the reference's _PINNED)
 CHUNK = 32  # slots compared per rank tile
+NUM_WARPS = None  # override of the launcher's choice (experiments)
 
 
 @triton.jit
@@ -140,7 +141,7 @@ def _launch(tags, last_used, prev, rows, blocks, step, out, fused, fused_args, r
     tensors = (tags, last_used, prev, rows, blocks, step, prev_slots, cache_pages, page_table, counters, stamps)
     assert len({t.device.type for t in tensors}) == 1, "one device for all"
     r_p2, kb_p2 = triton.next_power_of_2(r), triton.next_power_of_2(kb)
-    warps = 8 if max(r_p2, kb_p2) >= 256 else 4
+    warps = NUM_WARPS or (8 if max(r_p2, kb_p2) >= 256 else 4)
     _resident_update_kernel[(b * hkv,)](
         tags, last_used, prev, rows, blocks, step, *out, prev_slots, cache_pages, page_table, counters, stamps,
         tags.stride(0), tags.stride(1), prev.stride(0), prev.stride(1), blocks.stride(0), blocks.stride(1),

@@ -238,3 +238,70 @@ def test_steps_never_sync_the_host_and_an_update_with_its_copy_captures_in_a_cud
     held = torch.gather(eng.resident.tags[0][r], 2, eng.resident.prev_slots[0][r].long().clamp(min=0))
     assert torch.equal(torch.where(sel[1] >= 0, held, -1), sel[1])  # the replayed update made M_1 resident
 
+
+
+LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
+
+
+@pytest.mark.gpu
+def test_a_layer_step_is_three_kernel_launches():
+    """candidates, update (+ slots, copy list, telemetry), gather (+ stamp): nothing else is launched per layer;
+    the step counter's increment is the one launch of end_step."""
+    w = _world(KB + 2, impl="triton", lane=CudaLane, device="cuda")
+    _run(w, num_steps=2)  # compiles
+    eng, rows, lens = w["eng"], w["rows"], w["seq_lens"]
+    sel = walk(1, w["nblk"], HKV, KB, keep=0.5, seed=7, device="cuda")[0]
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for layer in range(len(eng.dev_k)):
+            eng.step(layer, rows, lens, sel, lambda positions, token_slots: None)
+        eng.end_step()
+        torch.cuda.synchronize()
+    launches = sum(e.count for e in prof.key_averages() if e.key in LAUNCH_CALLS)
+    assert launches == 3 * len(eng.dev_k) + 1, launches
+
+
+@pytest.mark.gpu
+def test_a_whole_step_captured_in_a_cuda_graph_reads_no_stale_copy():
+    """CudaLane(capture=True): one decode step (every layer: candidates, wait, attention, update, gather on the
+    side stream, joined at end_step) captured once and replayed over a random walk; inside the graph the attention
+    over the resident copies equals the attention over the same positions read from the host store."""
+    from sglang_asynctls.kernels.sparse_decode import sparse_decode
+
+    w = _world(KB + 2, impl="triton", lane=lambda n: CudaLane(n, capture=True), device="cuda")
+    eng, rows, lens, table = w["eng"], w["rows"], w["seq_lens"], w["table"]
+    layers = range(len(eng.dev_k))
+    sel = walk(14, w["nblk"], HKV, KB, keep=0.6, seed=3, revisit=0.5, device="cuda")
+    sel_buf = sel[1].clone()
+    q = torch.randn(len(rows), HQ, D, device="cuda")
+    got = [torch.zeros(len(rows), HQ, D, device="cuda") for _ in layers]
+    want = [torch.zeros_like(g) for g in got]
+    r = rows.long()[:, None, None]
+
+    def attend(layer, positions, token_slots):
+        truth = table[r, positions.clamp(min=0) // BS].long() * BS + positions.clamp(min=0) % BS
+        truth = torch.where(positions >= 0, truth, -1).to(torch.int32)
+        got[layer].copy_(sparse_decode(q, eng.dev_k[layer], eng.dev_v[layer], token_slots, D ** -0.5))
+        want[layer].copy_(sparse_decode(q, eng.host_k[layer], eng.host_v[layer], truth, D ** -0.5))
+
+    def step():
+        for layer in layers:
+            eng.step(layer, rows, lens, sel_buf, lambda p, s, layer=layer: attend(layer, p, s))
+        eng.end_step()
+
+    for layer in layers:
+        eng.prefetch(layer, rows, sel[0])
+    eng.end_step()
+    step()  # eager warm-up (compiles); the lane ends joined
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for t in range(2, len(sel)):
+        sel_buf.copy_(sel[t])
+        graph.replay()
+        torch.cuda.synchronize()
+        for g, t_ in zip(got, want):
+            torch.testing.assert_close(g, t_, rtol=1e-5, atol=1e-5)
+    s = w["tele"].summary()
+    assert s["blocks_copied"] > 0 and all(lay["steps"] == len(sel) for lay in s["layers"])
