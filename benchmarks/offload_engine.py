@@ -10,8 +10,10 @@ decode over a selection trace giving the stall share. Qwen3-8B attention shape (
 - update: the Triton resident-set update beside its torch reference, batch x r (R = r x k_b), CUDA-graph replays;
   and the engine's fused `layer_update` (update + M_t's slots + copy list in pages + telemetry, one launch).
   The kernel's work does not depend on the hit count, so replaying one selection measures it.
+- update_device_us (GPU): the update's and the fused update's own device time (profiler, CUDA activity), alone.
+  Their graph-replay times (update_us) are floored by the host's launch latency on a VM (~15-20 us seen).
 - kernel times (GPU): each engine kernel's device time inside eager layer steps (profiler, CUDA activity), at
-  batch 1/8/32 x r, and the graph-replay floor (a graph of one tiny op), to read the update's graph time against.
+  batch 1/8/32 x r, with the copies running beside them as in decode.
 - layer_step: the engine's own cost per layer step (engine.step with an empty attention and no rest of layer:
   candidates, wait, update, gather on the side stream), eager (wall time per step, host issue included) and as
   a whole decode step (all layers) captured in one CUDA graph (replays; the copy lane is joined at the end of the
@@ -36,9 +38,10 @@ decode over a selection trace giving the stall share. Qwen3-8B attention shape (
   --profile writes a torch.profiler table of two b1 steps (<name>_profile.txt) to show where a step goes.
 
 First H100 run (before the resident-update rewrite): gather 49 GB/s (0.91 of a bulk copy), update 72-600 us,
-decode overhead 11-16x with no measured stall. Second (offload_engine_h100.json, bitwise top-k update): update
-59 / 76 / 345 us at b1 r1 / b8 r1 / b32 r2, decode host-bound (~50 ops a layer step). The fused three-launch step
-and the counting-rank update (this version) have not been run on the GPU yet.
+decode overhead 11-16x with no measured stall. Second (bitwise top-k update): update 59 / 76 / 345 us at b1 r1 /
+b8 r1 / b32 r2, decode host-bound (~50 ops a layer step). Third (offload_engine_h100.json; this version: three
+launches a layer step, counting-rank update): update 5.7-13.2 us device time, engine step 17 us a layer in a graph
+at r = 2, decode 1.17x all-resident in a graph at r = 2 (docs/offload.md).
 """
 
 import argparse
@@ -149,6 +152,21 @@ class Timing:
         return g.replay
 
 
+def _device_us(fn, name: str, calls: int = 30):
+    """Mean device time (µs) of the kernels whose name contains `name`, over `calls` eager calls of fn (profiler,
+    CUDA activity: the kernels' own durations, without launch latency)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    ev = [e for e in prof.key_averages() if name in e.key]
+    total = sum(getattr(e, "device_time_total", 0) or getattr(e, "cuda_time_total", 0) for e in ev)
+    return total / max(sum(e.count for e in ev), 1) if ev else None
+
+
 def _impls(cuda: bool):
     """(update, gather, attention, layer_update) on this device: the Triton kernels on the GPU, the references on
     the CPU."""
@@ -238,7 +256,8 @@ def bench_update(sh: Shape, timing: Timing, dev: str):
                                                                                        device=dev))
                     args = (tags, lu, prev, torch.full_like(prev, -1), ids, sel[1], step, pages, table, *tele, True)
                 t = timing(lambda: fn(*args), graph=True)
-                rows.append(dict(kind=kind, impl=name, batch=b, r=r, slots=slots, **t))
+                dev_us = _device_us(lambda: fn(*args), "resident_update") if cuda and name == "triton" else None
+                rows.append(dict(kind=kind, impl=name, batch=b, r=r, slots=slots, device_us=dev_us, **t))
     return rows
 
 # ---------------------------------------------------------------------------------------------- decode
@@ -390,12 +409,11 @@ ENGINE_KERNELS = ("_resident_candidates_kernel", "_resident_update_kernel", "_ga
 
 def bench_kernel_times(sh: Shape, timing: Timing, dev: str):
     """GPU only. Device time of each engine kernel inside eager layer steps (torch.profiler, CUDA activity: the
-    kernel's own duration, without launch gaps), at every batch of `update_batches` x r; and the floor of the
-    graph-replay timing (a graph of one 1-element add): update_us - floor ~ what the kernel adds to a graph."""
+    kernel's own duration, without launch gaps), at every batch of `update_batches` x r. The copies run beside
+    the other two kernels there, as in decode: large copies slow them (see docs/offload.md)."""
     if dev != "cuda":
         return []
-    one = torch.zeros(1, device=dev)
-    rows = [dict(kind="graph_floor", **timing(lambda: one.add_(1), graph=True))]
+    rows = []
     for batch in sh.update_batches:
         trace, _ = _trace(sh, batch, dev, "")
         _, store = host_store(batch * (sh.context // sh.bs), sh, True)
@@ -533,7 +551,8 @@ def summarize(rows):
     out["update_us"] = {f"b{r['batch']}_r{r['r']}_{r['impl']}": r["median_us"] for r in rows if r["kind"] == "update"}
     out["kernel_device_us"] = {f"b{r['batch']}_r{r['r']}_{r['kernel'].strip('_').replace('_kernel', '')}":
                                r["device_us"] for r in rows if r["kind"] == "kernel_time"}
-    out["graph_floor_us"] = next((r["median_us"] for r in rows if r["kind"] == "graph_floor"), None)
+    out["update_device_us"] = {f"b{r['batch']}_r{r['r']}_{r['kind']}": r["device_us"] for r in rows
+                               if r["kind"] in ("update", "layer_update") and r.get("device_us") is not None}
     out["layer_update_us"] = {f"b{r['batch']}_r{r['r']}": r["median_us"] for r in rows
                               if r["kind"] == "layer_update"}
     out["layer_step"] = {f"b{r['batch']}_r{r['r']}": {k: r[k] for k in ("eager_us_per_layer", "eager_host_us_per_layer",

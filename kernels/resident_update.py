@@ -5,17 +5,22 @@ All state stays on the device and every shape is static, so the update runs insi
 
 Latency, not work, is what a per-layer op pays for (batch 1: 8 programs), so the kernel is built to have few
 *dependent* block-wide steps:
-- hits: one [Kb, R] comparison tile (one reduction along R) and the overlap one [Kb, Kb] tile; both independent;
+- hits and the overlap: [Kb, 32] comparison tiles against chunks of the tags / M_{t-1} read from memory, each
+  reduced along its chunk (independent chunks); whole [Kb, R] / [Kb, Kb] tiles cost 1.4-5 us each (H100
+  ablation, below);
 - M_t's hit slots are marked in `last_used` itself (INT32_MAX, the reference's pinned key), then one barrier;
 - victims: the rank of every slot in the (last_used, slot) order is *counted* ([R, 32] tiles of pairwise
   comparisons, read back from memory in chunks; no dependency between chunks), and the victims are the slots of
   rank < misses. The previous kernel found them by `_topk`'s bitwise threshold search over -last_used: 32 counts in
-  a dependent chain (59 us at batch 1, r = 1 on the H100, benchmarks/results/offload_engine_h100.json);
+  a dependent chain. H100 device time of the update, Kb 128, b1 r1 / b1 r2 / b32 r2: that kernel 58 / 70 / 340 us;
+  counting ranks with whole hit/overlap tiles 6.7 / 10.9 / 19.2 us (ablation: without either whole tile 1.4-5 us
+  less each); with the chunked tiles 5.7 / 9.8 / 13.1 us;
 - matching (i-th miss in entry order -> i-th victim in slot order): two prefix sums, and the victims' slots are
   passed through the first entries of the copy_dst row (scatter, barrier, gather) instead of a [Kb, R] tile; new
   tags are scattered to the victims' slots.
 `layer_update` is the same kernel with the engine's glue fused in (FUSED): prev_slots, the copy list in host/device
-pages (compacted: the misses of (b, h) first), and the layer's telemetry counters (atomics). Spec:
+pages (compacted: the misses of (b, h) first; both page lookups issued at the start, the victims' device pages
+passed with their slots), and the layer's telemetry counters (atomics). Spec:
 `offload/reference.py` (`resident_update`, `layer_update`).
 """
 
@@ -35,7 +40,7 @@ def _resident_update_kernel(tags, last_used, prev, rows, blocks, step, slots, co
                             prev_slots, cache_pages, page_table, counters, stamps,
                             stride_tr, stride_th, stride_pr, stride_ph, stride_bb, stride_bh, stride_cr, stride_pt,
                             HKV: tl.constexpr, R: tl.constexpr, KB: tl.constexpr, R_P2: tl.constexpr,
-                            KB_P2: tl.constexpr, RC: tl.constexpr, FUSED: tl.constexpr,
+                            KB_P2: tl.constexpr, RC: tl.constexpr, KC: tl.constexpr, FUSED: tl.constexpr,
                             RECORD_STALL: tl.constexpr):
     pid = tl.program_id(0)
     b = pid // HKV
@@ -50,18 +55,31 @@ def _resident_update_kernel(tags, last_used, prev, rows, blocks, step, slots, co
     lu_ptr = last_used + state + offs_r
     p_off = row * stride_pr + h * stride_ph + offs_k  # prev / prev_slots
     out_row = b * stride_bb + h * stride_bh  # outputs [B, Hkv, Kb]
-    tag = tl.load(tags + state + offs_r, mask=mask_r, other=-1)
     lu = tl.load(lu_ptr, mask=mask_r, other=-1)
     blk = tl.load(blocks + out_row + offs_k, mask=mask_k, other=-1)
-    old = tl.load(prev + p_off, mask=mask_k, other=-1)
     valid = blk >= 0
+    if FUSED:  # page lookups up front, off the dependent chain: host page of each entry, device page of each slot
+        src_page = tl.load(page_table + row * stride_pt + blk, mask=valid, other=-1)
+        slot_page = tl.load(cache_pages + row * stride_cr + offs_r, mask=mask_r, other=-1)
 
-    # tags of a (row, head) are distinct and empty slots hold -1, so a valid block matches at most one slot
-    hit_slot = tl.max(tl.where((blk[:, None] == tag[None, :]) & valid[:, None], offs_r[None, :], -1), axis=1)
+    # hits and overlap from [Kb, 32] comparison tiles of tags / M_{t-1} chunks read from memory, reduced along the
+    # chunk (H100: whole [Kb, R] and [Kb, Kb] tiles cost 1.4-5 us each). Tags of a (row, head) are distinct and
+    # empty slots hold -1, so a valid block matches at most one slot.
+    hit_slot = tl.full([KB_P2], -1, dtype=tl.int32)
+    for c in tl.static_range(0, R_P2, RC):
+        offs_c = c + tl.arange(0, RC)
+        tc = tl.load(tags + state + offs_c, mask=offs_c < R, other=-1)
+        hit_slot = tl.maximum(hit_slot, tl.max(tl.where(blk[:, None] == tc[None, :], offs_c[None, :], -1), axis=1))
+    seen = tl.zeros([KB_P2], dtype=tl.int32)
+    for c in tl.static_range(0, KB_P2, KC):
+        offs_c = c + tl.arange(0, KC)
+        pc = tl.load(prev + row * stride_pr + h * stride_ph + offs_c, mask=offs_c < KB, other=-1)
+        seen = tl.maximum(seen, tl.max((blk[:, None] == pc[None, :]).to(tl.int32), axis=1))
+    hit_slot = tl.where(valid, hit_slot, -1)
+    seen = tl.where(valid, seen, 0)
     hit = hit_slot >= 0
     miss = valid & ~hit
     num_miss = tl.sum(miss.to(tl.int32), axis=0)
-    seen = tl.max(((blk[:, None] == old[None, :]) & valid[:, None]).to(tl.int32), axis=1)
     miss_rank = tl.cumsum(miss.to(tl.int32), axis=0) - 1
 
     # pin M_t's slots: their key becomes PINNED (sorts after every victim candidate)
@@ -78,11 +96,16 @@ def _resident_update_kernel(tags, last_used, prev, rows, blocks, step, slots, co
     victim = (rank < num_miss) & mask_r
     vrank = tl.cumsum(victim.to(tl.int32), axis=0) - 1
 
-    # victims in slot order -> misses in entry order, through the first num_miss entries of the copy_dst row
+    # victims in slot order -> misses in entry order, through the first num_miss entries of the copy_dst row (and
+    # the victims' device pages through the copy_src row)
     scratch = copy_dst + out_row
     tl.store(scratch + vrank, offs_r, mask=victim)
+    if FUSED:
+        tl.store(copy_src + out_row + vrank, slot_page, mask=victim)
     tl.debug_barrier()
     victim_slot = tl.load(scratch + miss_rank, mask=miss, other=-1)
+    if FUSED:
+        dst = tl.load(copy_src + out_row + miss_rank, mask=miss, other=-1)
     tl.debug_barrier()
     slot = tl.where(hit, hit_slot, tl.where(miss, victim_slot, -1))
 
@@ -95,21 +118,21 @@ def _resident_update_kernel(tags, last_used, prev, rows, blocks, step, slots, co
     tl.store(misses + pid, num_miss)
     if FUSED:
         tl.store(prev_slots + p_off, slot, mask=mask_k)
-        src = tl.load(page_table + row * stride_pt + blk, mask=miss, other=-1)
-        dst = tl.load(cache_pages + row * stride_cr + slot, mask=miss, other=-1)
         tail = mask_k & (offs_k >= num_miss)
         tl.store(copy_src + out_row + offs_k, tl.full([KB_P2], -1, tl.int32), mask=tail)
         tl.store(copy_dst + out_row + offs_k, tl.full([KB_P2], -1, tl.int32), mask=tail)
-        tl.store(copy_src + out_row + miss_rank, src, mask=miss)
+        tl.store(copy_src + out_row + miss_rank, src_page, mask=miss)
         tl.store(copy_dst + out_row + miss_rank, dst, mask=miss)
-        # counters: OVERLAP, SELECTED, COPIED, STEPS, STALL_NS (offload/telemetry.py Counter)
-        tl.atomic_add(counters + 0, n_seen.to(tl.int64))
-        tl.atomic_add(counters + 1, tl.sum(valid.to(tl.int32), axis=0).to(tl.int64))
-        tl.atomic_add(counters + 2, num_miss.to(tl.int64))
+        # counters: OVERLAP, SELECTED, COPIED, STEPS, STALL_NS (offload/telemetry.py Counter); relaxed: nothing
+        # is ordered by them (the default acq_rel puts a fence around each)
+        tl.atomic_add(counters + 0, n_seen.to(tl.int64), sem="relaxed")
+        tl.atomic_add(counters + 1, tl.sum(valid.to(tl.int32), axis=0).to(tl.int64), sem="relaxed")
+        tl.atomic_add(counters + 2, num_miss.to(tl.int64), sem="relaxed")
         if pid == 0:
-            tl.atomic_add(counters + 3, num_miss.to(tl.int64) * 0 + 1)
+            tl.atomic_add(counters + 3, num_miss.to(tl.int64) * 0 + 1, sem="relaxed")
             if RECORD_STALL:  # stamps: LANDED, NEEDED (Stamp)
-                tl.atomic_add(counters + 4, tl.maximum(tl.load(stamps + 0) - tl.load(stamps + 1), 0))
+                tl.atomic_add(counters + 4, tl.maximum(tl.load(stamps + 0) - tl.load(stamps + 1), 0),
+                              sem="relaxed")
     else:
         tl.store(copy_src + out_row + offs_k, tl.where(miss, blk, -1), mask=mask_k)
         tl.store(copy_dst + out_row + offs_k, tl.where(miss, slot, -1), mask=mask_k)
@@ -141,12 +164,14 @@ def _launch(tags, last_used, prev, rows, blocks, step, out, fused, fused_args, r
     tensors = (tags, last_used, prev, rows, blocks, step, prev_slots, cache_pages, page_table, counters, stamps)
     assert len({t.device.type for t in tensors}) == 1, "one device for all"
     r_p2, kb_p2 = triton.next_power_of_2(r), triton.next_power_of_2(kb)
-    warps = NUM_WARPS or (8 if max(r_p2, kb_p2) >= 256 else 4)
+    # H100, device time at Kb 128 (update alone), 8 / 4 warps: 5.8 / 6.8 us at b1 r1, 9.8 / 14.1 at b1 r2, 13.1 /
+    # 17.2 at b32 r2
+    warps = NUM_WARPS or (8 if max(r_p2, kb_p2) >= 128 else 4)
     _resident_update_kernel[(b * hkv,)](
         tags, last_used, prev, rows, blocks, step, *out, prev_slots, cache_pages, page_table, counters, stamps,
         tags.stride(0), tags.stride(1), prev.stride(0), prev.stride(1), blocks.stride(0), blocks.stride(1),
         cache_pages.stride(0), page_table.stride(0), HKV=hkv, R=r, KB=kb, R_P2=r_p2, KB_P2=kb_p2,
-        RC=min(CHUNK, r_p2), FUSED=fused, RECORD_STALL=record_stall, num_warps=warps)
+        RC=min(CHUNK, r_p2), KC=min(CHUNK, kb_p2), FUSED=fused, RECORD_STALL=record_stall, num_warps=warps)
     return out
 
 

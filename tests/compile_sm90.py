@@ -69,9 +69,9 @@ def resident_update(r, kb, num_warps, fused):
              + [(n, "*i64") for n in ("counters", "stamps")]
              + _i32("stride_tr", "stride_th", "stride_pr", "stride_ph", "stride_bb", "stride_bh", "stride_cr",
                     "stride_pt")
-             + [(n, None) for n in ("HKV", "R", "KB", "R_P2", "KB_P2", "RC", "FUSED", "RECORD_STALL")],
-             dict(HKV=8, R=r, KB=kb, R_P2=r_p2, KB_P2=triton.next_power_of_2(kb), RC=min(32, r_p2), FUSED=fused,
-                  RECORD_STALL=fused), num_warps)
+             + [(n, None) for n in ("HKV", "R", "KB", "R_P2", "KB_P2", "RC", "KC", "FUSED", "RECORD_STALL")],
+             dict(HKV=8, R=r, KB=kb, R_P2=r_p2, KB_P2=triton.next_power_of_2(kb), RC=min(32, r_p2),
+                  KC=min(32, triton.next_power_of_2(kb)), FUSED=fused, RECORD_STALL=fused), num_warps)
 
 
 def resident_candidates(stamp):
@@ -85,16 +85,16 @@ def resident_candidates(stamp):
              dict(HKV=8, BS=64, BLOCK_C=1024, STAMP=stamp), 4)
 
 
-def gather_blocks(copy_v, epp, stamp):
+def gather_blocks(copy_v, counts, stamp):
     _compile(_gather_blocks_kernel,
              [(n, "*bf16") for n in ("src_k", "src_v", "dst_k", "dst_v")] + [(n, "*i32") for n in ("src_blocks",
                                                                                                    "dst_blocks")]
              + _i32("K", "stride_sks", "stride_skh", "stride_svs", "stride_svh", "stride_dks", "stride_dkh",
                     "stride_dvs", "stride_dvh", "stride_bb", "stride_bh")
-             + [("stamp", "*i64"), ("ticket", "*i32"), ("num_programs", "i32")]
-             + [(n, None) for n in ("HKV", "BS", "D", "DV", "D_P2", "DV_P2", "ROWS", "COPY_V", "EPP", "STAMP")],
-             dict(HKV=8, BS=64, D=128, DV=128, D_P2=128, DV_P2=128, ROWS=64, COPY_V=copy_v, EPP=epp, STAMP=stamp),
-             4)
+             + [("stamp", "*i64"), ("ticket", "*i32"), ("num_programs", "i32"), ("counts", "*i32")]
+             + [(n, None) for n in ("HKV", "BS", "D", "DV", "D_P2", "DV_P2", "ROWS", "COPY_V", "STAMP", "COUNTS")],
+             dict(HKV=8, BS=64, D=128, DV=128, D_P2=128, DV_P2=128, ROWS=64, COPY_V=copy_v, STAMP=stamp,
+                  COUNTS=counts), 4)
 
 
 def offload_kernels():
@@ -105,9 +105,9 @@ def offload_kernels():
     for stamp in (False, True):
         resident_candidates(stamp)
         print(f"resident_candidates (stamp={stamp}): compiled for sm_90")
-    for copy_v, epp, stamp in ((True, 1, 0), (False, 1, 0), (True, 16, 1), (True, 2, 2)):
-        gather_blocks(copy_v, epp, stamp)
-        print(f"gather_blocks (copy_v={copy_v}, epp={epp}, stamp={stamp}): compiled for sm_90")
+    for copy_v, counts, stamp in ((True, False, 0), (False, False, 0), (True, True, 1), (True, False, 2)):
+        gather_blocks(copy_v, counts, stamp)
+        print(f"gather_blocks (copy_v={copy_v}, counts={counts}, stamp={stamp}): compiled for sm_90")
     _compile(_device_clock_kernel, [("out", "*i64"), ("index", "i32")], {}, 1)
     print("device_clock: compiled for sm_90")
 

@@ -3,7 +3,6 @@ with src < 0 copy nothing; MLA copies K only (V is a view of it)."""
 
 import pytest
 import torch
-import triton
 
 from sglang_asynctls.kernels.gather_blocks import gather_blocks as kernel_gather
 from sglang_asynctls.offload import reference as OR
@@ -58,23 +57,32 @@ def test_reference_moves_each_listed_head_block_and_nothing_else():
 
 
 @pytest.mark.parametrize("max_programs", [2048, 8])
-def test_strided_programs_and_the_last_program_ticket(monkeypatch, max_programs):
-    """With few programs each one copies entries q, q + P, ... (still exactly the reference's copy); with a ticket
-    the last program to arrive writes the stamp (here: the arrival count, CPU-checkable) and resets the ticket."""
+@pytest.mark.parametrize("compact", [False, True])
+def test_strided_programs_and_the_last_program_ticket(monkeypatch, max_programs, compact):
+    """With few programs each one copies entries q, q + P, ... (still exactly the reference's copy); a compacted
+    list with its counts is read only up to them; with a ticket the last program to arrive writes the stamp (here:
+    the arrival count, CPU-checkable) and resets the ticket."""
     from sglang_asynctls.kernels import gather_blocks as G
 
     monkeypatch.setattr(G, "MAX_PROGRAMS", max_programs)
     src_k, src_v, dst_k, dst_v, src, dst = _case(8, hkv=2, d=16, dv=16, dtype=torch.float32, seed=5)
+    counts = None
+    if compact:  # valid entries first, as the engine's update writes them; garbage past the counts is not read
+        order = torch.sort((src < 0).int(), dim=-1, stable=True).indices
+        src, dst = torch.gather(src, -1, order), torch.gather(dst, -1, order)
+        counts = (src >= 0).sum(-1).int()
+        keep = torch.arange(src.shape[-1], device=DEV) < counts[..., None]
     want_k, want_v = dst_k.clone(), dst_v.clone()
     OR.gather_blocks(src_k, src_v, want_k, want_v, src, dst, 8)
     stamp = torch.zeros(1, dtype=torch.int64, device=DEV)
     ticket = torch.zeros(1, dtype=torch.int32, device=DEV)
+    if compact:
+        src, dst = torch.where(keep, src, 10 ** 6), torch.where(keep, dst, 10 ** 6)  # out of range: never read
     for _ in range(2):  # the ticket is reusable: back at 0 after each launch
         G.gather_blocks(src_k, src_v, dst_k, dst_v, src, dst, 8, landed=(stamp, ticket),
-                        stamp_mode=1 if DEV == "cuda" else 2)
+                        stamp_mode=1 if DEV == "cuda" else 2, counts=counts)
         assert int(ticket) == 0
         if DEV != "cuda":
             b, hkv, kk = src.shape
-            epp = min(triton.next_power_of_2(triton.cdiv(b * hkv * kk, max_programs)), triton.next_power_of_2(kk))
-            assert int(stamp) == b * hkv * triton.cdiv(kk, epp)
+            assert int(stamp) == b * hkv * max(1, min(kk, max_programs // (b * hkv)))
     assert torch.equal(dst_k, want_k) and torch.equal(dst_v, want_v)

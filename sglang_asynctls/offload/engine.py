@@ -74,14 +74,14 @@ class OffloadEngine:
                 self.block_size)
 
         def copy():
-            if tele.device_stamps:  # the gather's last program stamps LANDED
+            if tele.device_stamps:  # the gather's last program stamps LANDED; misses bound each row's scan
                 self.gather_fn(*args, landed=(tele.stamps[layer, Stamp.LANDED:Stamp.LANDED + 1],
-                                              tele.tickets[layer:layer + 1]))
+                                              tele.tickets[layer:layer + 1]), counts=upd.misses)
             else:
                 self.gather_fn(*args)
                 tele.stamp(layer, Stamp.LANDED)
 
-        self.lane.submit(layer, copy, src, dst)
+        self.lane.submit(layer, copy, src, dst, upd.misses)
 
     def end_step(self):
         self.resident.advance()

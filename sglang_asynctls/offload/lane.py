@@ -4,7 +4,10 @@ CudaLane: a side stream; one event per layer orders a layer's copy before its fi
 InlineLane: runs the copy at once (CPU, or debugging); waiting is a no-op. Both keep a per-layer `CopyState`.
 CudaLane(capture=True): for a decode step captured in a CUDA graph. A graph cannot leave the side stream unjoined,
 so `end_step` joins it (the main stream waits for every copy of the step: the last layers' copies are exposed), and
-the next step's waits are then no-ops; `record_stream` is skipped (the graph's pool owns the tensors).
+the next step's waits are then no-ops. `record_stream` is needed there too: without it the allocator hands a layer's
+copy list, freed on the main stream during the capture, to the next layer's outputs while the graph's side-stream
+gather still reads it (seen on the H100: an illegal address in replays); under capture it defers such frees to the
+capture's end.
 """
 
 from __future__ import annotations
@@ -51,9 +54,8 @@ class CudaLane(InlineLane):
         self.stream.wait_stream(main)
         with torch.cuda.stream(self.stream):
             copy()
-        if not self.capture:
-            for t in tensors:
-                t.record_stream(self.stream)
+        for t in tensors:
+            t.record_stream(self.stream)
         self.events[layer].record(self.stream)
         self.state[layer] = CopyState.IN_FLIGHT
 
