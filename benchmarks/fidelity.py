@@ -70,12 +70,19 @@ class Runner:
         spec = ModelAttention("gqa", s.num_layers, s.num_qo_heads, s.num_kv_heads, s.head_dim, s.head_dim)
         self.channels = load_channel_config(args.channels, spec, args.label_channels)
         self.dense_layers = frozenset(int(x) for x in args.dense_layers.split(",") if x)
+        cfg = AsyncTLSConfig(layer_budget_scale=args.layer_budget_scale,
+                             layer_candidate_scale=args.layer_candidate_scale).with_layer_schedule(
+            json.loads(Path(args.channels).read_text()))
+        self.schedule = {"layer_budget_scale": cfg.layer_budget_scale,
+                         "layer_candidate_scale": cfg.layer_candidate_scale}
+        self.layer_scale, self.candidate_scale = cfg.layer_scale(), cfg.layer_scale("layer_candidate_scale")
         self.samples = []
 
     def budget(self, context: int, fraction: int) -> fd.Budget:
         return fd.Budget.fraction_of(context, fraction, candidate_ratio=self.args.candidate_ratio,
                                      block_size=self.args.block_size, bound_slack=self.args.bound_slack,
-                                     group_score=self.args.group_score)
+                                     group_score=self.args.group_score, layer_scale=self.layer_scale,
+                                     candidate_scale=self.candidate_scale, num_layers=self.model.shape.num_layers)
 
     def configs(self, context):
         """(method, budget label, Budget) for every run: dense once, then each sparse method per fraction."""
@@ -91,7 +98,8 @@ class Runner:
         """Dense prefill of the haystack; per question a dense extend of all but its last token, then every
         method decodes that token and the answer."""
         depth = depths(n)[k]
-        t = needles.TASKS[task](self.tok, context, depth, seed=1000 * k + context, straddle=bool(k % 2))
+        t = needles.TASKS[task](self.tok, context, depth, seed=1000 * k + context + self.args.seed_offset,
+                                straddle=bool(k % 2))
         extra = max(len(q) for q, _ in t.questions) + MAX_NEW
         kv = fd.DocumentKV(self.model, t.context_ids, self.channels, extra=extra, block_size=self.args.block_size)
         runs = list(self.configs(context))
@@ -186,12 +194,20 @@ def main(argv=None) -> None:
                    help="AsyncTLS coarse score: weight of the block half-range (1 = min/max bound, 0 = centre)")
     p.add_argument("--group-score", default=AsyncTLSConfig().group_score, choices=GROUP_SCORES,
                    help="AsyncTLS coarse score: combine a KV group's heads by sum or max")
+    p.add_argument("--layer-budget-scale", default=AsyncTLSConfig().layer_budget_scale,
+                   help="AsyncTLS per-layer k_t and k_b at the same means, LAYER:SCALE,... (the other layers share "
+                        "the rest); 'auto' = the channel JSON's calibrated schedule; '' = every layer alike")
+    p.add_argument("--layer-candidate-scale", default=AsyncTLSConfig().layer_candidate_scale,
+                   help="AsyncTLS extra candidate blocks per layer, LAYER:SCALE,... (k_b x SCALE, k_t unchanged); "
+                        "'auto' = the channel JSON's; '' = none")
     p.add_argument("--dense-layers", default="", help="comma-separated layers that always decode densely")
     p.add_argument("--fractions", default="8,16", help="token budgets as context fractions 1/f")
     p.add_argument("--window", type=int, default=None, help="teacher-forced positions per code file")
     p.add_argument("--contexts", default=None, help="override the plan's contexts (comma-separated)")
     p.add_argument("--methods", default=",".join(SPARSE), help="sparse methods to run beside dense")
     p.add_argument("--tasks", default="retrieval,code", help="task families to run (tuning runs)")
+    p.add_argument("--seed-offset", type=int, default=0,
+                   help="added to every retrieval prompt's seed: other haystacks and keys (held-out prompts)")
     p.add_argument("--partial", default=None, help="rewrite the samples to this file after every prompt")
     args = p.parse_args(argv)
     args.fractions = [int(f) for f in args.fractions.split(",")]
@@ -206,6 +222,7 @@ def main(argv=None) -> None:
     runner.run(plan)
     config = {k: v for k, v in vars(args).items() if k != "quick"} | {
         "mode": "quick" if args.quick else "full", "plan": {str(c): s for c, s in plan.items()},
+        "resolved_layer_schedule": runner.schedule,
         "budgets": {f"{c}@1/{f}": asdict(runner.budget(c, f)) for c in plan for f in args.fractions},
         "evaluation_text": {"code": list(calibrate.EVALUATION_MODULES), "haystack": "pydoc_data.topics",
                             "python": platform.python_version()},

@@ -37,6 +37,13 @@ def add_asynctls_args(_result, parser: argparse.ArgumentParser) -> None:
                         "upper bound, 0 = the block centre). Default: %(default)s.")
     g.add_argument(FLAGS["group_score"], choices=GROUP_SCORES, default=_D.group_score,
                    help="How the coarse score combines a KV group's query heads. Default: %(default)s.")
+    g.add_argument(FLAGS["layer_budget_scale"], type=str, default=_D.layer_budget_scale, metavar="LAYER:SCALE,...",
+                   help="Per-layer budgets at the same average: each listed layer gets SCALE x k_t tokens and SCALE x "
+                        "k_b blocks, the other layers share the rest equally; '' = every layer alike. Default: auto "
+                        "(the channel config's calibrated schedule, if it has one).")
+    g.add_argument(FLAGS["layer_candidate_scale"], type=str, default=_D.layer_candidate_scale,
+                   metavar="LAYER:SCALE,...", help="Extra candidate blocks: each listed layer keeps SCALE (>= 1) x its "
+                   "k_b blocks for label scoring (attended tokens unchanged); '' = none. Default: auto (as above).")
     g.add_argument(FLAGS["channel_config"], type=str, default=None, metavar="PATH",
                    help="Heavy-channel JSON from `python -m sglang_asynctls.calibrate`.")
     g.add_argument(FLAGS["offload"], action="store_true",

@@ -9,10 +9,11 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from typing import Optional
+from typing import Dict, List, Optional, Tuple
 
 LABEL_BITS = 4  # INT4 labels: two channels per byte (kernels unpack nibbles)
 DEFAULT_LABEL_CHANNELS = {"gqa": 32, "mla": 128}  # d_c from the paper: 32 of 128 dims (GQA), 128 of 576 (MLA)
+AUTO = "auto"  # per-layer schedules: take the model's calibrated one (channel config JSON), if it has one
 GROUP_SCORES = ("sum", "max")  # how the coarse score combines a KV group's query heads (reference.block_scores)
 
 
@@ -29,6 +30,8 @@ FLAGS = {
     "label_channels": "--asynctls-label-channels",
     "bound_slack": "--asynctls-bound-slack",
     "group_score": "--asynctls-group-score",
+    "layer_budget_scale": "--asynctls-layer-budget-scale",
+    "layer_candidate_scale": "--asynctls-layer-candidate-scale",
     "channel_config": "--asynctls-channel-config",
     "sink_tokens": "--asynctls-sink-tokens",
     "local_window": "--asynctls-local-window",
@@ -65,6 +68,13 @@ class AsyncTLSConfig:
                     sum_h (q_h . centre + s |q_h| . half-range); 1 = the exact min/max upper bound (Quest's),
                     0 = the block centre (docs/tuning.md "Coarse score")
     group_score:    "sum" or "max": how the coarse score combines the query heads of a KV group
+    layer_budget_scale: per-layer budgets at the same average, "LAYER:SCALE,...": a listed layer gets SCALE x k_t
+                    tokens and SCALE x k_b blocks, the other layers share what is left equally (means over layers
+                    <= k_t and k_b; `reference.layer_budgets`); "" = k_t and k_b in every layer; "auto" = the
+                    model's calibrated schedule from its channel config (`with_layer_schedule`), else "".
+    layer_candidate_scale: "LAYER:SCALE,...": the listed layers keep SCALE x their k_b candidate blocks, taken
+                    from no other layer (label-scoring work, no attended tokens; `reference.layer_candidate_budgets`);
+                    "" = none; "auto" as above.
     channel_config: JSON from `python -m sglang_asynctls.calibrate`; None = the packaged default for the model,
                     else channels ranked by |K| at prefill
     sink_tokens:    first tokens always attended
@@ -80,6 +90,8 @@ class AsyncTLSConfig:
     label_channels: Optional[int] = None
     bound_slack: float = 1.0
     group_score: str = "sum"
+    layer_budget_scale: str = AUTO
+    layer_candidate_scale: str = AUTO
     channel_config: Optional[str] = None
     sink_tokens: int = 64
     local_window: int = 128
@@ -104,6 +116,16 @@ class AsyncTLSConfig:
         _check_float("bound_slack", self.bound_slack, 0.0, 1.0)
         if self.group_score not in GROUP_SCORES:
             _fail("group_score", f"one of {', '.join(GROUP_SCORES)}", self.group_score)
+        for layer, scale in self.layer_scale().items():
+            kt, kb = int(scale * self.token_budget), int(scale * self.block_budget)
+            if not (always < kt and self.forced_blocks <= kb <= 1 << 16 and kt <= kb * bs):
+                _fail("layer_budget_scale", f"LAYER:SCALE pairs giving every listed layer more than sink + window = "
+                      f"{always} tokens, {self.forced_blocks} to 65536 blocks and tokens <= blocks x block size "
+                      f"(layer {layer}: {kt} tokens, {kb} blocks)", self.layer_budget_scale)
+        for layer, scale in self.layer_scale("layer_candidate_scale").items():
+            if scale < 1:
+                _fail("layer_candidate_scale", "LAYER:SCALE pairs with SCALE >= 1 (more candidates, never fewer)",
+                      self.layer_candidate_scale)
         if self.label_channels is not None:
             _check_int("label_channels", self.label_channels, 2, 1024)
             if self.label_channels % 2:
@@ -114,6 +136,52 @@ class AsyncTLSConfig:
         """Upper bound on blocks the coarse stage must keep regardless of score: sinks, window, open block."""
         ceil = lambda n: -(-n // self.block_size)  # noqa: E731
         return ceil(self.sink_tokens) + ceil(self.local_window) + 1
+
+    def layer_scale(self, field: str = "layer_budget_scale") -> Dict[int, float]:
+        """layer_budget_scale (or layer_candidate_scale) parsed: {layer: scale} ("auto" not resolved by
+        `with_layer_schedule`: {}, every layer alike); raises naming the flag."""
+        text = getattr(self, field)
+        if not isinstance(text, str):
+            _fail(field, "a string of LAYER:SCALE pairs", text)
+        if text.strip() == AUTO:
+            return {}
+        out: Dict[int, float] = {}
+        for item in filter(None, (x.strip() for x in text.split(","))):
+            try:
+                layer_s, scale_s = item.split(":")
+                layer, scale = int(layer_s), float(scale_s)
+            except ValueError:
+                _fail(field, "comma-separated LAYER:SCALE pairs, e.g. 0:4,1:2", text)
+            if layer < 0 or layer in out or not 0 < scale < float("inf"):
+                _fail(field, "distinct layers >= 0 with a scale > 0", text)
+            out[layer] = scale
+        return out
+
+    def layer_budgets(self, num_layers: int) -> List[Tuple[int, int]]:
+        """(k_t, k_b) of each of the model's layers: `reference.layer_budgets` over k_t and k_b, then
+        `reference.layer_candidate_budgets`; checks the result (every layer, listed or not)."""
+        from sglang_asynctls.reference import layer_budgets, layer_candidate_budgets
+
+        scale, cand = self.layer_scale(), self.layer_scale("layer_candidate_scale")
+        for field, pairs in (("layer_budget_scale", scale), ("layer_candidate_scale", cand)):
+            if any(layer >= num_layers for layer in pairs):
+                _fail(field, f"layers < {num_layers} (the model's layer count)", getattr(self, field))
+        kts = layer_budgets(self.token_budget, num_layers, scale)
+        kbs = layer_candidate_budgets(layer_budgets(self.block_budget, num_layers, scale), cand)
+        pairs = list(zip(kts, kbs))
+        always = self.sink_tokens + self.local_window
+        if any(not (always < kt <= kb * self.block_size and self.forced_blocks <= kb <= 1 << 16) for kt, kb in pairs):
+            _fail("layer_budget_scale", f"a schedule that leaves every layer more than sink + window = {always} "
+                  f"tokens, {self.forced_blocks} to 65536 blocks and tokens <= blocks x block size "
+                  f"((k_t, k_b) per layer: {pairs})", self.layer_budget_scale)
+        return pairs
+
+    def with_layer_schedule(self, calibration: Optional[dict]) -> "AsyncTLSConfig":
+        """This config with each "auto" schedule replaced by the calibration JSON's (`calibrate` / channel config:
+        keys "layer_budget_scale", "layer_candidate_scale"), or by "" (every layer alike) where it has none."""
+        fields = ("layer_budget_scale", "layer_candidate_scale")
+        values = {f: str((calibration or {}).get(f, "")) for f in fields if getattr(self, f).strip() == AUTO}
+        return dataclasses.replace(self, **values)
 
     def resolved_label_channels(self, kind: str) -> int:
         return self.label_channels if self.label_channels is not None else DEFAULT_LABEL_CHANNELS[kind]

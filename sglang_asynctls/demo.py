@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.resources
+import json
 import time
 
 import torch
@@ -21,12 +22,14 @@ from sglang_asynctls.config import AsyncTLSConfig
 from sglang_asynctls.model_spec import ModelAttention, load_channel_config
 
 
+PACKAGED = importlib.resources.files("sglang_asynctls") / "data" / "smollm2_channels.json"
+
+
 def packaged_channels(model: smollm2.SmolLlama, label_channels: int) -> torch.Tensor:
     """[layers, Hkv, d_c] heavy channels of the packaged SmolLM2 calibration."""
     s = model.shape
     spec = ModelAttention("gqa", s.num_layers, s.num_qo_heads, s.num_kv_heads, s.head_dim, s.head_dim)
-    path = importlib.resources.files("sglang_asynctls") / "data" / "smollm2_channels.json"
-    return load_channel_config(str(path), spec, label_channels)
+    return load_channel_config(str(PACKAGED), spec, label_channels)
 
 
 def answer(model, kv, task: needles.NeedleTask, budget, method, max_new, observe=None):
@@ -47,7 +50,10 @@ def run(context: int = 4096, depth: float = 0.4, fraction: int = 8, max_new: int
     t_load = time.perf_counter() - t_start
     channels = packaged_channels(model, AsyncTLSConfig().resolved_label_channels("gqa"))
     task = needles.passkey(tok, context, depth, seed=seed, straddle=True)
-    budget = fd.Budget.fraction_of(context, fraction)
+    cfg = AsyncTLSConfig().with_layer_schedule(json.loads(PACKAGED.read_text()))  # the defaults, as served
+    budget = fd.Budget.fraction_of(context, fraction, bound_slack=cfg.bound_slack, group_score=cfg.group_score,
+                                   layer_scale=cfg.layer_scale(), num_layers=model.shape.num_layers,
+                                   candidate_scale=cfg.layer_scale("layer_candidate_scale"))
     t0 = time.perf_counter()
     kv = fd.DocumentKV(model, task.context_ids, channels, extra=len(task.questions[0][0]) + max_new)
     t_prefill = time.perf_counter() - t0
@@ -77,7 +83,11 @@ def main(argv=None) -> None:
     print(f"prompt: {len(t.prompt())} tokens, pass key {t.questions[0][1]} at token {t.needle_positions[0]} "
           f"(depth {t.depth:.2f}, straddling a 64-token block boundary)")
     print(f"AsyncTLS budget: k_t = {b.token_budget} tokens of {b.block_budget} candidate blocks x {b.block_size}, "
-          f"sink {b.sink_tokens}, window {b.local_window}")
+          f"sink {b.sink_tokens}, window {b.local_window}" + (
+              f" (mean over layers; per layer k_t {min(t for t, _ in b.layer_budgets)}-"
+              f"{max(t for t, _ in b.layer_budgets)}, k_b {min(k for _, k in b.layer_budgets)}-"
+              f"{max(k for _, k in b.layer_budgets)}); coarse score: slack {b.bound_slack:g}, group {b.group_score}"
+              if b.layer_budgets else ""))
     print(f"dense    answer: {r['dense']!r}  ({r['t_dense']:.1f} s decode)")
     print(f"asynctls answer: {r['sparse']!r}  ({r['t_sparse']:.1f} s decode)")
     ok = lambda s: "found" if t.questions[0][1] in s else "MISSED"  # noqa: E731

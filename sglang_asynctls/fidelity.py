@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, replace
-from typing import Callable, FrozenSet, List, Optional
+from typing import Callable, FrozenSet, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -37,6 +37,9 @@ class Budget:
         tokens as whole blocks (token_budget // block_size blocks); token-only picks them from all tokens;
         AsyncTLS picks them from `block_budget` candidate blocks.
     bound_slack, group_score: AsyncTLS's coarse score (`reference.block_scores`); Quest keeps its own (1, sum).
+    layer_budgets: AsyncTLS's (k_t, k_b) per layer (`reference.layer_budgets`: means <= token_budget and
+        block_budget, then `reference.layer_candidate_budgets`); empty = the same in every layer. Other methods
+        ignore it.
     """
 
     token_budget: int
@@ -46,23 +49,36 @@ class Budget:
     block_size: int = 64
     bound_slack: float = 1.0
     group_score: str = "sum"
+    layer_budgets: Tuple[Tuple[int, int], ...] = ()
 
     @classmethod
     def fraction_of(cls, context: int, fraction: int, candidate_ratio: int = 4, block_size: int = 64,
                     sink_tokens: int = DEFAULT_SINK, local_window: int = DEFAULT_WINDOW,
-                    bound_slack: float = 1.0, group_score: str = "sum") -> "Budget":
+                    bound_slack: float = 1.0, group_score: str = "sum", layer_scale: Mapping[int, float] = {},
+                    candidate_scale: Mapping[int, float] = {}, num_layers: int = 0) -> "Budget":
         """k_t = context / fraction; k_b * block_size = candidate_ratio * k_t (the paper's 8,192 candidates for
-        k_t = 2,048); sink and window shrink with k_t below 1,024 so forced tokens stay <= 3/16 of the budget."""
+        k_t = 2,048); sink and window shrink with k_t below 1,024 so forced tokens stay <= 3/16 of the budget.
+        layer_scale (layer -> multiple) over num_layers layers: AsyncTLS's per-layer k_t and k_b, same means;
+        candidate_scale (layer -> multiple): extra candidate blocks on top (`reference.layer_candidate_budgets`)."""
         kt = context // fraction
         shrink = min(1.0, kt / 1024)
         kb = max(1, -(-candidate_ratio * kt // block_size))
+        per_layer = ()
+        if layer_scale or candidate_scale:
+            kbs = ref.layer_candidate_budgets(ref.layer_budgets(kb, num_layers, layer_scale), candidate_scale)
+            per_layer = tuple(zip(ref.layer_budgets(kt, num_layers, layer_scale), kbs))
         return cls(kt, kb, int(sink_tokens * shrink), int(local_window * shrink), block_size, bound_slack,
-                   group_score)
+                   group_score, per_layer)
 
-    def kwargs(self, method: str) -> dict:
+    def kwargs(self, method: str, layer: Optional[int] = None) -> dict:
         kb = max(1, self.token_budget // self.block_size) if method == "quest" else self.block_budget
-        extra = dict(bound_slack=self.bound_slack, group_score=self.group_score) if method == "asynctls" else {}
-        return dict(block_size=self.block_size, block_budget=kb, token_budget=self.token_budget,
+        kt = self.token_budget
+        extra = {}
+        if method == "asynctls":
+            extra = dict(bound_slack=self.bound_slack, group_score=self.group_score)
+            if self.layer_budgets and layer is not None:
+                kt, kb = self.layer_budgets[layer]
+        return dict(block_size=self.block_size, block_budget=kb, token_budget=kt,
                     sink_tokens=self.sink_tokens, local_window=self.local_window, **extra)
 
 
@@ -189,7 +205,7 @@ class MethodAttention:
         with capture_slots() as seen:
             o = ref.METHODS[name](q, kv.k[layer], kv.v[layer], kv.req_to_token, b.req_pool_indices, b.seq_lens,
                                   idx.kmin, idx.kmax, table, idx.labels, idx.scale, kv.channels[layer],
-                                  sm_scale=self.sm_scale, **self.budget.kwargs(name))
+                                  sm_scale=self.sm_scale, **self.budget.kwargs(name, layer))
         if self.observe is not None:
             self.observe(layer, q, seen[-1], b.seq_lens)
         return o

@@ -119,7 +119,21 @@ def check_config_for_model(cfg: AsyncTLSConfig, model: ModelAttention) -> Option
             f"{FLAGS['label_channels']} must be an even integer in [2, {model.head_dim}] for this model's "
             f"head dim {model.head_dim} (got {d_c})")
     path = cfg.channel_config or packaged_channel_config(model)
-    return None if path is None else load_channel_config(path, model, d_c)
+    channels = None if path is None else load_channel_config(path, model, d_c)
+    resolved_layer_schedule(cfg, model).layer_budgets(model.num_layers)  # checks the per-layer budgets
+    return channels
+
+
+def resolved_layer_schedule(cfg: AsyncTLSConfig, model: ModelAttention) -> AsyncTLSConfig:
+    """cfg with its "auto" per-layer schedules taken from the channel config (given or packaged for the model's
+    shape: keys "layer_budget_scale" / "layer_candidate_scale"); `cfg.layer_budgets(model.num_layers)` then gives
+    every layer's (k_t, k_b)."""
+    path = cfg.channel_config or packaged_channel_config(model)
+    meta = None
+    if path is not None:
+        with open(path) as f:
+            meta = json.load(f)
+    return cfg.with_layer_schedule(meta)
 
 
 def packaged_channel_config(model: ModelAttention) -> Optional[str]:

@@ -28,7 +28,7 @@ Padding: selected block / position / slot lists are padded with -1; scores of in
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import List, Mapping, Optional, Tuple
 
 import torch
 
@@ -118,6 +118,28 @@ def calibrate_channels(q_absmax: torch.Tensor, k_absmax: torch.Tensor, num_chann
     hkv = k_absmax.shape[0]
     score = (q_absmax.float().view(hkv, hq // hkv, d) * k_absmax.float()[:, None]).mean(dim=1)
     return torch.topk(score, num_channels, dim=1).indices
+
+# ---------------------------------------------------------------------------------------------- per-layer budgets
+
+
+def layer_budgets(budget: int, num_layers: int, layer_scale: Mapping[int, float]) -> List[int]:
+    """One budget (k_t or k_b) per layer under a per-layer schedule with the same average.
+
+    A layer l in layer_scale gets floor(layer_scale[l] * budget); every other layer gets an equal share (floored)
+    of what is left of num_layers * budget, so the mean over layers is at most `budget`: what some layers gain is
+    taken from the others. An empty schedule is `budget` everywhere. AsyncTLS applies one schedule to both k_t and
+    k_b, so each layer keeps the candidate ratio k_b * block_size / k_t.
+    """
+    listed = {int(layer): int(scale * budget) for layer, scale in layer_scale.items()}
+    rest = num_layers - len(listed)
+    other = (num_layers * budget - sum(listed.values())) // rest if rest else 0
+    return [listed.get(layer, other) for layer in range(num_layers)]
+
+def layer_candidate_budgets(block_budgets: List[int], candidate_scale: Mapping[int, float]) -> List[int]:
+    """k_b per layer with extra candidates: a layer l in candidate_scale keeps floor(candidate_scale[l] * k_b_l)
+    blocks, taken from no other layer. Candidates are scored with the INT4 labels but not attended, so this moves
+    no attended tokens: it buys recall of the coarse stage with label-scoring work in the listed layers."""
+    return [int(candidate_scale.get(layer, 1.0) * kb) for layer, kb in enumerate(block_budgets)]
 
 # ---------------------------------------------------------------------------------------------- coarse level
 

@@ -79,3 +79,20 @@ def test_packaged_smollm2_calibration_is_found_by_shape():
     ch = check_config_for_model(AsyncTLSConfig(label_channels=16), smollm2)
     assert ch.shape == (30, 3, 16)
     assert check_config_for_model(AsyncTLSConfig(), QWEN3_8B) is None  # no calibration shipped for this shape
+
+
+def test_auto_layer_schedule_comes_from_the_channel_config(tmp_path):
+    from sglang_asynctls.model_spec import resolved_layer_schedule
+
+    smollm2 = ModelAttention("gqa", 30, 9, 3, 64, 64)
+    packaged = resolved_layer_schedule(AsyncTLSConfig(), smollm2)  # the packaged SmolLM2 calibration's schedule
+    assert packaged.layer_budget_scale not in ("", "auto") and packaged.layer_candidate_scale not in ("", "auto")
+    budgets = packaged.layer_budgets(30)
+    assert sum(kt for kt, _ in budgets) <= 30 * 1024 and len(set(budgets)) > 1
+    assert resolved_layer_schedule(AsyncTLSConfig(layer_budget_scale=""), smollm2).layer_budget_scale == ""
+    qwen = resolved_layer_schedule(AsyncTLSConfig(), QWEN3_8B)  # nothing shipped: every layer alike
+    assert (qwen.layer_budget_scale, qwen.layer_candidate_scale) == ("", "")
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"channels": ranked(4, 8, 128), "layer_budget_scale": "0:2,4:1"}))
+    with pytest.raises(AsyncTLSConfigError, match="layer-budget-scale must be layers < 4"):
+        check_config_for_model(AsyncTLSConfig(channel_config=str(path)), ModelAttention("gqa", 4, 32, 8, 128, 128))

@@ -50,7 +50,8 @@ def test_entry_point_is_registered():
 def test_enable_routes_to_asynctls_backend_and_carries_config(parse, models):
     sa = parse(models["tiny_llama"], "--enable-asynctls", "--asynctls-token-budget", "512",
                "--asynctls-local-window", "256", "--asynctls-label-channels", "16", "--asynctls-bound-slack", "0.5",
-               "--asynctls-group-score", "max")
+               "--asynctls-group-score", "max", "--asynctls-layer-budget-scale", "0:1.25",
+               "--asynctls-layer-candidate-scale", "1:2")
     assert sa.attention_backend == "asynctls"
     assert sa.get_attention_backends() == ("asynctls", "asynctls")
     assert sa.page_size == 64  # a KV page is one block
@@ -58,7 +59,8 @@ def test_enable_routes_to_asynctls_backend_and_carries_config(parse, models):
 
     cfg = config_of(pickle.loads(pickle.dumps(sa)))  # as a spawned scheduler process receives it
     assert (cfg.enabled, cfg.token_budget, cfg.local_window, cfg.label_channels) == (True, 512, 256, 16)
-    assert (cfg.bound_slack, cfg.group_score) == (0.5, "max")
+    assert (cfg.bound_slack, cfg.group_score, cfg.layer_budget_scale, cfg.layer_candidate_scale) == (
+        0.5, "max", "0:1.25", "1:2")
 
 
 def test_without_the_flag_nothing_changes(parse, models):

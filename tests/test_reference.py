@@ -248,3 +248,31 @@ def test_candidate_blocks_override_is_used():
     other = torch.full_like(blocks, -1)
     other[..., 0] = 12  # only the open block: attends over its 8 tokens alone
     assert not torch.allclose(run("asynctls", c, **budgets, candidate_blocks=other), same)
+
+
+def test_layer_budgets_move_budget_between_layers_at_the_same_mean():
+    assert R.layer_budgets(256, 4, {}) == [256] * 4
+    assert R.layer_budgets(256, 4, {0: 2.5}) == [640, 128, 128, 128]  # (1024 - 640) / 3
+    budgets = R.layer_budgets(100, 30, {0: 4, 2: 1.5})
+    assert budgets[0] == 400 and budgets[2] == 150 and sum(budgets) <= 3000 and sum(budgets) > 3000 - 28
+    # a schedule changes only the k_t a layer's call gets: with k_t = every candidate, AsyncTLS is Quest's kept set
+    c = make_cache([113, 64], **SHAPES["gqa"])
+    budgets = dict(block_size=16, block_budget=4, sink_tokens=4, local_window=8)
+    full = run("asynctls", c, token_budget=64, **budgets)
+    torch.testing.assert_close(full, run("quest", c, token_budget=64, **budgets), rtol=1e-9, atol=1e-9)
+
+
+def test_fidelity_budget_gives_asynctls_alone_its_per_layer_budgets():
+    from sglang_asynctls import fidelity as fd
+
+    budget = fd.Budget.fraction_of(2048, 8, layer_scale={0: 4}, num_layers=30)  # k_t 256, k_b 16
+    assert budget.layer_budgets[0] == (1024, 64) and budget.layer_budgets[5] == ((30 * 256 - 1024) // 29, 14)
+    assert sum(kt for kt, _ in budget.layer_budgets) <= 30 * 256
+    more = fd.Budget.fraction_of(2048, 8, candidate_scale={3: 2}, num_layers=30)
+    assert more.kwargs("asynctls", 3)["block_budget"] == 32 and more.kwargs("asynctls", 4)["block_budget"] == 16
+    assert more.kwargs("asynctls", 3)["token_budget"] == more.kwargs("asynctls", 4)["token_budget"] == 256
+    assert R.layer_candidate_budgets([16, 16, 14], {1: 2, 2: 1.5}) == [16, 32, 21]
+    assert (budget.kwargs("asynctls", 0)["token_budget"], budget.kwargs("asynctls", 0)["block_budget"]) == (1024, 64)
+    assert budget.kwargs("asynctls", 5)["token_budget"] == (30 * 256 - 1024) // 29
+    assert budget.kwargs("asynctls")["token_budget"] == 256  # no layer: the average
+    assert budget.kwargs("token_only", 0)["token_budget"] == budget.kwargs("quest", 0)["token_budget"] == 256
