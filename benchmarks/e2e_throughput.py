@@ -99,10 +99,21 @@ def cmd_summarize(args) -> None:
                "decode_speedup_48k_b4": _ratio(rows, 4, 49152, "asynctls", "flashinfer"),
                "decode_speedup_96k_b2_vs_triton": _ratio(rows, 2, 98304, "asynctls", "triton"),
                "decode_speedup_32k_b1": _ratio(rows, 1, 32768, "asynctls", "flashinfer")}
+    notes = {}
+    if args.soak:  # the soak is a server run of its own (benchmarks/soak.py); its figures join this summary
+        soak = json.load(open(args.soak))
+        summary.update(soak_requests=soak["requests"], soak_aborted=soak["outcome"]["aborted"],
+                       # the index is addressed by KV slot and page and the backend keeps no per-request state,
+                       # so the KV slots still in use after the flush are everything that could leak
+                       soak_leaked_slots=soak["used_tokens_after_flush"])
+        notes["soak"] = {k: soak[k] for k in ("command", "outcome", "seconds", "used_tokens_before_flush",
+                                              "used_tokens_after_flush", "leak_warnings_in_log")}
+        notes["soak"]["file"] = args.soak
     out = {"benchmark": "e2e_throughput", "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"),
            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
            "torch": torch.__version__, "triton": _version("triton"), "sglang": _version("sglang"),
-           "config": {"model": args.model, "common_flags": COMMON}, "rows": rows, "summary": summary}
+           "config": {"model": args.model, "common_flags": COMMON}, "rows": rows, "summary": summary,
+           "summary_notes": notes}
     json.dump(out, open(args.json, "w"), indent=1)
     _plot(rows, args.json.replace(".json", ".png"))
     print(json.dumps(summary, indent=1))
@@ -156,6 +167,7 @@ def main():
     s.add_argument("--results", default="/root/e2e_rows.jsonl")
     s.add_argument("--model", default=os.environ.get("MODEL", "/root/qwen3_8b_dummy"))
     s.add_argument("--json", required=True)
+    s.add_argument("--soak", default="", help="soak.py's JSON: adds the soak_* summary keys")
     args = p.parse_args()
     cmd_run(args) if args.cmd == "run" else cmd_summarize(args)
 
