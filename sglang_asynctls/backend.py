@@ -18,7 +18,8 @@ import os
 import torch
 
 from sglang_asynctls.index import IndexPool, plan_extend
-from sglang_asynctls.model_spec import check_config_for_model, from_sglang_model_config, kv_heads_of_rank
+from sglang_asynctls.model_spec import (check_config_for_model, from_sglang_model_config, kv_heads_of_rank,
+                                        resolved_layer_schedule)
 from sglang_asynctls.runtime_config import config_of
 
 logger = logging.getLogger(__name__)
@@ -79,6 +80,10 @@ class _AsyncTLSMixin:
         self.cfg = cfg = config_of(model_runner.server_args)
         spec = from_sglang_model_config(model_runner.model_config)
         channels = check_config_for_model(cfg, spec)
+        # per-layer (k_t, k_b): the schedule of --asynctls-layer-budget-scale / -candidate-scale ("auto": the
+        # channel config's calibrated one), indexed by the model's layer id
+        self.cfg = cfg = resolved_layer_schedule(cfg, spec)
+        self.budgets = cfg.layer_budgets(spec.num_layers)
         if model_runner.page_size != cfg.block_size:
             raise ValueError(f"asynctls needs --page-size equal to --asynctls-block-size ({cfg.block_size}); "
                              f"got {model_runner.page_size}")
@@ -100,8 +105,9 @@ class _AsyncTLSMixin:
         self._block_table = self._long_seq = None
         self.stats = {"index_pages_written": 0, "index_slots_labelled": 0}
         logger.info("asynctls backend: %s, sparse decode via %s, index %.1f MiB, %d blocks per request max, "
-                    "label channels %s", cfg, self.sparse_impl, self.index.nbytes() / 2**20, self.num_blocks,
-                    "calibrated" if channels is not None else "ranked by |K| at the first long prefill")
+                    "label channels %s, (k_t, k_b) per layer %s", cfg, self.sparse_impl, self.index.nbytes() / 2**20,
+                    self.num_blocks, "calibrated" if channels is not None else "ranked by |K| at the first long prefill",
+                    "uniform" if len(set(self.budgets)) == 1 else self.budgets)
 
     # ------------------------------------------------------------------ metadata: hide long requests from dense
     def _dense_lens(self, seq_lens: torch.Tensor) -> torch.Tensor:
@@ -161,7 +167,8 @@ class _AsyncTLSMixin:
         o_sparse = self.sparse_fn(
             q3, k_buffer, v_buffer, self.req_to_token, rpi, seq_lens, ix.kmin[lid], ix.kmax[lid], self._block_table,
             ix.labels[lid], ix.label_scale[lid], ix.channels[lid], block_size=cfg.block_size,
-            block_budget=cfg.block_budget, token_budget=cfg.token_budget, sink_tokens=cfg.sink_tokens,
+            block_budget=self.budgets[layer.layer_id][1], token_budget=self.budgets[layer.layer_id][0],
+            sink_tokens=cfg.sink_tokens,
             local_window=cfg.local_window, sm_scale=layer.scaling, bound_slack=cfg.bound_slack,
             group_score=cfg.group_score, **kw)
         if kw:

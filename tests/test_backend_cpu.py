@@ -134,3 +134,41 @@ def test_tensor_parallel_rank_indexes_its_slice_of_the_calibration(tmp_path, mon
     be = Backend(mr)
     want = torch.tensor(ranked)[:, HKV:2 * HKV, :8]
     assert torch.equal(be.index.channels, want)
+
+
+def test_each_layer_decodes_with_its_scheduled_budgets():
+    """--asynctls-layer-budget-scale / -candidate-scale reach the decode: layer 0 gets 1.5x k_t and k_b, layer 1
+    the rest of the same average, then twice its blocks as candidates."""
+    import dataclasses
+
+    mr, g = model_runner()
+    cfg = dataclasses.replace(CFG, token_budget=40, block_budget=8, layer_budget_scale="0:1.5",
+                              layer_candidate_scale="1:2")
+    mr.server_args._asynctls_config = cfg
+    be = Backend(mr)
+    expected = cfg.layer_budgets(LAYERS)
+    assert be.budgets == expected and expected[0] == (60, 12) and expected[1] == (20, 8)
+    seen = []
+    real = be.sparse_fn
+
+    def spy(*args, **kw):
+        seen.append((kw["token_budget"], kw["block_budget"]))
+        return real(*args, **kw)
+
+    be.sparse_fn = spy
+    r2t = mr.req_to_token_pool.req_to_token
+    rpi, n = torch.tensor([1]), 300
+    fb = SimpleNamespace(forward_mode=mode(False), spec_info=None, req_pool_indices=rpi, seq_lens=torch.tensor([n]),
+                         seq_lens_cpu=torch.tensor([n]), extend_prefix_lens_cpu=[0], out_cache_loc=r2t[1, :n].long())
+    be.init_forward_metadata(fb)
+    for i in range(LAYERS):
+        kv = torch.randn(n, HKV * D, generator=g)
+        be.forward_extend(torch.randn(n, HQ * D, generator=g), kv, kv, layer(i), fb)
+    new = torch.tensor([n + 1])
+    dfb = SimpleNamespace(forward_mode=mode(True), spec_info=None, req_pool_indices=rpi, seq_lens=new,
+                          seq_lens_cpu=new, seq_lens_sum=n + 1, out_cache_loc=r2t[1, n:n + 1].long())
+    be.init_forward_metadata(dfb)
+    for i in range(LAYERS):
+        kv = torch.randn(1, HKV * D, generator=g)
+        be.forward_decode(torch.randn(1, HQ * D, generator=g), kv, kv, layer(i), dfb)
+    assert seen == expected
