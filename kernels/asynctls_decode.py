@@ -33,7 +33,7 @@ def coarse_select(q, kmin, kmax, block_table, seq_lens, *, block_size, block_bud
 def asynctls_select(q, req_to_token, req_pool_indices, seq_lens, kmin, kmax, block_table, labels, label_scale,
                     channels, *, block_size, block_budget, token_budget, sink_tokens, local_window, sm_scale,
                     candidate_blocks: Optional[torch.Tensor] = None, bound_slack: float = 1.0,
-                    group_score: str = "sum", fused: bool = True) -> torch.Tensor:
+                    group_score: str = "sum") -> torch.Tensor:
     """Both selection levels: [B, Hkv, Kt] int32 KV slots (-1 padded) that `asynctls_decode` attends over."""
     if candidate_blocks is None:
         candidate_blocks = coarse_select(q, kmin, kmax, block_table, seq_lens, block_size=block_size,
@@ -43,8 +43,7 @@ def asynctls_select(q, req_to_token, req_pool_indices, seq_lens, kmin, kmax, blo
     kw = dict(token_budget=token_budget, sink_tokens=sink_tokens, local_window=local_window, sm_scale=sm_scale)
     if candidate_blocks.shape[2] * block_size <= MAX_FUSED_CANDIDATES:
         return fine_select_candidates(q, labels, label_scale, channels, req_to_token, req_pool_indices, seq_lens,
-                                      candidate_blocks.contiguous(), block_size=block_size,
-                                      fused_combine=fused and q.shape[1] // channels.shape[0] <= 8, **kw)
+                                      candidate_blocks.contiguous(), block_size=block_size, **kw)
     positions = reference.candidate_positions(candidate_blocks, seq_lens, block_size)
     return fine_select(q, labels, label_scale, channels, req_to_token, req_pool_indices, seq_lens, positions, **kw)
 
@@ -53,16 +52,14 @@ def asynctls_decode(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_l
                     labels, label_scale, channels, *, block_size, block_budget, token_budget, sink_tokens,
                     local_window, sm_scale, candidate_blocks: Optional[torch.Tensor] = None,
                     out: Optional[torch.Tensor] = None, bound_slack: float = 1.0,
-                    group_score: str = "sum", out_rows: Optional[torch.Tensor] = None,
-                    fused: bool = True) -> torch.Tensor:
+                    group_score: str = "sum", out_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Two-level sparse decode (see `reference.asynctls_decode`). q: [B, Hq, D] -> o: [B, Hq, Dv] in q's dtype.
-    With out and out_rows [B] bool, only the flagged rows of out are written (the backend's long requests).
-    fused=False: the softmax combine in its own launch at every group width (the benchmark's comparison)."""
+    With out and out_rows [B] bool, only the flagged rows of out are written (the backend's long requests)."""
     slots = asynctls_select(q, req_to_token, req_pool_indices, seq_lens, kmin, kmax, block_table, labels,
                             label_scale, channels, block_size=block_size, block_budget=block_budget,
                             token_budget=token_budget, sink_tokens=sink_tokens, local_window=local_window,
                             sm_scale=sm_scale, candidate_blocks=candidate_blocks, bound_slack=bound_slack,
-                            group_score=group_score, fused=fused)
+                            group_score=group_score)
     return sparse_decode(q, k_buffer, v_buffer, slots, sm_scale, out=out, out_rows=out_rows)
 
 

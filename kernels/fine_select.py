@@ -12,15 +12,23 @@ from .token_logits import token_logits
 from .token_scores import candidate_scores
 
 
+# Widest KV group whose softmax combine is folded into the top-Kt kernel (see fine_select_candidates).
+FOLD_COMBINE_MAX_GROUP = 8
+
+
 def fine_select_candidates(q, labels, label_scale, channels, req_to_token, req_pool_indices, seq_lens, candidates,
                            *, block_size, token_budget, sink_tokens, local_window, sm_scale,
-                           out: Optional[torch.Tensor] = None, fused_combine: bool = True) -> torch.Tensor:
+                           out: Optional[torch.Tensor] = None,
+                           fused_combine: Optional[bool] = None) -> torch.Tensor:
     """`fine_select` over candidates given as positions [B, Hkv, C] (block_size == 0) or as block ids
     [B, Hkv, Kb] (block_size > 0: all Kb * block_size positions of those blocks, as `candidate_positions`).
     Returns KV slots [B, Hkv, Kt] int32, -1 padded. Two kernels: `token_logits`, then the top-Kt with the
-    softmax combine folded in (fused_combine=False: three, the combine in `token_scores`' own launch). The fold
-    reads all G logit rows in the one program per KV group: H100, 96k x 8, it wins at G = 4 (38.4 vs 43.3 us for
-    the fine stage) and loses at the MLA's G = 20 (64.7 vs 44.5), so callers fold only narrow groups."""
+    softmax combine folded in; or three, the combine in `token_scores`' own launch. The fold reads all G logit
+    rows in the one program per KV group: on the H100 at 96k x 8 it wins at G = 4 (38.4 vs 43.3 us for the fine
+    stage) and loses at the MLA's G = 20 (64.7 vs 44.5), so by default (None) only groups of at most
+    FOLD_COMBINE_MAX_GROUP heads fold."""
+    if fused_combine is None:
+        fused_combine = q.shape[1] // channels.shape[0] <= FOLD_COMBINE_MAX_GROUP
     kw = dict(block_size=block_size, token_budget=token_budget, sink_tokens=sink_tokens,
               local_window=local_window, out=out)
     if fused_combine:

@@ -106,7 +106,8 @@ class _AsyncTLSMixin:
         self.stats = {"index_pages_written": 0, "index_slots_labelled": 0}
         logger.info("asynctls backend: %s, sparse decode via %s, index %.1f MiB, %d blocks per request max, "
                     "label channels %s, (k_t, k_b) per layer %s", cfg, self.sparse_impl, self.index.nbytes() / 2**20,
-                    self.num_blocks, "calibrated" if channels is not None else "ranked by |K| at the first long prefill",
+                    self.num_blocks,
+                    "calibrated" if channels is not None else "ranked by |K| at the first long prefill",
                     "uniform" if len(set(self.budgets)) == 1 else self.budgets)
 
     # ------------------------------------------------------------------ metadata: hide long requests from dense
