@@ -6,10 +6,10 @@ One dense prefill per calibration module (`calibrate.CALIBRATION_MODULES`, never
 layer the last `--window` positions (as teacher-forced decode rows over the prefill, like the fidelity harness's
 code task) go through the two-level selection with k_t = m * context / fraction and k_b = m * the harness's k_b
 for each multiplier m (as `--asynctls-layer-budget-scale` scales a layer), and the share of each head's dense
-attention held by the selection is recorded. Prints the recall table and the allocation of multipliers (mean 1 over layers,
-i.e. the same average token budget) that maximizes the mean recall, by exact dynamic programming over the grid
-(layers in --keep held at 1, none below --floor); --write-into stores it in a channel JSON as its `layer_budget_scale`, the schedule
-`--asynctls-layer-budget-scale auto` (the default) takes.
+attention held by the selection is recorded. Prints the recall table and the allocation of multipliers (mean 1
+over layers, i.e. the same average token budget) that maximizes the mean recall, by exact dynamic programming
+over the grid (layers in --keep held at 1, none below --floor); --write-into stores it in a channel JSON as its
+`layer_budget_scale`, the schedule `--asynctls-layer-budget-scale auto` (the default) takes.
 """
 
 from __future__ import annotations

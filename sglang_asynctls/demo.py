@@ -82,12 +82,12 @@ def main(argv=None) -> None:
     t, b = r["task"], r["budget"]
     print(f"prompt: {len(t.prompt())} tokens, pass key {t.questions[0][1]} at token {t.needle_positions[0]} "
           f"(depth {t.depth:.2f}, straddling a 64-token block boundary)")
+    kts, kbs = [t for t, _ in b.layer_budgets], [k for _, k in b.layer_budgets]
     print(f"AsyncTLS budget: k_t = {b.token_budget} tokens of {b.block_budget} candidate blocks x {b.block_size}, "
           f"sink {b.sink_tokens}, window {b.local_window}" + (
-              f" (mean over layers; per layer k_t {min(t for t, _ in b.layer_budgets)}-"
-              f"{max(t for t, _ in b.layer_budgets)}, k_b {min(k for _, k in b.layer_budgets)}-"
-              f"{max(k for _, k in b.layer_budgets)}); coarse score: slack {b.bound_slack:g}, group {b.group_score}"
-              if b.layer_budgets else ""))
+              f" before the per-layer schedule: k_t {min(kts)}-{max(kts)} (mean {sum(kts) / len(kts):.0f}), k_b "
+              f"{min(kbs)}-{max(kbs)} (mean {sum(kbs) / len(kbs):.1f}); coarse score: slack {b.bound_slack:g}, "
+              f"group {b.group_score}" if kts else ""))
     print(f"dense    answer: {r['dense']!r}  ({r['t_dense']:.1f} s decode)")
     print(f"asynctls answer: {r['sparse']!r}  ({r['t_sparse']:.1f} s decode)")
     ok = lambda s: "found" if t.questions[0][1] in s else "MISSED"  # noqa: E731

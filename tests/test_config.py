@@ -16,7 +16,8 @@ def test_defaults_are_valid_and_match_the_paper():
     assert cfg.with_layer_schedule(None).layer_budget_scale == ""
     tuned = cfg.with_layer_schedule({"layer_budget_scale": "0:2", "layer_candidate_scale": "3:2"})
     assert (tuned.layer_budget_scale, tuned.layer_candidate_scale) == ("0:2", "3:2")
-    assert AsyncTLSConfig(layer_budget_scale="").with_layer_schedule({"layer_budget_scale": "0:2"}).layer_budget_scale == ""
+    explicit = AsyncTLSConfig(layer_budget_scale="")  # an explicit value is kept
+    assert explicit.with_layer_schedule({"layer_budget_scale": "0:2"}).layer_budget_scale == ""
 
 
 @pytest.mark.parametrize("kwargs, flag, allowed", [

@@ -276,3 +276,26 @@ def test_fidelity_budget_gives_asynctls_alone_its_per_layer_budgets():
     assert budget.kwargs("asynctls", 5)["token_budget"] == (30 * 256 - 1024) // 29
     assert budget.kwargs("asynctls")["token_budget"] == 256  # no layer: the average
     assert budget.kwargs("token_only", 0)["token_budget"] == budget.kwargs("quest", 0)["token_budget"] == 256
+
+
+def test_layer_schedule_allocation_is_the_exact_optimum_at_the_same_mean():
+    import importlib.util
+    import itertools
+    import os
+    import sys
+
+    bench = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
+    sys.path.insert(0, bench)
+    try:
+        spec = importlib.util.spec_from_file_location("fidelity_layers", os.path.join(bench, "fidelity_layers.py"))
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(bench)
+    mults = (0.5, 1.0, 2.0)
+    recall = torch.tensor([[0.3, 0.5, 0.8], [0.9, 0.95, 0.97], [0.85, 0.9, 0.99]])  # [layers, multipliers]
+    picks = mod.allocate(recall, mults)
+    assert sum(picks) == 3.0
+    best = max((c for c in itertools.product(range(3), repeat=3) if sum(mults[j] for j in c) == 3.0),
+               key=lambda c: sum(recall[i, j].item() for i, j in enumerate(c)))
+    assert picks == [mults[j] for j in best] == [2.0, 0.5, 0.5]
