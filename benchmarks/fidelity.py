@@ -65,7 +65,7 @@ def depths(n: int):
 class Runner:
     def __init__(self, args):
         self.args = args
-        self.model, self.tok = smollm2.load_model(args.gguf), smollm2.load_tokenizer(args.gguf)
+        self.model, self.tok = smollm2.load_model(args.gguf, args.device), smollm2.load_tokenizer(args.gguf)
         s = self.model.shape
         spec = ModelAttention("gqa", s.num_layers, s.num_qo_heads, s.num_kv_heads, s.head_dim, s.head_dim)
         self.channels = load_channel_config(args.channels, spec, args.label_channels)
@@ -209,7 +209,11 @@ def main(argv=None) -> None:
     p.add_argument("--seed-offset", type=int, default=0,
                    help="added to every retrieval prompt's seed: other haystacks and keys (held-out prompts)")
     p.add_argument("--partial", default=None, help="rewrite the samples to this file after every prompt")
+    p.add_argument("--device", default="cpu", help="torch device for the model, caches and attention methods "
+                   "(e.g. cuda: every tensor the harness creates defaults to it)")
     args = p.parse_args(argv)
+    if args.device != "cpu":  # the harness and sglang_asynctls.fidelity create tensors without a device
+        torch.set_default_device(args.device)
     args.fractions = [int(f) for f in args.fractions.split(",")]
     args.methods, args.tasks = args.methods.split(","), args.tasks.split(",")
     args.window = args.window or (32 if args.quick else 64)

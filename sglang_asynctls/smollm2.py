@@ -211,7 +211,7 @@ class SmolLlama:
         return self.logits(x)
 
 
-def load_model(path: Optional[str] = None) -> SmolLlama:
+def load_model(path: Optional[str] = None, device: str = "cpu") -> SmolLlama:
     shape, weights = read_gguf(locate_gguf(path))
-    return SmolLlama(shape, weights)
+    return SmolLlama(shape, {name: w.to(device) for name, w in weights.items()})
 
