@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .device_clock import global_timer
+
 MAX_PROGRAMS = 264  # grid bound (2 programs an H100 SM): more entries per program beyond it
 
 
@@ -54,8 +56,7 @@ def _gather_blocks_kernel(src_k, src_v, dst_k, dst_v, src_blocks, dst_blocks, K,
         tl.debug_barrier()  # every thread's copies issued before the ticket
         arrived = tl.atomic_add(ticket, 1, sem="acq_rel") + 1
         if STAMP == 1:
-            value = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64,
-                                              is_pure=False, pack=1)
+            value = global_timer()
         else:
             value = arrived.to(tl.int64)
         tl.store(stamp, value, mask=arrived == num_programs)

@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .device_clock import global_timer
+
 
 @triton.jit
 def _resident_candidates_kernel(prev, prev_slots, cache_pages, rows, seq_lens, positions, token_slots, stamps, C,
@@ -18,9 +20,7 @@ def _resident_candidates_kernel(prev, prev_slots, cache_pages, rows, seq_lens, p
     pid = tl.program_id(0)
     cb = tl.program_id(1)
     if STAMP:  # stamps[NEEDED] (= 1) = the GPU's global timer, once
-        now = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False,
-                                        pack=1)
-        tl.store(stamps + 1, now, mask=(pid == 0) & (cb == 0))
+        tl.store(stamps + 1, global_timer(), mask=(pid == 0) & (cb == 0))
     b = pid // HKV
     h = pid % HKV
     row = tl.load(rows + b).to(tl.int64)

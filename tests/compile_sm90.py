@@ -8,7 +8,6 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from sglang_asynctls.kernels.device_clock import _device_clock_kernel
 from sglang_asynctls.kernels.gather_blocks import _gather_blocks_kernel
 from sglang_asynctls.kernels.block_scores import _block_scores_kernel
 from sglang_asynctls.kernels.index_append import _append_decode_index_kernel
@@ -108,8 +107,6 @@ def offload_kernels():
     for copy_v, counts, stamp in ((True, False, 0), (False, False, 0), (True, True, 1), (True, False, 2)):
         gather_blocks(copy_v, counts, stamp)
         print(f"gather_blocks (copy_v={copy_v}, counts={counts}, stamp={stamp}): compiled for sm_90")
-    _compile(_device_clock_kernel, [("out", "*i64"), ("index", "i32")], {}, 1)
-    print("device_clock: compiled for sm_90")
 
 
 def block_scores(d1, d2, g, group_max):
