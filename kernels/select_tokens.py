@@ -9,7 +9,7 @@ import triton.language as tl
 from sglang_asynctls import reference
 
 from ._topk import INVALID, KEY_BITS, MAX_ENTRIES, ordered_key, topk_compact
-from .token_scores import group_softmax_stats
+from .token_scores import group_mean_softmax
 
 # Candidates one program selects from in registers (8,192 = Kb 128 blocks of 64 is 32 KiB of fp32 scores); longer
 # lists (token-only over a whole context) go through torch.topk.
@@ -37,17 +37,8 @@ def _select_tokens_kernel(scores, cand, req_to_token, req_pool_indices, seq_lens
     if G == 0:  # scores: [B, Hkv, C] group-mean softmax (token_scores)
         score = tl.load(scores + b * stride_sb + h * stride_sh + offs, mask=offs < C, other=float("-inf"))
     else:  # scores: logits [B, Hkv, G, C] + split stats: token_scores' combine, here instead of its own launch
-        m, inv_s = group_softmax_stats(stats + b * stride_tb + h * stride_th, NSPLIT, GP, G)
-        offs_g = tl.arange(0, GP)
-        score = tl.zeros([CP], tl.float32)
-        lg = score
-        for g in tl.static_range(G):
-            m_g = tl.sum(tl.where(offs_g == g, m, 0.0), axis=0)
-            inv_g = tl.sum(tl.where(offs_g == g, inv_s, 0.0), axis=0)
-            lg = tl.load(scores + b * stride_sb + h * stride_sh + g * stride_sg + offs, mask=offs < C,
-                         other=float("-inf"))
-            score += tl.exp(lg - m_g) * inv_g
-        score = tl.where(lg > float("-inf"), score / G, float("-inf"))  # a candidate is invalid in every head
+        score = group_mean_softmax(scores + b * stride_sb + h * stride_sh, stride_sg, offs, offs < C,
+                                   stats + b * stride_tb + h * stride_th, NSPLIT, GP, G)
     valid = pos >= 0
     forced = valid & ((pos < sink_tokens) | (pos >= seq_len - local_window))
     key = tl.where(forced, ordered_key(tl.full([CP], float("inf"), tl.float32)), ordered_key(score))

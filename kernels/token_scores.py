@@ -25,20 +25,39 @@ def group_softmax_stats(stats, NSPLIT: tl.constexpr, GP: tl.constexpr, G: tl.con
 
 
 @triton.jit
+def _pick(x, offs_g, g):
+    return tl.sum(tl.where(offs_g == g, x, 0.0), axis=0)
+
+
+@triton.jit
+def group_mean_softmax(logits_row, stride_g, offs, mask, stats, NSPLIT: tl.constexpr, GP: tl.constexpr,
+                       G: tl.constexpr):
+    """Mean over a KV group's G heads of each head's softmax, at candidates `offs` of the group's logits
+    (logits_row + g * stride_g + offs; stats: its [NSPLIT, G, 2] split statistics); -inf where the candidate is
+    invalid (its logit is -inf in every head). One head at a time: a [G, N] tile of N = 8,192 candidates would not
+    fit in one program's registers (`select_token_slots` computes this for all of a group's candidates)."""
+    m, inv_s = group_softmax_stats(stats, NSPLIT, GP, G)
+    offs_g = tl.arange(0, GP)
+    lg = tl.load(logits_row + offs, mask=mask, other=float("-inf"))
+    valid = lg > float("-inf")
+    score = tl.exp(lg - _pick(m, offs_g, 0)) * _pick(inv_s, offs_g, 0)
+    for g in tl.static_range(1, G):
+        lg = tl.load(logits_row + g * stride_g + offs, mask=mask, other=float("-inf"))
+        score += tl.exp(lg - _pick(m, offs_g, g)) * _pick(inv_s, offs_g, g)
+    return tl.where(valid, score / G, float("-inf"))
+
+
+@triton.jit
 def _token_scores_kernel(logits, stats, scores, C, stride_lb, stride_lh, stride_lg, stride_tb, stride_th,
                          stride_ob, stride_oh, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
                          NSPLIT: tl.constexpr, BLOCK_C: tl.constexpr):
     pid = tl.program_id(0)
     b = pid // HKV
     h = pid % HKV
-    m, inv_s = group_softmax_stats(stats + b * stride_tb + h * stride_th, NSPLIT, GP, G)
-    offs_g = tl.arange(0, GP)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    lg = tl.load(logits + b * stride_lb + h * stride_lh + offs_g[:, None] * stride_lg + offs_c[None, :],
-                 mask=(offs_g < G)[:, None] & (offs_c < C)[None, :], other=float("-inf"))
-    p = tl.sum(tl.exp(lg - m[:, None]) * inv_s[:, None], axis=0) / G
-    valid = tl.max(lg, axis=0) > float("-inf")
-    tl.store(scores + b * stride_ob + h * stride_oh + offs_c, tl.where(valid, p, float("-inf")), mask=offs_c < C)
+    p = group_mean_softmax(logits + b * stride_lb + h * stride_lh, stride_lg, offs_c, offs_c < C,
+                           stats + b * stride_tb + h * stride_th, NSPLIT, GP, G)
+    tl.store(scores + b * stride_ob + h * stride_oh + offs_c, p, mask=offs_c < C)
 
 
 def candidate_scores(q: torch.Tensor, labels: torch.Tensor, label_scale: torch.Tensor, channels: torch.Tensor,
