@@ -165,11 +165,11 @@ class _AsyncTLSMixin:
             kw = dict(out=o_dense.view(q3.shape[0], layer.tp_q_head_num, -1), out_rows=self._long_seq)
         else:
             q3 = q3.contiguous()
+        token_budget, block_budget = self.budgets[layer.layer_id]
         o_sparse = self.sparse_fn(
             q3, k_buffer, v_buffer, self.req_to_token, rpi, seq_lens, ix.kmin[lid], ix.kmax[lid], self._block_table,
             ix.labels[lid], ix.label_scale[lid], ix.channels[lid], block_size=cfg.block_size,
-            block_budget=self.budgets[layer.layer_id][1], token_budget=self.budgets[layer.layer_id][0],
-            sink_tokens=cfg.sink_tokens,
+            block_budget=block_budget, token_budget=token_budget, sink_tokens=cfg.sink_tokens,
             local_window=cfg.local_window, sm_scale=layer.scaling, bound_slack=cfg.bound_slack,
             group_score=cfg.group_score, **kw)
         if kw:

@@ -116,12 +116,8 @@ class AsyncTLSConfig:
         _check_float("bound_slack", self.bound_slack, 0.0, 1.0)
         if self.group_score not in GROUP_SCORES:
             _fail("group_score", f"one of {', '.join(GROUP_SCORES)}", self.group_score)
-        for layer, scale in self.layer_scale().items():
-            kt, kb = int(scale * self.token_budget), int(scale * self.block_budget)
-            if not (always < kt and self.forced_blocks <= kb <= 1 << 16 and kt <= kb * bs):
-                _fail("layer_budget_scale", f"LAYER:SCALE pairs giving every listed layer more than sink + window = "
-                      f"{always} tokens, {self.forced_blocks} to 65536 blocks and tokens <= blocks x block size "
-                      f"(layer {layer}: {kt} tokens, {kb} blocks)", self.layer_budget_scale)
+        for layer, scale in self.layer_scale().items():  # the listed layers now; all of them in layer_budgets
+            self._check_layer_budgets([(int(scale * self.token_budget), int(scale * self.block_budget))])
         for layer, scale in self.layer_scale("layer_candidate_scale").items():
             if scale < 1:
                 _fail("layer_candidate_scale", "LAYER:SCALE pairs with SCALE >= 1 (more candidates, never fewer)",
@@ -169,12 +165,16 @@ class AsyncTLSConfig:
         kts = layer_budgets(self.token_budget, num_layers, scale)
         kbs = layer_candidate_budgets(layer_budgets(self.block_budget, num_layers, scale), cand)
         pairs = list(zip(kts, kbs))
+        self._check_layer_budgets(pairs)
+        return pairs
+
+    def _check_layer_budgets(self, pairs: List[Tuple[int, int]]) -> None:
+        """Every (k_t, k_b) must attend more than sink + window, keep the forced blocks and fit its candidates."""
         always = self.sink_tokens + self.local_window
         if any(not (always < kt <= kb * self.block_size and self.forced_blocks <= kb <= 1 << 16) for kt, kb in pairs):
             _fail("layer_budget_scale", f"a schedule that leaves every layer more than sink + window = {always} "
                   f"tokens, {self.forced_blocks} to 65536 blocks and tokens <= blocks x block size "
-                  f"((k_t, k_b) per layer: {pairs})", self.layer_budget_scale)
-        return pairs
+                  f"((k_t, k_b): {pairs})", self.layer_budget_scale)
 
     def with_layer_schedule(self, calibration: Optional[dict]) -> "AsyncTLSConfig":
         """This config with each "auto" schedule replaced by the calibration JSON's (`calibrate` / channel config:

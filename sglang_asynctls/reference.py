@@ -135,6 +135,7 @@ def layer_budgets(budget: int, num_layers: int, layer_scale: Mapping[int, float]
     other = (num_layers * budget - sum(listed.values())) // rest if rest else 0
     return [listed.get(layer, other) for layer in range(num_layers)]
 
+
 def layer_candidate_budgets(block_budgets: List[int], candidate_scale: Mapping[int, float]) -> List[int]:
     """k_b per layer with extra candidates: a layer l in candidate_scale keeps floor(candidate_scale[l] * k_b_l)
     blocks, taken from no other layer. Candidates are scored with the INT4 labels but not attended, so this moves
