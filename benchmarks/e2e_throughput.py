@@ -15,6 +15,8 @@ import subprocess
 import sys
 import time
 
+from host_env import version
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 METHOD_ARGS = {
     "flashinfer": ["--attention-backend", "flashinfer"],
@@ -111,21 +113,12 @@ def cmd_summarize(args) -> None:
         notes["soak"]["file"] = args.soak
     out = {"benchmark": "e2e_throughput", "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"),
            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
-           "torch": torch.__version__, "triton": _version("triton"), "sglang": _version("sglang"),
+           "torch": torch.__version__, "triton": version("triton"), "sglang": version("sglang"),
            "config": {"model": args.model, "common_flags": COMMON}, "rows": rows, "summary": summary,
            "summary_notes": notes}
     json.dump(out, open(args.json, "w"), indent=1)
     _plot(rows, args.json.replace(".json", ".png"))
     print(json.dumps(summary, indent=1))
-
-
-def _version(pkg: str) -> str:
-    import importlib.metadata as md
-
-    try:
-        return md.version(pkg)
-    except md.PackageNotFoundError:
-        return "absent"
 
 
 def _plot(rows, path: str) -> None:

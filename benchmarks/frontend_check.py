@@ -20,7 +20,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from server_parity import PORT, stop_server, wait_ready  # noqa: E402
+from server_parity import PORT, environment, stop_server, wait_ready  # noqa: E402
 
 
 def load_example():
@@ -46,7 +46,8 @@ def main():
     log_path = a.out + ".log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    out = {"label": a.label, "cmd": cmd, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "secret": example.SECRET}
+    out = {"label": a.label, "cmd": cmd, "date": time.strftime("%Y-%m-%d %H:%M:%S"), **environment(),
+           "secret": example.SECRET}
     try:
         wait_ready(proc, log_path, a.ready_timeout)
         url = f"http://127.0.0.1:{PORT}"

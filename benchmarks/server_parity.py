@@ -21,6 +21,8 @@ import sys
 import time
 import urllib.request
 
+from host_env import environment  # noqa: F401  (soak.py and frontend_check.py import it from here)
+
 PORT = 31234
 SHORT = ["The capital of France is", "def fibonacci(n):", "List three colors:", "Water boils at",
          "Once upon a time, there was a", "The square root of 144 is", "import numpy as np\n",
@@ -103,15 +105,6 @@ def run(args) -> None:
     print(json.dumps(out, indent=1)[:3000])
 
 
-def _versions() -> dict:
-    import importlib.metadata as md
-
-    import torch
-
-    return {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
-            "torch": torch.__version__, "triton": md.version("triton"), "sglang": md.version("sglang")}
-
-
 def compare(args) -> None:
     a, b = json.load(open(args.stock)), json.load(open(args.ours))
     short_equal = [x == y for x, y in zip(a["short"], b["short"])]
@@ -125,7 +118,7 @@ def compare(args) -> None:
                "turn2_pages_written": sum(pages), "turn2_prefix_tokens_reused": sum(reused),
                "turn2_equal": a["turn2"] == b["turn2"]}
     result = {"benchmark": "server_parity", "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "command": " ".join(sys.argv), **_versions(), "stock": a, "asynctls": b, "summary": summary}
+              "command": " ".join(sys.argv), **environment(), "stock": a, "asynctls": b, "summary": summary}
     json.dump(result, open(args.json, "w"), indent=1)
     print(json.dumps(summary, indent=1))
 

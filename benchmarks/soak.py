@@ -20,7 +20,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from server_parity import FILLER, PORT, post, stop_server, wait_ready  # noqa: E402  (same port and readiness probe)
+from server_parity import FILLER, PORT, environment, post, stop_server, wait_ready  # noqa: E402  (same port, probe)
 
 
 def one_request(i: int, rng: random.Random, long_words: int, abort_share: float) -> str:
@@ -93,7 +93,8 @@ def main():
         time.sleep(3)
         after = used_tokens()
         log_text = open(log_path).read()
-        result = {"command": cmd, "requests": args.requests, "outcome": outcome, "seconds": round(time.time() - t0, 1),
+        result = {"command": cmd, "date": time.strftime("%Y-%m-%d %H:%M:%S"), **environment(),
+                  "requests": args.requests, "outcome": outcome, "seconds": round(time.time() - t0, 1),
                   "used_tokens_before_flush": before, "used_tokens_after_flush": after,
                   "leak_warnings_in_log": log_text.lower().count("leak")}
     finally:

@@ -43,6 +43,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import e2e_throughput as e2e  # noqa: E402
+from host_env import environment  # noqa: E402
 import server_parity as parity  # noqa: E402
 
 ROOT = os.path.dirname(HERE)
@@ -265,21 +266,6 @@ def summarize_runs(parity_records: dict, speed_rows: dict, tps: list, points: li
     return summary
 
 
-def _versions() -> dict:
-    import importlib.metadata as md
-
-    import torch
-
-    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    out = {"gpu": gpus[0] if gpus else "none", "gpu_count": len(gpus), "torch": torch.__version__}
-    for pkg in ("triton", "sglang", "sglang-asynctls"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = "absent"
-    return out
-
-
 def cmd_summarize(args) -> None:
     records = {label: _load(os.path.join(args.work, f"parity_{label}.json")) for label, _, _ in parity_runs(args)}
     speed = {label: _load(os.path.join(args.work, f"speed_{label}.json")) for label, *_ in speed_runs(args)}
@@ -288,7 +274,7 @@ def cmd_summarize(args) -> None:
     summary = summarize_runs(records, speed, args.tp, args.points, reference)
     padded = _load(os.path.join(args.padded, PAD_RECORD))
     result = {"benchmark": "tp_check", "date": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv),
-              **_versions(), "config": {"tp": args.tp, "parity_model": args.padded, "padding": padded,
+              **environment(), "config": {"tp": args.tp, "parity_model": args.padded, "padding": padded,
                                         "parity_flags": {lab: fl for lab, _, fl in parity_runs(args)},
                                         "speed_model": args.model, "speed_common_flags": e2e.COMMON,
                                         "asynctls_args": args.asynctls_args, "bench_args": args.bench_args},
