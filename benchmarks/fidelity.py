@@ -28,6 +28,7 @@ import datetime
 import importlib.metadata
 import importlib.resources
 import json
+import os
 import platform
 import sys
 import time
@@ -209,9 +210,13 @@ def main(argv=None) -> None:
     p.add_argument("--seed-offset", type=int, default=0,
                    help="added to every retrieval prompt's seed: other haystacks and keys (held-out prompts)")
     p.add_argument("--partial", default=None, help="rewrite the samples to this file after every prompt")
+    p.add_argument("--stdlib", default=None, help="a copied Python stdlib directory to read the evaluation code and "
+                   "haystack from (the texts differ between Python versions); default: this Python's")
     p.add_argument("--device", default="cpu", help="torch device for the model, caches and attention methods "
                    "(e.g. cuda: every tensor the harness creates defaults to it)")
     args = p.parse_args(argv)
+    if args.stdlib:
+        os.environ[calibrate.STDLIB_ENV] = args.stdlib
     if args.device != "cpu":  # the harness and sglang_asynctls.fidelity create tensors without a device
         torch.set_default_device(args.device)
     args.fractions = [int(f) for f in args.fractions.split(",")]
@@ -229,7 +234,9 @@ def main(argv=None) -> None:
         "resolved_layer_schedule": runner.schedule,
         "budgets": {f"{c}@1/{f}": asdict(runner.budget(c, f)) for c in plan for f in args.fractions},
         "evaluation_text": {"code": list(calibrate.EVALUATION_MODULES), "haystack": "pydoc_data.topics",
-                            "python": platform.python_version()},
+                            "python": platform.python_version(), "stdlib": str(calibrate.stdlib_dir()),
+                            "sha256_16": calibrate.text_digest([*calibrate.EVALUATION_MODULES,
+                                                                needles.HAYSTACK_FILE])},
         "calibration_modules": list(calibrate.CALIBRATION_MODULES), "max_new_tokens": MAX_NEW,
         "wall_s": round(time.time() - start, 1)}
     result = {"benchmark": "fidelity", "command": " ".join(["python"] + sys.argv),

@@ -13,7 +13,9 @@ modules (EVALUATION_MODULES) and on pydoc prose, so calibration and evaluation n
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import platform
 import sysconfig
 from pathlib import Path
@@ -28,8 +30,25 @@ EVALUATION_MODULES = ("typing.py", "inspect.py", "dataclasses.py", "pathlib.py",
                       "ast.py", "enum.py", "pickle.py", "zipfile.py")
 
 
+# Texts differ between Python versions (3.11 vs 3.12 stdlib): ASYNCTLS_STDLIB names a copied stdlib directory so
+# runs on hosts with another Python read the same evaluation text.
+STDLIB_ENV = "ASYNCTLS_STDLIB"
+
+
+def stdlib_dir() -> Path:
+    return Path(os.environ.get(STDLIB_ENV) or sysconfig.get_paths()["stdlib"])
+
+
 def stdlib_source(module_file: str) -> str:
-    return (Path(sysconfig.get_paths()["stdlib"]) / module_file).read_text()
+    return (stdlib_dir() / module_file).read_text()
+
+
+def text_digest(module_files: Sequence[str]) -> str:
+    """sha256 (first 16 hex) of the named stdlib files as read: two runs with equal digests saw the same text."""
+    h = hashlib.sha256()
+    for m in module_files:
+        h.update(stdlib_source(m).encode())
+    return h.hexdigest()[:16]
 
 
 def chunks_of(tok, modules: Sequence[str], chunk_tokens: int) -> List[torch.Tensor]:

@@ -19,6 +19,8 @@ from typing import List, Sequence, Tuple
 
 import torch
 
+from sglang_asynctls.calibrate import stdlib_source
+
 HEADER = ("There is an important piece of information hidden inside a lot of irrelevant text. Find it and "
           "memorize it. I will quiz you about it.\n\n")
 KEYS = ("apple", "river", "violet", "copper", "falcon", "marble", "meadow", "harbor", "lantern", "pepper")
@@ -48,9 +50,17 @@ class NeedleTask:
 
 @functools.lru_cache(maxsize=2)
 def prose_ids(tok) -> Tuple[int, ...]:
-    from pydoc_data import topics
+    return tuple(tok(prose_text()).input_ids)
 
-    return tuple(tok("\n\n".join(topics.topics[k] for k in sorted(topics.topics))).input_ids)
+
+HAYSTACK_FILE = "pydoc_data/topics.py"
+
+
+def prose_text() -> str:
+    """pydoc_data.topics of the stdlib that `calibrate.stdlib_dir` names (ASYNCTLS_STDLIB or this Python's)."""
+    scope: dict = {}
+    exec(compile(stdlib_source(HAYSTACK_FILE), HAYSTACK_FILE, "exec"), scope)  # a module of one dict literal
+    return "\n\n".join(scope["topics"][k] for k in sorted(scope["topics"]))
 
 
 def _encode(tok, text: str) -> List[int]:
