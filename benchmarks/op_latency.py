@@ -26,14 +26,16 @@ from sglang_asynctls import reference as R  # noqa: E402
 from sglang_asynctls.kernels import asynctls_decode as K  # noqa: E402
 from sglang_asynctls.kernels.block_minmax import block_minmax  # noqa: E402
 from sglang_asynctls.kernels.block_scores import block_scores  # noqa: E402
+from sglang_asynctls.kernels import fine_select as FS  # noqa: E402
 from sglang_asynctls.kernels.fine_select import fine_select_candidates  # noqa: E402
 from sglang_asynctls.kernels.index_append import append_decode_index  # noqa: E402
 from sglang_asynctls.kernels.quantize_labels import quantize_labels  # noqa: E402
 from sglang_asynctls.kernels.select_blocks import select_blocks  # noqa: E402
 from sglang_asynctls.kernels.select_tokens import select_token_slots, select_tokens  # noqa: E402
 from sglang_asynctls.kernels.sparse_decode import sparse_decode  # noqa: E402
-from sglang_asynctls.kernels.token_logits import token_logits  # noqa: E402
+from sglang_asynctls.kernels.token_logits import token_logit_stats, token_logits  # noqa: E402
 from sglang_asynctls.kernels.token_scores import candidate_scores  # noqa: E402
+from sglang_asynctls.kernels.token_scores_recompute import token_scores_recompute  # noqa: E402
 
 MODELS = {"gqa": dict(hq=32, hkv=8, d=128, dv=128, dc=32, mla=False),
           "mla": dict(hq=20, hkv=1, d=576, dv=512, dc=128, mla=True)}
@@ -259,9 +261,7 @@ def stage_breakdown(c, timer, kt, sgl, tune):
     logits, stats = token_logits(q, *lab, blocks, c["sm_scale"], block_size=BS)
     out["4+5_select_token_slots_combine_folded"] = timer(lambda: select_token_slots(
         logits, blocks, c["r2t"], c["rows"], lens, stats=stats, **fsel))
-    out["3-5_fine_folded"] = timer(lambda: fine_select_candidates(
-        q, *lab, blocks, block_size=BS, token_budget=fsel["token_budget"], sink_tokens=SINK,
-        local_window=WINDOW, sm_scale=c["sm_scale"]))
+    fine_rows(out, c, timer, q, lab, blocks, fsel)
     if tune:
         for nw in (8, 16, 32):
             out[f"tune_select_token_slots_combine_folded_warps{nw}"] = timer(lambda: select_token_slots(
@@ -273,7 +273,24 @@ def stage_breakdown(c, timer, kt, sgl, tune):
     return out
 
 
+def fine_rows(out, c, timer, q, lab, blocks, fsel):
+    """The fine stage (3-5) with each way of forming the group-mean softmax (fine_select.COMBINES), and the default
+    (fold for G <= FOLD_COMBINE_MAX_GROUP, else WIDE_GROUP_COMBINE); the two passes of "recompute" alone."""
+    out["3r_token_logit_stats"] = timer(lambda: token_logit_stats(q, *lab, blocks, c["sm_scale"], block_size=BS))
+    out["3+4r_token_scores_recompute"] = timer(lambda: token_scores_recompute(q, *lab, blocks, c["sm_scale"],
+                                                                             block_size=BS))
+    kw = dict(block_size=BS, token_budget=fsel["token_budget"], sink_tokens=SINK, local_window=WINDOW,
+              sm_scale=c["sm_scale"])
+    names = {"fold": "3-5_fine_folded", "logits": "3-5_fine_logits_combine", "recompute": "3-5_fine_recompute"}
+    for combine in (None,) + FS.COMBINES:
+        out[names.get(combine, "3-5_fine_default")] = timer(
+            lambda: fine_select_candidates(q, *lab, blocks, combine=combine, **kw))
+
+
 def tune_rows(out, c, timer, q, lens, lab, blocks, scores, tscores, slots, fsel):
+    for bc, nw in ((64, 4), (128, 4), (128, 8), (256, 8)):
+        out[f"tune_token_scores_recompute_c{bc}_warps{nw}"] = timer(lambda: token_scores_recompute(
+            q, *lab, blocks, c["sm_scale"], block_size=BS, block_c=bc, num_warps=nw))
     for st in (1, 2, 3):
         out[f"tune_token_logits_stages{st}"] = timer(
             lambda: token_logits(q, *lab, blocks, c["sm_scale"], block_size=BS, num_stages=st))
@@ -416,7 +433,10 @@ def main():
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     p.add_argument("--name", default="op_latency_h100")
     p.add_argument("--breakdown-all", action="store_true", help="stage breakdown at every shape, not only 96k b8")
+    p.add_argument("--wide-group-combine", choices=FS.COMBINES, default=FS.WIDE_GROUP_COMBINE,
+                   help="A/B: fine_select.WIDE_GROUP_COMBINE for groups wider than FOLD_COMBINE_MAX_GROUP (MLA)")
     a = p.parse_args()
+    FS.WIDE_GROUP_COMBINE = a.wide_group_combine  # read at each call; the whole-step rows follow it
     os.makedirs(a.out, exist_ok=True)
     timer = Timer(a.iters, a.warmup)
     try:
@@ -436,6 +456,7 @@ def main():
                               hbm_bandwidth_bytes_per_s=bandwidth, hbm_copy=bw_t,
                               pool="16-token chunks of all requests shuffled",
                               label_layout="head-major storage ([Hkv, S, Dc/2] / [Hkv, S]) viewed as [S, Hkv, ...]",
+                              wide_group_combine=a.wide_group_combine,
                               skipped=[]),
                   rows=[], summary={})
     out_json = os.path.join(a.out, a.name + ".json")

@@ -6,6 +6,7 @@ Notations for shapes: see `sglang_asynctls/reference.py` (B, Hq, Hkv, G, D, Dv, 
     index build   block_minmax, quantize_labels
     coarse        block_scores -> select_blocks                       (asynctls_decode.coarse_select)
     fine          token_logits -> token_scores (combine) -> select_tokens / select_token_slots
+                  wide groups: token_logit_stats -> token_scores_recompute -> select_token_slots
                                                                       (fine_select, fine_select_candidates)
     attention     sparse_decode (split-K) -> splitk_combine
     whole step    asynctls_decode.{asynctls_decode, quest_decode, token_only_decode, dense_method}; METHODS

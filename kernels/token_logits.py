@@ -24,47 +24,69 @@ def _label_dot(q_half, lab, USE_DOT: tl.constexpr):
 
 
 @triton.jit
-def _token_logits_kernel(q, labels, label_scale, channels, req_to_token, req_pool_indices, seq_lens, cand,
-                         logits, stats, sm_scale, C,
-                         stride_qb, stride_qh, stride_ls, stride_lh, stride_ss, stride_sh, stride_ch, stride_rr,
-                         stride_cb, stride_ch2, stride_ob, stride_oh, stride_og, stride_tb, stride_th, stride_ts,
-                         HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, HDC: tl.constexpr,
-                         FROM_BLOCKS: tl.constexpr, BS: tl.constexpr, SPLIT_C: tl.constexpr,
-                         BLOCK_C: tl.constexpr, USE_DOT: tl.constexpr):
-    pid = tl.program_id(0)
-    split = tl.program_id(1)
-    b = pid // HKV
-    h = pid % HKV
+def group_label_queries(q, channels, b, h, stride_qb, stride_qh, stride_ch, G: tl.constexpr, GP: tl.constexpr,
+                        HDC: tl.constexpr):
+    """The group's query heads at the label channels, split by nibble: (q_lo, q_hi) [GP, HDC], rows >= G zero."""
     offs_g = tl.arange(0, GP)
     offs_k = tl.arange(0, HDC)
     ch_lo = tl.load(channels + h * stride_ch + 2 * offs_k).to(tl.int64)
     ch_hi = tl.load(channels + h * stride_ch + 2 * offs_k + 1).to(tl.int64)
     q_row = q + b * stride_qb + (h * G + offs_g)[:, None] * stride_qh
     mask_g = (offs_g < G)[:, None]
-    q_lo = tl.load(q_row + ch_lo[None, :], mask=mask_g, other=0.0)
-    q_hi = tl.load(q_row + ch_hi[None, :], mask=mask_g, other=0.0)
+    return (tl.load(q_row + ch_lo[None, :], mask=mask_g, other=0.0),
+            tl.load(q_row + ch_hi[None, :], mask=mask_g, other=0.0))
+
+
+@triton.jit
+def tile_logits(q_lo, q_hi, labels, label_scale, req_to_token, cand_row, req, seq_len, h, offs_c, C, sm_scale,
+                stride_ls, stride_lh, stride_ss, stride_sh, stride_rr, HDC: tl.constexpr,
+                FROM_BLOCKS: tl.constexpr, BS: tl.constexpr, USE_DOT: tl.constexpr):
+    """Logits [GP, BLOCK_C] of candidates offs_c of one KV group (cand_row: its candidate list), -inf where
+    invalid. `token_logits` and the recomputing combine (`token_scores_recompute`) share it, so both passes see the
+    same logits."""
+    offs_k = tl.arange(0, HDC)
+    if FROM_BLOCKS:  # candidates = every position of the selected blocks (cand: [B, Hkv, Kb] block ids)
+        blk = tl.load(cand_row + offs_c // BS, mask=offs_c < C, other=-1)
+        pos = blk.to(tl.int64) * BS + offs_c % BS
+        valid = (blk >= 0) & (pos < seq_len) & (offs_c < C)
+    else:  # cand: [B, Hkv, C] positions, -1 = invalid
+        pos = tl.load(cand_row + offs_c, mask=offs_c < C, other=-1).to(tl.int64)
+        valid = pos >= 0
+    slot = tl.load(req_to_token + req * stride_rr + pos, mask=valid, other=0).to(tl.int64)
+    packed = tl.load(labels + slot[:, None] * stride_ls + h * stride_lh + offs_k[None, :],
+                     mask=valid[:, None], other=0x88).to(tl.int32)
+    scale = tl.load(label_scale + slot * stride_ss + h * stride_sh, mask=valid, other=0.0)
+    acc = _label_dot(q_lo, (packed & 15) - 8, USE_DOT) + _label_dot(q_hi, (packed >> 4) - 8, USE_DOT)
+    logit = acc * (scale * sm_scale)[None, :]
+    return tl.where(valid[None, :], logit, float("-inf"))
+
+
+@triton.jit
+def _token_logits_kernel(q, labels, label_scale, channels, req_to_token, req_pool_indices, seq_lens, cand,
+                         logits, stats, sm_scale, C,
+                         stride_qb, stride_qh, stride_ls, stride_lh, stride_ss, stride_sh, stride_ch, stride_rr,
+                         stride_cb, stride_ch2, stride_ob, stride_oh, stride_og, stride_tb, stride_th, stride_ts,
+                         HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, HDC: tl.constexpr,
+                         FROM_BLOCKS: tl.constexpr, BS: tl.constexpr, SPLIT_C: tl.constexpr,
+                         BLOCK_C: tl.constexpr, USE_DOT: tl.constexpr, STORE_LOGITS: tl.constexpr):
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid // HKV
+    h = pid % HKV
+    offs_g = tl.arange(0, GP)
+    q_lo, q_hi = group_label_queries(q, channels, b, h, stride_qb, stride_qh, stride_ch, G, GP, HDC)
     req = tl.load(req_pool_indices + b).to(tl.int64)
     seq_len = tl.load(seq_lens + b) if FROM_BLOCKS else 0
     m_run = tl.full([GP], float("-inf"), tl.float32)
     s_run = tl.zeros([GP], dtype=tl.float32)
     for c0 in tl.range(split * SPLIT_C, split * SPLIT_C + SPLIT_C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
-        if FROM_BLOCKS:  # candidates = every position of the selected blocks (cand: [B, Hkv, Kb] block ids)
-            blk = tl.load(cand + b * stride_cb + h * stride_ch2 + offs_c // BS, mask=offs_c < C, other=-1)
-            pos = blk.to(tl.int64) * BS + offs_c % BS
-            valid = (blk >= 0) & (pos < seq_len) & (offs_c < C)
-        else:  # cand: [B, Hkv, C] positions, -1 = invalid
-            pos = tl.load(cand + b * stride_cb + h * stride_ch2 + offs_c, mask=offs_c < C, other=-1).to(tl.int64)
-            valid = pos >= 0
-        slot = tl.load(req_to_token + req * stride_rr + pos, mask=valid, other=0).to(tl.int64)
-        packed = tl.load(labels + slot[:, None] * stride_ls + h * stride_lh + offs_k[None, :],
-                         mask=valid[:, None], other=0x88).to(tl.int32)
-        scale = tl.load(label_scale + slot * stride_ss + h * stride_sh, mask=valid, other=0.0)
-        acc = _label_dot(q_lo, (packed & 15) - 8, USE_DOT) + _label_dot(q_hi, (packed >> 4) - 8, USE_DOT)
-        logit = acc * (scale * sm_scale)[None, :]
-        logit = tl.where(valid[None, :], logit, float("-inf"))
-        tl.store(logits + b * stride_ob + h * stride_oh + offs_g[:, None] * stride_og + offs_c[None, :], logit,
-                 mask=mask_g & (offs_c < C)[None, :])
+        logit = tile_logits(q_lo, q_hi, labels, label_scale, req_to_token, cand + b * stride_cb + h * stride_ch2,
+                            req, seq_len, h, offs_c, C, sm_scale, stride_ls, stride_lh, stride_ss, stride_sh,
+                            stride_rr, HDC, FROM_BLOCKS, BS, USE_DOT)
+        if STORE_LOGITS:  # off for the two-pass combine of wide groups (token_scores_recompute)
+            tl.store(logits + b * stride_ob + h * stride_oh + offs_g[:, None] * stride_og + offs_c[None, :],
+                     logit, mask=(offs_g < G)[:, None] & (offs_c < C)[None, :])
         m_new = tl.maximum(m_run, tl.max(logit, axis=1))
         m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
         s_run = s_run * tl.exp(m_run - m_safe) + tl.sum(tl.exp(logit - m_safe[:, None]), axis=1)
@@ -82,10 +104,54 @@ def num_candidate_splits(num_groups: int, num_candidates: int, block_c: int = 12
     return 1 << (int(want).bit_length() - 1)
 
 
+def group_rows(g: int) -> int:
+    """Query rows of a group's label tile: a power of two, at least tl.dot's 16."""
+    return max(16, triton.next_power_of_2(g))
+
+
+def _check_label_inputs(q, labels, label_scale, channels, req_to_token, seq_lens, candidates, block_size):
+    b, hq, _ = q.shape
+    hkv, dc = channels.shape
+    assert labels.shape[1:] == (hkv, dc // 2) and labels.dtype == torch.uint8 and labels.stride(2) == 1
+    assert label_scale.dtype == torch.float32 and candidates.shape[:2] == (b, hkv) and candidates.stride(2) == 1
+    assert q.stride(2) == 1 and channels.stride(1) == 1 and req_to_token.stride(1) == 1
+    assert seq_lens is not None or not block_size
+
+
+def _launch(q, labels, label_scale, channels, req_to_token, req_pool_indices, seq_lens, candidates, sm_scale,
+            block_size, num_splits, logits, stats, num_stages):
+    """logits None: statistics only (the first pass of `token_scores_recompute`)."""
+    b, hq, _ = q.shape
+    hkv, dc = channels.shape
+    g = hq // hkv
+    c = candidates.shape[2] * (block_size if block_size else 1)
+    _check_label_inputs(q, labels, label_scale, channels, req_to_token, seq_lens, candidates, block_size)
+    block_c = 128
+    splits = num_splits or num_candidate_splits(b * hkv, c, block_c)
+    split_c = triton.cdiv(triton.cdiv(c, splits), block_c) * block_c
+    if stats is None:
+        stats = torch.empty(b, hkv, splits, g, 2, dtype=torch.float32, device=q.device)
+    assert stats.shape == (b, hkv, splits, g, 2) and stats.is_contiguous() and splits & (splits - 1) == 0
+    if logits is not None:
+        assert logits.shape == (b, hkv, g, c) and logits.stride(3) == 1
+    lg = stats if logits is None else logits
+    _token_logits_kernel[(b * hkv, splits)](
+        q, labels, label_scale, channels, req_to_token, req_pool_indices,
+        req_pool_indices if seq_lens is None else seq_lens, candidates, lg, stats, sm_scale, c,
+        q.stride(0), q.stride(1), labels.stride(0), labels.stride(1), label_scale.stride(0), label_scale.stride(1),
+        channels.stride(0), req_to_token.stride(0), candidates.stride(0), candidates.stride(1),
+        lg.stride(0), lg.stride(1), lg.stride(2), stats.stride(0), stats.stride(1), stats.stride(2),
+        HKV=hkv, G=g, GP=group_rows(g), HDC=dc // 2, FROM_BLOCKS=bool(block_size), BS=max(block_size, 1),
+        SPLIT_C=split_c, BLOCK_C=block_c, USE_DOT=dc // 2 >= 16, STORE_LOGITS=logits is not None, num_warps=4,
+        num_stages=num_stages)
+    return stats
+
+
 def token_logits(q: torch.Tensor, labels: torch.Tensor, label_scale: torch.Tensor, channels: torch.Tensor,
                  req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: Optional[torch.Tensor],
                  candidates: torch.Tensor, sm_scale: float, *, block_size: int = 0, num_splits: int = 0,
-                 out: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, num_stages: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
+                 out: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+                 num_stages: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
     """Label logits q_h[ch] . label_t * sm_scale of candidate tokens, and per-split softmax statistics.
 
     q: [B, Hq, D]; labels: [S, Hkv, Dc // 2] uint8; label_scale: [S, Hkv] float32; channels: [Hkv, Dc];
@@ -95,29 +161,20 @@ def token_logits(q: torch.Tensor, labels: torch.Tensor, label_scale: torch.Tenso
     (max and sum of exp(logit - max) of each split and head).
     """
     b, hq, _ = q.shape
-    hkv, dc = channels.shape
-    g = hq // hkv
+    hkv = channels.shape[0]
     c = candidates.shape[2] * (block_size if block_size else 1)
-    assert labels.shape[1:] == (hkv, dc // 2) and labels.dtype == torch.uint8 and labels.stride(2) == 1
-    assert label_scale.dtype == torch.float32 and candidates.shape[:2] == (b, hkv) and candidates.stride(2) == 1
-    assert q.stride(2) == 1 and channels.stride(1) == 1 and req_to_token.stride(1) == 1
-    block_c = 128
-    splits = num_splits or num_candidate_splits(b * hkv, c, block_c)
-    split_c = triton.cdiv(triton.cdiv(c, splits), block_c) * block_c
-    gp = max(16, triton.next_power_of_2(g))
     if out is None:
-        out = (torch.empty(b, hkv, g, c, dtype=torch.float32, device=q.device),
-               torch.empty(b, hkv, splits, g, 2, dtype=torch.float32, device=q.device))
-    logits, stats = out
-    assert logits.shape == (b, hkv, g, c) and logits.stride(3) == 1 and stats.shape == (b, hkv, splits, g, 2)
-    assert stats.is_contiguous() and splits & (splits - 1) == 0
-    assert seq_lens is not None or not block_size
-    _token_logits_kernel[(b * hkv, splits)](
-        q, labels, label_scale, channels, req_to_token, req_pool_indices,
-        req_pool_indices if seq_lens is None else seq_lens, candidates, logits, stats, sm_scale, c,
-        q.stride(0), q.stride(1), labels.stride(0), labels.stride(1), label_scale.stride(0), label_scale.stride(1),
-        channels.stride(0), req_to_token.stride(0), candidates.stride(0), candidates.stride(1),
-        logits.stride(0), logits.stride(1), logits.stride(2), stats.stride(0), stats.stride(1), stats.stride(2),
-        HKV=hkv, G=g, GP=gp, HDC=dc // 2, FROM_BLOCKS=bool(block_size), BS=max(block_size, 1), SPLIT_C=split_c,
-        BLOCK_C=block_c, USE_DOT=dc // 2 >= 16, num_warps=4, num_stages=num_stages)
-    return logits, stats
+        out = (torch.empty(b, hkv, hq // hkv, c, dtype=torch.float32, device=q.device), None)
+    stats = _launch(q, labels, label_scale, channels, req_to_token, req_pool_indices, seq_lens, candidates,
+                    sm_scale, block_size, num_splits, out[0], out[1], num_stages)
+    return out[0], stats
+
+
+def token_logit_stats(q: torch.Tensor, labels: torch.Tensor, label_scale: torch.Tensor, channels: torch.Tensor,
+                      req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: Optional[torch.Tensor],
+                      candidates: torch.Tensor, sm_scale: float, *, block_size: int = 0, num_splits: int = 0,
+                      out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`token_logits`' stats [B, Hkv, splits, G, 2] alone: the logits are not written (wide groups recompute
+    them, see `token_scores_recompute`)."""
+    return _launch(q, labels, label_scale, channels, req_to_token, req_pool_indices, seq_lens, candidates,
+                   sm_scale, block_size, num_splits, None, out, 1)

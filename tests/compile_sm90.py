@@ -18,6 +18,7 @@ from sglang_asynctls.kernels.select_tokens import _select_tokens_kernel
 from sglang_asynctls.kernels.sparse_decode import _sparse_decode_kernel
 from sglang_asynctls.kernels.splitk_combine import _splitk_combine_kernel
 from sglang_asynctls.kernels.token_logits import _token_logits_kernel
+from sglang_asynctls.kernels.token_scores_recompute import _token_scores_recompute_kernel
 
 SM90 = GPUTarget("cuda", 90, 32)
 
@@ -120,7 +121,7 @@ def block_scores(d1, d2, g, group_max):
              8 if d1 <= 256 else 4)
 
 
-def token_logits(g, half_dc):
+def token_logits(g, half_dc, store_logits):
     _compile(_token_logits_kernel,
              [("q", "*bf16"), ("labels", "*u8"), ("label_scale", "*fp32"), ("channels", "*i64"),
               ("req_to_token", "*i32"), ("req_pool_indices", "*i64"), ("seq_lens", "*i64"), ("cand", "*i32"),
@@ -128,9 +129,22 @@ def token_logits(g, half_dc):
              + _i32("stride_qb", "stride_qh", "stride_ls", "stride_lh", "stride_ss", "stride_sh", "stride_ch",
                     "stride_rr", "stride_cb", "stride_ch2", "stride_ob", "stride_oh", "stride_og", "stride_tb",
                     "stride_th", "stride_ts")
-             + [(n, None) for n in ("HKV", "G", "GP", "HDC", "FROM_BLOCKS", "BS", "SPLIT_C", "BLOCK_C", "USE_DOT")],
+             + [(n, None) for n in ("HKV", "G", "GP", "HDC", "FROM_BLOCKS", "BS", "SPLIT_C", "BLOCK_C", "USE_DOT",
+                                    "STORE_LOGITS")],
              dict(HKV=8 if g == 4 else 1, G=g, GP=max(16, triton.next_power_of_2(g)), HDC=half_dc, FROM_BLOCKS=True,
-                  BS=64, SPLIT_C=256, BLOCK_C=128, USE_DOT=True), 4)
+                  BS=64, SPLIT_C=256, BLOCK_C=128, USE_DOT=True, STORE_LOGITS=store_logits), 4)
+
+
+def token_scores_recompute(g, half_dc):
+    _compile(_token_scores_recompute_kernel,
+             [("q", "*bf16"), ("labels", "*u8"), ("label_scale", "*fp32"), ("channels", "*i64"),
+              ("req_to_token", "*i32"), ("req_pool_indices", "*i64"), ("seq_lens", "*i64"), ("cand", "*i32"),
+              ("stats", "*fp32"), ("scores", "*fp32"), ("sm_scale", "fp32"), ("C", "i32")]
+             + _i32("stride_qb", "stride_qh", "stride_ls", "stride_lh", "stride_ss", "stride_sh", "stride_ch",
+                    "stride_rr", "stride_cb", "stride_ch2", "stride_tb", "stride_th", "stride_ob", "stride_oh")
+             + [(n, None) for n in ("HKV", "G", "GP", "HDC", "FROM_BLOCKS", "BS", "NSPLIT", "BLOCK_C", "USE_DOT")],
+             dict(HKV=8 if g == 4 else 1, G=g, GP=max(16, triton.next_power_of_2(g)), HDC=half_dc, FROM_BLOCKS=True,
+                  BS=64, NSPLIT=64, BLOCK_C=128, USE_DOT=True), 4)
 
 
 def sparse_decode(d1, d2, dv, g):
@@ -154,8 +168,11 @@ def splitk_combine(dv, has_rows):
 
 def attention_kernels():
     for d1, d2, dv, g, half_dc in ((128, 0, 128, 4, 16), (512, 64, 512, 20, 64)):
-        token_logits(g, half_dc)
-        print(f"token_logits (G={g}): compiled for sm_90")
+        for store_logits in (True, False):
+            token_logits(g, half_dc, store_logits)
+            print(f"token_logits (G={g}, store_logits={store_logits}): compiled for sm_90")
+        token_scores_recompute(g, half_dc)
+        print(f"token_scores_recompute (G={g}): compiled for sm_90")
         sparse_decode(d1, d2, dv, g)
         print(f"sparse_decode (D={d1}+{d2}, G={g}): compiled for sm_90")
         for has_rows in (False, True):

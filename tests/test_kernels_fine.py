@@ -7,11 +7,14 @@ from sglang_asynctls import reference as R
 from sglang_asynctls.kernels.fine_select import fine_select, fine_select_candidates
 from sglang_asynctls.kernels.select_tokens import select_tokens
 from sglang_asynctls.kernels.token_scores import token_scores
+from sglang_asynctls.kernels.token_scores_recompute import token_scores_recompute
 
 from kernel_cases import KEY_RTOL, SHAPES, assert_topk_set, make_cache
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 SINK, WINDOW = 4, 6
+# an MLA-like group wider than FOLD_COMBINE_MAX_GROUP (the default then recomputes the logits), with tl.dot labels
+WIDE = dict(hq=20, hkv=1, d=80, dv=64, dc=32, mla=True)
 
 
 def _candidates(c, budget):
@@ -80,18 +83,37 @@ def test_fine_select_picks_a_top_k_of_the_reference_scores(shape, budget):
     assert_topk_set(from_blocks, cand_slots, pri, budget, tol=1e-6)
 
 
-@pytest.mark.parametrize("shape", ["gqa", "mha", "mla"])
-def test_combine_folded_into_the_top_k_picks_what_the_separate_combine_picks(shape):
-    """fine_select_candidates with the group-mean softmax computed inside the top-Kt kernel (two launches)
-    against the separate `token_scores` combine (three): both a top-k of the reference scores."""
-    c = make_cache([27, 61, 113], **SHAPES[shape], device=DEV)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", ["gqa", "mla", "wide"])
+@pytest.mark.parametrize("from_blocks", [False, True])
+def test_token_scores_recompute_match_reference(shape, dtype, from_blocks):
+    c = make_cache([27, 61, 113], **(WIDE if shape == "wide" else SHAPES[shape]), dtype=dtype, device=DEV)
+    blocks, positions = _candidates(c, 5)
+    _, _, _, labels, scale = c["index"]
+    args = (c["q"], labels, scale, c["channels"], c["r2t"], c["rows"], c["seq_lens"])
+    if from_blocks:
+        s = token_scores_recompute(*args, blocks, c["sm_scale"], block_size=c["bs"])
+    else:
+        positions = positions[..., torch.randperm(positions.shape[2], generator=torch.Generator().manual_seed(1))]
+        s = token_scores_recompute(*args, positions, c["sm_scale"], block_c=32)
+    r = _ref_scores(c, positions)
+    assert torch.equal(s.isinf(), r.isinf())
+    torch.testing.assert_close(s[r.isfinite()], r[r.isfinite()], rtol=1e-4, atol=1e-6)
+    out = torch.empty_like(s)
+    assert token_scores_recompute(*args, positions, c["sm_scale"], block_c=32, out=out) is out
+    assert torch.equal(out.isinf(), r.isinf())
+
+
+@pytest.mark.parametrize("shape", ["gqa", "mha", "mla", "wide"])
+def test_every_combine_picks_a_top_k_of_the_reference_scores(shape):
+    """fine_select_candidates with the group-mean softmax folded into the top-Kt kernel, in `token_scores`' own
+    launch, and recomputed from the labels (`token_scores_recompute`): each a top-k of the reference scores."""
+    c = make_cache([27, 61, 113], **(WIDE if shape == "wide" else SHAPES[shape]), device=DEV)
     blocks, positions = _candidates(c, 6)
     _, _, _, labels, scale = c["index"]
     kw = dict(token_budget=9, sink_tokens=SINK, local_window=WINDOW, sm_scale=c["sm_scale"], block_size=c["bs"])
     args = (c["q"], labels, scale, c["channels"], c["r2t"], c["rows"], c["seq_lens"], blocks)
-    folded = fine_select_candidates(*args, **kw)
-    separate = fine_select_candidates(*args, fused_combine=False, **kw)
     pri = _priority(_ref_scores(c, positions), positions, c["seq_lens"])
     cand_slots = R.positions_to_slots(positions, c["r2t"], c["rows"])
-    for slots in (folded, separate):
-        assert_topk_set(slots, cand_slots, pri, 9, tol=1e-6)
+    for combine in (None, "fold", "logits", "recompute"):
+        assert_topk_set(fine_select_candidates(*args, combine=combine, **kw), cand_slots, pri, 9, tol=1e-6)
