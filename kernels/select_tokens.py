@@ -22,7 +22,7 @@ def _select_tokens_kernel(scores, cand, req_to_token, req_pool_indices, seq_lens
                           stats, stride_sg, stride_tb, stride_th,
                           HKV: tl.constexpr, FROM_BLOCKS: tl.constexpr, BS: tl.constexpr, TO_SLOTS: tl.constexpr,
                           KT: tl.constexpr, CP: tl.constexpr, KTP: tl.constexpr, KEY_BITS: tl.constexpr,
-                          G: tl.constexpr, GP: tl.constexpr, NSPLIT: tl.constexpr):
+                          G: tl.constexpr, GP: tl.constexpr, NSPLIT: tl.constexpr, PREFETCH: tl.constexpr):
     pid = tl.program_id(0)
     b = pid // HKV
     h = pid % HKV
@@ -40,14 +40,18 @@ def _select_tokens_kernel(scores, cand, req_to_token, req_pool_indices, seq_lens
         score = group_mean_softmax(scores + b * stride_sb + h * stride_sh, stride_sg, offs, offs < C,
                                    stats + b * stride_tb + h * stride_th, NSPLIT, GP, G)
     valid = pos >= 0
+    if TO_SLOTS:
+        req = tl.load(req_pool_indices + b).to(tl.int64)
+        if PREFETCH:  # every candidate's slot, issued before the search so its latency hides behind it
+            slot = tl.load(req_to_token + req * stride_rr + pos, mask=valid, other=-1)
     forced = valid & ((pos < sink_tokens) | (pos >= seq_len - local_window))
     key = tl.where(forced, ordered_key(tl.full([CP], float("inf"), tl.float32)), ordered_key(score))
     key = tl.where(forced | (valid & (score > float("-inf"))), key, INVALID)
     keep, rank, num_kept = topk_compact(key, KT, KEY_BITS)
     dst = out + b * stride_ob + h * stride_oh
     if TO_SLOTS:
-        req = tl.load(req_pool_indices + b).to(tl.int64)
-        slot = tl.load(req_to_token + req * stride_rr + pos, mask=keep, other=-1)
+        if not PREFETCH:  # only the kept candidates' slots, after the search: a dependent load at the end
+            slot = tl.load(req_to_token + req * stride_rr + pos, mask=keep, other=-1)
         tl.store(dst + rank, slot.to(dst.dtype.element_ty), mask=keep)
     else:
         tl.store(dst + rank, pos.to(dst.dtype.element_ty), mask=keep)
@@ -56,7 +60,7 @@ def _select_tokens_kernel(scores, cand, req_to_token, req_pool_indices, seq_lens
 
 
 def _launch(scores, cand, req_to_token, req_pool_indices, seq_lens, out, block_size, token_budget, sink_tokens,
-            local_window, to_slots, num_warps=0, key_bits=KEY_BITS, stats=None):
+            local_window, to_slots, num_warps=0, key_bits=KEY_BITS, stats=None, prefetch=True):
     """scores: [B, Hkv, C] group-mean softmax, or (stats given) logits [B, Hkv, G, C] from `token_logits`."""
     b, hkv, c = scores.shape[0], scores.shape[1], scores.shape[-1]
     assert scores.dtype == torch.float32 and scores.stride(-1) == 1 and cand.stride(2) == 1
@@ -76,7 +80,7 @@ def _launch(scores, cand, req_to_token, req_pool_indices, seq_lens, out, block_s
         out.stride(0), out.stride(1), stats, stride_sg, stats.stride(0), stats.stride(1),
         HKV=hkv, FROM_BLOCKS=bool(block_size), BS=max(block_size, 1),
         TO_SLOTS=to_slots, KT=token_budget, CP=cp, KTP=triton.next_power_of_2(token_budget), KEY_BITS=key_bits,
-        G=g, GP=triton.next_power_of_2(max(g, 1)), NSPLIT=stats.shape[2] if g else 1,
+        G=g, GP=triton.next_power_of_2(max(g, 1)), NSPLIT=stats.shape[2] if g else 1, PREFETCH=prefetch,
         num_warps=num_warps or (16 if cp >= 8192 else 8 if cp > 2048 else 4))
     return out
 
@@ -105,15 +109,17 @@ def select_token_slots(scores: torch.Tensor, candidates: torch.Tensor, req_to_to
                        req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, *, block_size: int,
                        token_budget: int, sink_tokens: int, local_window: int, out: Optional[torch.Tensor] = None,
                        num_warps: int = 0, key_bits: int = KEY_BITS,
-                       stats: Optional[torch.Tensor] = None) -> torch.Tensor:
+                       stats: Optional[torch.Tensor] = None, prefetch_slots: bool = True) -> torch.Tensor:
     """`select_tokens` then `positions_to_slots`, in one kernel, over candidates given as positions [B, Hkv, C]
     (block_size == 0) or block ids [B, Hkv, Kb] (C = Kb * block_size). Returns [B, Hkv, Kt] int32 KV slots.
     Scores are compared at key_bits + 1 bits (kernels/_topk.py). With `stats`, `scores` are `token_logits`'
-    (logits, stats) pair's logits and the group-mean softmax (`token_scores`) is computed here: one launch less."""
+    (logits, stats) pair's logits and the group-mean softmax (`token_scores`) is computed here: one launch less.
+    prefetch_slots: read every candidate's slot (C x 4 B) before the threshold search rather than the Kt kept
+    ones after it, taking a dependent req_to_token load off the end of the kernel."""
     b, hkv = scores.shape[:2]
     assert req_to_token.stride(1) == 1
     if out is None:
         out = torch.empty(b, hkv, token_budget, dtype=torch.int32, device=scores.device)
     assert out.dtype == torch.int32
     return _launch(scores, candidates, req_to_token, req_pool_indices, seq_lens, out, block_size, token_budget,
-                   sink_tokens, local_window, True, num_warps, key_bits, stats)
+                   sink_tokens, local_window, True, num_warps, key_bits, stats, prefetch_slots)

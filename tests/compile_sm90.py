@@ -46,9 +46,10 @@ def selection_kernels(key_bits):
                         "stride_rr", "stride_ob", "stride_oh") + [("stats", "*fp32")]
                  + _i32("stride_sg", "stride_tb", "stride_th")
                  + [(n, None) for n in ("HKV", "FROM_BLOCKS", "BS", "TO_SLOTS", "KT", "CP", "KTP", "KEY_BITS", "G",
-                                        "GP", "NSPLIT")],
+                                        "GP", "NSPLIT", "PREFETCH")],
                  dict(HKV=8, FROM_BLOCKS=True, BS=64, TO_SLOTS=True, KT=1024, CP=8192, KTP=1024, KEY_BITS=key_bits,
-                      G=g, GP=triton.next_power_of_2(max(g, 1)), NSPLIT=32 if g else 1), 16)
+                      G=g, GP=triton.next_power_of_2(max(g, 1)), NSPLIT=32 if g else 1,
+                      PREFETCH=key_bits == 16), 16)  # the default slot prefetch at 16 bits, the late load at 31
 
 
 def append_decode_index(d, half_dc):

@@ -5,7 +5,7 @@ import torch
 
 from sglang_asynctls import reference as R
 from sglang_asynctls.kernels.fine_select import fine_select, fine_select_candidates
-from sglang_asynctls.kernels.select_tokens import select_tokens
+from sglang_asynctls.kernels.select_tokens import select_token_slots, select_tokens
 from sglang_asynctls.kernels.token_scores import token_scores
 from sglang_asynctls.kernels.token_scores_recompute import token_scores_recompute
 
@@ -117,3 +117,15 @@ def test_every_combine_picks_a_top_k_of_the_reference_scores(shape):
     cand_slots = R.positions_to_slots(positions, c["r2t"], c["rows"])
     for combine in (None, "fold", "logits", "recompute"):
         assert_topk_set(fine_select_candidates(*args, combine=combine, **kw), cand_slots, pri, 9, tol=1e-6)
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_select_token_slots_from_blocks_is_a_top_k(prefetch):
+    """The top-Kt with the slot lookup, slots read before the search (prefetch) or only the kept ones after it."""
+    c = make_cache([27, 61, 2047], **SHAPES["gqa"], device=DEV)
+    blocks, positions = _candidates(c, 12)
+    scores = _ref_scores(c, positions)
+    slots = select_token_slots(scores, blocks, c["r2t"], c["rows"], c["seq_lens"], block_size=c["bs"],
+                               token_budget=40, sink_tokens=SINK, local_window=WINDOW, prefetch_slots=prefetch)
+    cand_slots = R.positions_to_slots(positions, c["r2t"], c["rows"])
+    assert_topk_set(slots, cand_slots, _priority(scores, positions, c["seq_lens"]), 40)
