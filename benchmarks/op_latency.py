@@ -300,10 +300,19 @@ def tune_rows(out, c, timer, q, lens, lab, blocks, scores, tscores, slots, fsel)
     for nw in (8, 16, 32):
         out[f"tune_select_token_slots_warps{nw}"] = timer(
             lambda: select_token_slots(tscores, blocks, c["r2t"], c["rows"], lens, num_warps=nw, **fsel))
+    mla = MODELS[c["model"]]["mla"]
     for ns in (8, 16, 32):
-        for bh in ((16, 32) if MODELS[c["model"]]["mla"] else (16,)):
+        for bh in ((16, 32) if mla else (16,)):
             out[f"tune_sparse_decode_splits{ns}_bh{bh}"] = timer(
                 lambda: sparse_decode(q, c["k"], c["v"], slots, c["sm_scale"], num_splits=ns, block_h=bh))
+    # (block_n, warps, dv_chunks), see sparse_decode.TILES; dv_chunks > 1 splits the output columns over programs.
+    # ptxas sm_90 registers, MLA: default 32/8/1 231, 32/8/2 197, 64/8/4 196, 16/4/2 186, 16/4/4 167, 64/16/1 121,
+    # none spill; above 128 at 8 warps only one program fits an SM
+    tiles = ((16, 4, 4), (32, 8, 2), (64, 8, 4), (16, 4, 2), (64, 16, 1)) if mla else ((32, 4, 1), (64, 4, 2))
+    for bn, nw, ndv in tiles:
+        for ns in (0, 32) if mla else (0,):
+            out[f"tune_sparse_decode_splits{ns or 'auto'}_n{bn}_warps{nw}_dv{ndv}"] = timer(lambda: sparse_decode(
+                q, c["k"], c["v"], slots, c["sm_scale"], num_splits=ns, block_n=bn, num_warps=nw, dv_chunks=ndv))
 
 
 def alternatives(out, c, timer, q, lens, kt, scores, blocks, slots, tscores, sgl):

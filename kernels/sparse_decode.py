@@ -2,7 +2,8 @@
 
 Each program loads a K/V tile once for all heads of its group (GQA sharing; MLA/MQA is Hkv = 1 with up to 128
 heads, tiled by BLOCK_H). Keys wider than a power of two (MLA: 576 = 512 + 64) are split into two dots; when
-v_buffer is a view of k_buffer's first Dv channels (MLA latent), V is the key tile already loaded.
+v_buffer is a view of k_buffer's first Dv channels (MLA latent), V is the key tile already loaded. Optionally
+(dv_chunks) the output columns are split over programs too, which recompute the scores but add no partials.
 """
 
 import functools
@@ -30,9 +31,11 @@ def _sparse_decode_kernel(q, k_buffer, v_buffer, token_slots, mid_o, mid_lse, sm
                           stride_mb, stride_mh, stride_ms, stride_lb, stride_lh,
                           HKV: tl.constexpr, G: tl.constexpr, NHB: tl.constexpr, BLOCK_H: tl.constexpr,
                           D1: tl.constexpr, D2: tl.constexpr, DV: tl.constexpr, V_IS_K: tl.constexpr,
-                          SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr):
+                          SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, NDV: tl.constexpr):
     pid = tl.program_id(0)
     split = tl.program_id(1)
+    vc = pid % NDV  # this program's DV-wide column chunk of the output (of NDV); the scores are recomputed per chunk
+    pid = pid // NDV
     b = pid // (HKV * NHB)
     h = (pid // NHB) % HKV
     heads = (pid % NHB) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -43,7 +46,7 @@ def _sparse_decode_kernel(q, k_buffer, v_buffer, token_slots, mid_o, mid_lse, sm
     if D2 > 0:
         offs_d2 = D1 + tl.arange(0, D2)
         q2 = tl.load(qh + offs_d2[None, :], mask=mask_h[:, None], other=0.0)
-    offs_dv = tl.arange(0, DV)
+    offs_dv = vc * DV + tl.arange(0, DV)
     scale = sm_scale * 1.4426950408889634  # exp -> exp2
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
@@ -77,7 +80,7 @@ def _sparse_decode_kernel(q, k_buffer, v_buffer, token_slots, mid_o, mid_lse, sm
     tl.store(mid, acc / l_safe[:, None], mask=mask_h[:, None])
     # log2-domain lse; -inf marks an empty split
     lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
-    tl.store(mid_lse + b * stride_lb + out_h * stride_lh + split, lse, mask=mask_h)
+    tl.store(mid_lse + b * stride_lb + out_h * stride_lh + split, lse, mask=mask_h & (vc == 0))
 
 
 @functools.lru_cache(maxsize=None)
@@ -93,9 +96,17 @@ def num_kv_splits(num_programs: int, num_slots: int, device: torch.device, block
     return int(max(1, min(want, triton.cdiv(num_slots, 2 * block_n))))
 
 
+# Tiles by key width (H100: tune_sparse_decode_* rows of benchmarks/op_latency.py). block_n tokens a tile;
+# dv_chunks: programs that share a (group, split), each writing Dv / dv_chunks output columns (more programs in
+# flight without more split-K partials; each re-reads the K tile, from L2).
+TILES = {"narrow": dict(block_n=64, num_warps=4, dv_chunks=1),  # D <= 256 (GQA head dim 128)
+         "wide": dict(block_n=32, num_warps=8, dv_chunks=1)}    # MLA latent, D = 576
+
+
 def sparse_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, token_slots: torch.Tensor,
                   sm_scale: float, out: Optional[torch.Tensor] = None, num_splits: int = 0,
-                  block_h: int = 0, out_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  block_h: int = 0, out_rows: Optional[torch.Tensor] = None, block_n: int = 0,
+                  num_warps: int = 0, dv_chunks: int = 0) -> torch.Tensor:
     """Exact attention of each query head over its KV group's selected slots (see `reference.sparse_decode`).
 
     q: [B, Hq, D]; k_buffer: [S, Hkv, D]; v_buffer: [S, Hkv, Dv] (may be a view of k_buffer[..., :Dv]);
@@ -114,18 +125,22 @@ def sparse_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tenso
     d2 = d - d1
     assert d2 & (d2 - 1) == 0 and dv & (dv - 1) == 0, "head dims must be 2^a or 2^a + 2^b (e.g. 576 = 512 + 64)"
     g = hq // hkv
-    v_is_k = (v_buffer.data_ptr() == k_buffer.data_ptr() and v_buffer.stride() == k_buffer.stride() and dv == d1)
+    tiles = TILES["wide" if d > 256 else "narrow"]
+    block_n, num_warps = block_n or tiles["block_n"], num_warps or tiles["num_warps"]
+    ndv = dv_chunks or tiles["dv_chunks"]
+    assert dv % ndv == 0 and ndv & (ndv - 1) == 0
+    v_is_k = (v_buffer.data_ptr() == k_buffer.data_ptr() and v_buffer.stride() == k_buffer.stride() and dv == d1
+              and ndv == 1)
     block_h = block_h or min(max(16, triton.next_power_of_2(g)), 32 if d > 256 else 64)
     nhb = triton.cdiv(g, block_h)
-    block_n = 32 if d > 256 else 64
     splits = num_splits or num_kv_splits(b * hkv * nhb, kk, q.device, block_n)
     split_k = triton.cdiv(triton.cdiv(kk, splits), block_n) * block_n
     mid_o = torch.empty(b, hq, splits, dv, dtype=torch.float32, device=q.device)
     mid_lse = torch.empty(b, hq, splits, dtype=torch.float32, device=q.device)
-    _sparse_decode_kernel[(b * hkv * nhb, splits)](
+    _sparse_decode_kernel[(b * hkv * nhb * ndv, splits)](
         q, k_buffer, v_buffer, token_slots, mid_o, mid_lse, sm_scale, kk, q.stride(0), q.stride(1),
         k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1), token_slots.stride(0),
         token_slots.stride(1), mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0),
-        mid_lse.stride(1), HKV=hkv, G=g, NHB=nhb, BLOCK_H=block_h, D1=d1, D2=d2, DV=dv, V_IS_K=v_is_k,
-        SPLIT_K=split_k, BLOCK_N=block_n, num_warps=8 if d > 256 else 4, num_stages=2)
+        mid_lse.stride(1), HKV=hkv, G=g, NHB=nhb, BLOCK_H=block_h, D1=d1, D2=d2, DV=dv // ndv, V_IS_K=v_is_k,
+        SPLIT_K=split_k, BLOCK_N=block_n, NDV=ndv, num_warps=num_warps, num_stages=2)
     return splitk_combine(mid_o, mid_lse, q.dtype, out=out, out_rows=out_rows)

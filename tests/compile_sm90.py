@@ -148,15 +148,17 @@ def token_scores_recompute(g, half_dc):
                   BS=64, NSPLIT=64, BLOCK_C=128, USE_DOT=True), 4)
 
 
-def sparse_decode(d1, d2, dv, g):
+def sparse_decode(d1, d2, dv, g, ndv=1):
     _compile(_sparse_decode_kernel,
              [("q", "*bf16"), ("k_buffer", "*bf16"), ("v_buffer", "*bf16"), ("token_slots", "*i32"),
               ("mid_o", "*fp32"), ("mid_lse", "*fp32"), ("sm_scale", "fp32"), ("K", "i32")]
              + _i32("stride_qb", "stride_qh", "stride_ks", "stride_kh", "stride_vs", "stride_vh", "stride_tb",
                     "stride_th", "stride_mb", "stride_mh", "stride_ms", "stride_lb", "stride_lh")
-             + [(n, None) for n in ("HKV", "G", "NHB", "BLOCK_H", "D1", "D2", "DV", "V_IS_K", "SPLIT_K", "BLOCK_N")],
-             dict(HKV=8 if g == 4 else 1, G=g, NHB=1, BLOCK_H=max(16, triton.next_power_of_2(g)), D1=d1, D2=d2, DV=dv,
-                  V_IS_K=d2 > 0, SPLIT_K=128, BLOCK_N=32 if d2 else 64), 8 if d2 else 4)
+             + [(n, None) for n in ("HKV", "G", "NHB", "BLOCK_H", "D1", "D2", "DV", "V_IS_K", "SPLIT_K", "BLOCK_N",
+                                    "NDV")],
+             dict(HKV=8 if g == 4 else 1, G=g, NHB=1, BLOCK_H=max(16, triton.next_power_of_2(g)), D1=d1, D2=d2,
+                  DV=dv // ndv, V_IS_K=d2 > 0 and ndv == 1, SPLIT_K=128, BLOCK_N=32 if d2 else 64, NDV=ndv),
+             8 if d2 else 4)
 
 
 def splitk_combine(dv, has_rows):
@@ -176,6 +178,9 @@ def attention_kernels():
         print(f"token_scores_recompute (G={g}): compiled for sm_90")
         sparse_decode(d1, d2, dv, g)
         print(f"sparse_decode (D={d1}+{d2}, G={g}): compiled for sm_90")
+        if d2:
+            sparse_decode(d1, d2, dv, g, ndv=4)
+            print(f"sparse_decode (D={d1}+{d2}, G={g}, dv_chunks=4): compiled for sm_90")
         for has_rows in (False, True):
             splitk_combine(dv, has_rows)
             print(f"splitk_combine (Dv={dv}, out_rows={has_rows}): compiled for sm_90")
