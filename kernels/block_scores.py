@@ -29,45 +29,115 @@ def _bound_part(q_row, kmin_row, kmax_row, mask_g, complete, offs_d, slack, GROU
 
 
 @triton.jit
-def _block_scores_kernel(q, kmin, kmax, block_table, seq_lens, scores, NB, slack,
+def _group_sum_q(q_row, mask_g, offs_d, slack):
+    """The "sum" score's query: sum over the group's heads of (q +- s|q|) / 2, two [D] fp32 vectors."""
+    qg = tl.load(q_row + offs_d[None, :], mask=mask_g[:, None], other=0.0).to(tl.float32)
+    return tl.sum((qg + slack * tl.abs(qg)) * 0.5, axis=0), tl.sum((qg - slack * tl.abs(qg)) * 0.5, axis=0)
+
+
+@triton.jit
+def _gemv(k_hi, k_lo, q_pos, q_neg):
+    return tl.sum(k_hi.to(tl.float32) * q_pos[None, :] + k_lo.to(tl.float32) * q_neg[None, :], axis=1)
+
+
+@triton.jit
+def _tile_scores(q_row, kmin_row, kmax_row, mask_g, complete, slack, q_pos, q_neg, q_pos2, q_neg2,
+                 D1: tl.constexpr, D2: tl.constexpr, DCH: tl.constexpr, GROUP_MAX: tl.constexpr,
+                 HOIST_Q: tl.constexpr):
+    """[BLOCK_N] bounds of one tile; with HOIST_Q ("sum" only) from the program's q+- of chunk 0 and the tail."""
+    offs_c = tl.arange(0, DCH)
+    if HOIST_Q:  # every part's rows requested before the first is used
+        k_hi = tl.load(kmax_row + offs_c[None, :], mask=complete[:, None], other=0.0)
+        k_lo = tl.load(kmin_row + offs_c[None, :], mask=complete[:, None], other=0.0)
+        if D2 > 0:
+            offs_t = D1 + tl.arange(0, D2)
+            k_hi2 = tl.load(kmax_row + offs_t[None, :], mask=complete[:, None], other=0.0)
+            k_lo2 = tl.load(kmin_row + offs_t[None, :], mask=complete[:, None], other=0.0)
+            acc = _gemv(k_hi, k_lo, q_pos, q_neg) + _gemv(k_hi2, k_lo2, q_pos2, q_neg2)
+        else:
+            acc = _gemv(k_hi, k_lo, q_pos, q_neg)
+    else:  # q loaded with each chunk: one tile per program (GQA), or "max"
+        acc = _bound_part(q_row, kmin_row, kmax_row, mask_g, complete, offs_c, slack, GROUP_MAX)
+        if D2 > 0:  # keys of 2^a + 2^b channels (MLA latent 576 = 512 + 64): parts add before a max over heads
+            acc += _bound_part(q_row, kmin_row, kmax_row, mask_g, complete, D1 + tl.arange(0, D2), slack,
+                               GROUP_MAX)
+    # more chunks only for tiles too wide for the registers (a [64, 512] fp32 tile spills at 4 warps)
+    for c in tl.static_range(1, D1 // DCH):
+        acc += _bound_part(q_row, kmin_row, kmax_row, mask_g, complete, c * DCH + offs_c, slack, GROUP_MAX)
+    if GROUP_MAX:
+        acc = tl.max(tl.where(mask_g[None, :], acc, float("-inf")), axis=1)
+    return tl.where(complete, acc, float("-inf"))
+
+
+@triton.jit
+def _block_scores_kernel(q, kmin, kmax, block_table, seq_lens, scores, NB, NSPLIT, slack,
                          stride_qb, stride_qh, stride_ke, stride_kh, stride_tb, stride_sb, stride_sh,
                          HKV: tl.constexpr, G: tl.constexpr, BS: tl.constexpr, GP: tl.constexpr,
                          D1: tl.constexpr, D2: tl.constexpr, DCH: tl.constexpr, BLOCK_N: tl.constexpr,
-                         GROUP_MAX: tl.constexpr):
+                         GROUP_MAX: tl.constexpr, PERSISTENT: tl.constexpr):
     pid = tl.program_id(0)
     b = pid // HKV
     h = pid % HKV
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_g = tl.arange(0, GP)
-    complete = offs_n < tl.load(seq_lens + b) // BS  # entries of incomplete blocks are never read
-    entry = tl.load(block_table + b * stride_tb + offs_n, mask=complete, other=0).to(tl.int64)
-    row = tl.maximum(entry, 0)[:, None] * stride_ke + h * stride_kh
+    n_complete = tl.load(seq_lens + b) // BS  # entries of incomplete blocks are never read
+    table = block_table + b * stride_tb
+    out = scores + b * stride_sb + h * stride_sh
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    entry = tl.load(table + offs_n, mask=offs_n < n_complete, other=0)
     q_row = q + b * stride_qb + (h * G + offs_g)[:, None] * stride_qh
-    # channels in chunks of DCH: a [BLOCK_N, 512] fp32 tile (MLA latent) spills at 4 warps (H100: 158 vs 22 us)
-    acc = _bound_part(q_row, kmin + row, kmax + row, offs_g < G, complete, tl.arange(0, DCH), slack, GROUP_MAX)
-    for c in tl.static_range(1, D1 // DCH):
-        acc += _bound_part(q_row, kmin + row, kmax + row, offs_g < G, complete, c * DCH + tl.arange(0, DCH), slack,
-                           GROUP_MAX)
-    if D2 > 0:  # keys of 2^a + 2^b channels (MLA latent 576 = 512 + 64): parts add before any max over heads
-        acc += _bound_part(q_row, kmin + row, kmax + row, offs_g < G, complete, D1 + tl.arange(0, D2), slack,
-                           GROUP_MAX)
-    if GROUP_MAX:
-        acc = tl.max(tl.where((offs_g < G)[None, :], acc, float("-inf")), axis=1)
-    acc = tl.where(complete, acc, float("-inf"))
-    tl.store(scores + b * stride_sb + h * stride_sh + offs_n, acc, mask=offs_n < NB)
+    if PERSISTENT:  # tiles t, t + NSPLIT, ...: fewer programs than tiles, SMs balanced, q+- reused
+        hoist: tl.constexpr = not GROUP_MAX
+        q_pos, q_neg, q_pos2, q_neg2 = 0.0, 0.0, 0.0, 0.0
+        if hoist:
+            q_pos, q_neg = _group_sum_q(q_row, offs_g < G, tl.arange(0, DCH), slack)
+            if D2 > 0:
+                q_pos2, q_neg2 = _group_sum_q(q_row, offs_g < G, D1 + tl.arange(0, D2), slack)
+        for t in tl.range(tl.program_id(1), tl.cdiv(NB, BLOCK_N), NSPLIT):
+            offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
+            complete = offs_n < n_complete
+            row = tl.maximum(entry, 0).to(tl.int64)[:, None] * stride_ke + h * stride_kh
+            nxt = offs_n + NSPLIT * BLOCK_N  # the next tile's entries load while this tile's rows do
+            entry = tl.load(table + nxt, mask=nxt < n_complete, other=0)
+            acc = _tile_scores(q_row, kmin + row, kmax + row, offs_g < G, complete, slack, q_pos, q_neg, q_pos2,
+                               q_neg2, D1, D2, DCH, GROUP_MAX, hoist)
+            tl.store(out + offs_n, acc, mask=offs_n < NB)
+    else:  # one tile per program (GQA: many programs stream; the loop would cost registers, sm_90: 96 vs 64)
+        complete = offs_n < n_complete
+        row = tl.maximum(entry, 0).to(tl.int64)[:, None] * stride_ke + h * stride_kh
+        acc = _tile_scores(q_row, kmin + row, kmax + row, offs_g < G, complete, slack, 0.0, 0.0, 0.0, 0.0,
+                           D1, D2, DCH, GROUP_MAX, False)
+        tl.store(out + offs_n, acc, mask=offs_n < NB)
+
+
+def _launch_shape(d: int, nb: int, groups: int, block_n: int, num_warps: int, num_splits: int, device):
+    """(BLOCK_N, DCH, num_warps, NSPLIT). GQA (d <= 256): one 64-block tile per program, 8 warps (H100, 96k x 8:
+    22.0 vs 25.0 us at 4). Wider keys (MLA 576): 16-block tiles of all channels at 8 warps (32 values per thread
+    and tensor, as GQA's [64, 128]) and about two programs per SM, each looping over its tiles with one q+-."""
+    wide = d > 256
+    block_n = block_n or (16 if wide else 64)
+    num_warps = num_warps or 8
+    d1 = 1 << (d.bit_length() - 1)
+    dch = min(d1, max(128, 8192 // block_n))  # <= 64 fp32 values per thread and tensor at 4 warps
+    tiles = triton.cdiv(nb, block_n)
+    if not num_splits:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+        num_splits = triton.cdiv(2 * sms, groups) if wide else tiles
+    return block_n, dch, num_warps, max(1, min(num_splits, tiles))
 
 
 def block_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, block_table: torch.Tensor,
                  seq_lens: torch.Tensor, block_size: int, bound_slack: float = 1.0, group_score: str = "sum",
-                 out: Optional[torch.Tensor] = None, *, block_n: int = 0, num_warps: int = 0) -> torch.Tensor:
+                 out: Optional[torch.Tensor] = None, *, block_n: int = 0, num_warps: int = 0,
+                 num_splits: int = 0) -> torch.Tensor:
     """Upper-bound scores of complete blocks (see `reference.block_scores`).
 
     q: [B, Hq, D]; kmin, kmax: [E, Hkv, D]; block_table: [B, NB] int index entry of each block; seq_lens: [B].
     Returns [B, Hkv, NB] float32, -inf where the block is incomplete.
 
-    One program scores BLOCK_N blocks of one KV group: a memory-bound GEMV over Kmin/Kmax rows, so tl.dot
-    (16-row minimum, one useful row) would not pay; entries of incomplete blocks are never read. group_score
-    "max" needs one dot per head: tl.dot against the group's heads padded to 16 (same bytes, G x the math).
+    A program scores tiles of BLOCK_N blocks of one KV group (num_splits programs per group, 0 = chosen from
+    the shape): a memory-bound GEMV over Kmin/Kmax rows, so tl.dot (16-row minimum, one useful row) would not
+    pay; entries of incomplete blocks are never read. group_score "max" needs one dot per head: tl.dot against
+    the group's heads padded to 16 (same bytes, G x the math).
     """
     b, hq, d = q.shape
     hkv = kmin.shape[1]
@@ -84,10 +154,10 @@ def block_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, block_
     d1 = 1 << (d.bit_length() - 1)
     d2 = d - d1
     assert d2 & (d2 - 1) == 0, "head dim must be 2^a or 2^a + 2^b (e.g. 576 = 512 + 64)"
-    block_n = block_n or 64
-    _block_scores_kernel[(b * hkv, triton.cdiv(nb, block_n))](
-        q, kmin, kmax, block_table, seq_lens, out, nb, float(bound_slack), q.stride(0), q.stride(1), kmin.stride(0),
-        kmin.stride(1), block_table.stride(0), out.stride(0), out.stride(1),
-        HKV=hkv, G=g, BS=block_size, GP=gp, D1=d1, D2=d2, DCH=min(d1, 128), BLOCK_N=block_n, GROUP_MAX=group_max,
-        num_warps=num_warps or (8 if d <= 256 else 4))  # H100, 96k x 8: GQA 22.0 vs 25.0 us, MLA 22.0 vs 28.6
+    block_n, dch, num_warps, nsplit = _launch_shape(d, nb, b * hkv, block_n, num_warps, num_splits, q.device)
+    _block_scores_kernel[(b * hkv, nsplit)](
+        q, kmin, kmax, block_table, seq_lens, out, nb, nsplit, float(bound_slack), q.stride(0), q.stride(1),
+        kmin.stride(0), kmin.stride(1), block_table.stride(0), out.stride(0), out.stride(1),
+        HKV=hkv, G=g, BS=block_size, GP=gp, D1=d1, D2=d2, DCH=dch, BLOCK_N=block_n, GROUP_MAX=group_max,
+        PERSISTENT=nsplit < triton.cdiv(nb, block_n), num_warps=num_warps)
     return out

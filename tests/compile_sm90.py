@@ -112,14 +112,15 @@ def offload_kernels():
 
 
 def block_scores(d1, d2, g, group_max):
+    wide = d1 + d2 > 256  # the launcher's defaults: GQA one 64-block tile per program, MLA looping over 16-block tiles
     _compile(_block_scores_kernel,
              [("q", "*bf16"), ("kmin", "*bf16"), ("kmax", "*bf16"), ("block_table", "*i32"), ("seq_lens", "*i64"),
-              ("scores", "*fp32"), ("NB", "i32"), ("slack", "fp32")]
+              ("scores", "*fp32"), ("NB", "i32"), ("NSPLIT", "i32"), ("slack", "fp32")]
              + _i32("stride_qb", "stride_qh", "stride_ke", "stride_kh", "stride_tb", "stride_sb", "stride_sh")
-             + [(n, None) for n in ("HKV", "G", "BS", "GP", "D1", "D2", "DCH", "BLOCK_N", "GROUP_MAX")],
+             + [(n, None) for n in ("HKV", "G", "BS", "GP", "D1", "D2", "DCH", "BLOCK_N", "GROUP_MAX", "PERSISTENT")],
              dict(HKV=8 if g == 4 else 1, G=g, BS=64, GP=max(16, triton.next_power_of_2(g)) if group_max
-                  else triton.next_power_of_2(g), D1=d1, D2=d2, DCH=min(d1, 128), BLOCK_N=64, GROUP_MAX=group_max),
-             8 if d1 <= 256 else 4)
+                  else triton.next_power_of_2(g), D1=d1, D2=d2, DCH=d1 if wide else min(d1, 128),
+                  BLOCK_N=16 if wide else 64, GROUP_MAX=group_max, PERSISTENT=wide), 8)
 
 
 def token_logits(g, half_dc, store_logits):

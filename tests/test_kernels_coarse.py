@@ -7,7 +7,7 @@ from sglang_asynctls import reference as R
 from sglang_asynctls.kernels.block_scores import block_scores
 from sglang_asynctls.kernels.select_blocks import select_blocks
 
-from kernel_cases import KEY_RTOL, SHAPES, TOL, assert_topk_set, make_cache
+from kernel_cases import GPU_SHAPES, KEY_RTOL, SHAPES, TOL, assert_topk_set, make_cache
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -24,6 +24,37 @@ def test_block_scores_match_reference(shape, dtype, slack, group):
     torch.testing.assert_close(s[r.isfinite()], r[r.isfinite()], rtol=1e-5, atol=1e-4)
     out = torch.empty_like(s)
     assert block_scores(c["q"], kmin, kmax, table, c["seq_lens"], c["bs"], slack, group, out=out) is out
+
+
+def _check_block_scores(c, slack, group, **launch):
+    kmin, kmax, table, _, _ = c["index"]
+    s = block_scores(c["q"], kmin, kmax, table, c["seq_lens"], c["bs"], slack, group, **launch)
+    r = R.block_scores(c["q"], kmin, kmax, table, c["seq_lens"], c["bs"], slack, group)
+    assert torch.equal(s.isinf(), r.isinf())
+    torch.testing.assert_close(s[r.isfinite()], r[r.isfinite()], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("num_splits, block_n", [(1, 16), (2, 16), (3, 8), (4, 0), (0, 64)])
+@pytest.mark.parametrize("slack, group", [(1.0, "sum"), (0.5, "sum"), (0.5, "max")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", ["gqa", "mla"])
+def test_block_scores_model_shapes_and_tiles_per_program(shape, dtype, slack, group, num_splits, block_n):
+    """Model head shapes (MLA latent 576 = 512 + 64 with 20 heads, Qwen3-8B GQA) with programs looping over
+    several tiles (MLA's default on the GPU: about two programs per SM), uneven tile counts per program, and
+    lengths shorter than a block, ending on a block edge and inside one. Block size 8: 38 blocks."""
+    c = make_cache([5, 61, 64, 300], **GPU_SHAPES[shape], dtype=dtype, device=DEV)
+    _check_block_scores(c, slack, group, num_splits=num_splits, block_n=block_n)
+
+
+def test_block_scores_launch_shape_keeps_gqa_one_tile_per_program():
+    """GQA keeps one 64-block tile per program (the measured H100 shape); MLA at 96k x 8 gets ~2 programs per SM
+    of 16-block tiles over all 512 + 64 channels."""
+    from sglang_asynctls.kernels.block_scores import _launch_shape
+
+    cpu = torch.device("cpu")  # stands for a 132-SM H100
+    assert _launch_shape(128, 1536, 64, 0, 0, 0, cpu) == (64, 128, 8, 24)
+    assert _launch_shape(576, 1536, 8, 0, 0, 0, cpu) == (16, 512, 8, 33)
+    assert _launch_shape(576, 10, 8, 0, 0, 0, cpu)[3] == 1  # never more programs than tiles
 
 
 def test_block_scores_group_max_differs_from_sum_and_bounds_each_head():
