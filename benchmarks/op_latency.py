@@ -2,7 +2,8 @@
 ../shared/BENCHMARKS.md. GPU only.
 
     python3 benchmarks/op_latency.py --out benchmarks/results            # full sweep
-    python3 benchmarks/op_latency.py --contexts 98304 --batches 8 --quick  # the headline shape only
+    python3 benchmarks/op_latency.py --contexts 98304 --batches 8 --token-budgets 1024  # headline shape + stages
+    SGLANG_ASYNCTLS_PDL=1 python3 benchmarks/op_latency.py ...   # fine and attention kernels with PDL (kernels/pdl.py)
 
 Every step is captured in a CUDA graph (as SGLang decodes) and replayed; L2 is flushed before each timed replay
 (a decode step of one layer follows 35 other layers' traffic). Times are CUDA-event medians of >= 20 replays.
@@ -27,6 +28,7 @@ from sglang_asynctls.kernels import asynctls_decode as K  # noqa: E402
 from sglang_asynctls.kernels.block_minmax import block_minmax  # noqa: E402
 from sglang_asynctls.kernels.block_scores import block_scores  # noqa: E402
 from sglang_asynctls.kernels import fine_select as FS  # noqa: E402
+from sglang_asynctls.kernels import pdl as PDL  # noqa: E402
 from sglang_asynctls.kernels.fine_select import fine_select_candidates  # noqa: E402
 from sglang_asynctls.kernels.index_append import append_decode_index  # noqa: E402
 from sglang_asynctls.kernels.quantize_labels import quantize_labels  # noqa: E402
@@ -470,6 +472,7 @@ def main():
                               pool="16-token chunks of all requests shuffled",
                               label_layout="head-major storage ([Hkv, S, Dc/2] / [Hkv, S]) viewed as [S, Hkv, ...]",
                               wide_group_combine=a.wide_group_combine,
+                              programmatic_dependent_launch=PDL.ENABLED,  # SGLANG_ASYNCTLS_PDL=1, fine + attention
                               skipped=[]),
                   rows=[], summary={})
     out_json = os.path.join(a.out, a.name + ".json")

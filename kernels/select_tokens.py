@@ -8,6 +8,7 @@ import triton.language as tl
 
 from sglang_asynctls import reference
 
+from .pdl import use_pdl, wait_for_inputs
 from ._topk import INVALID, KEY_BITS, MAX_ENTRIES, ordered_key, topk_compact
 from .token_scores import group_mean_softmax
 
@@ -22,12 +23,14 @@ def _select_tokens_kernel(scores, cand, req_to_token, req_pool_indices, seq_lens
                           stats, stride_sg, stride_tb, stride_th,
                           HKV: tl.constexpr, FROM_BLOCKS: tl.constexpr, BS: tl.constexpr, TO_SLOTS: tl.constexpr,
                           KT: tl.constexpr, CP: tl.constexpr, KTP: tl.constexpr, KEY_BITS: tl.constexpr,
-                          G: tl.constexpr, GP: tl.constexpr, NSPLIT: tl.constexpr, PREFETCH: tl.constexpr):
+                          G: tl.constexpr, GP: tl.constexpr, NSPLIT: tl.constexpr, PREFETCH: tl.constexpr,
+                          PDL: tl.constexpr):
     pid = tl.program_id(0)
     b = pid // HKV
     h = pid % HKV
     offs = tl.arange(0, CP)
     seq_len = tl.load(seq_lens + b).to(tl.int32)
+    wait_for_inputs(PDL)  # scores (and candidates) come from the kernels before
     if FROM_BLOCKS:  # cand: [B, Hkv, Kb] block ids; candidate c is position blk[c // BS] * BS + c % BS
         blk = tl.load(cand + b * stride_cb + h * stride_ch + offs // BS, mask=offs < C, other=-1)
         pos = blk * BS + offs % BS
@@ -74,6 +77,7 @@ def _launch(scores, cand, req_to_token, req_pool_indices, seq_lens, out, block_s
         assert scores.dim() == 4 and stats.shape[:2] == (b, hkv) and stats.shape[3:] == (g, 2)
         assert stats.is_contiguous()
     cp = triton.next_power_of_2(c)
+    pdl = use_pdl(scores.device)
     _select_tokens_kernel[(b * hkv,)](
         scores, cand, req_to_token, req_pool_indices, seq_lens, out, c, sink_tokens, local_window,
         scores.stride(0), scores.stride(1), cand.stride(0), cand.stride(1), req_to_token.stride(0),
@@ -81,7 +85,7 @@ def _launch(scores, cand, req_to_token, req_pool_indices, seq_lens, out, block_s
         HKV=hkv, FROM_BLOCKS=bool(block_size), BS=max(block_size, 1),
         TO_SLOTS=to_slots, KT=token_budget, CP=cp, KTP=triton.next_power_of_2(token_budget), KEY_BITS=key_bits,
         G=g, GP=triton.next_power_of_2(max(g, 1)), NSPLIT=stats.shape[2] if g else 1, PREFETCH=prefetch,
-        num_warps=num_warps or (16 if cp >= 8192 else 8 if cp > 2048 else 4))
+        PDL=pdl, num_warps=num_warps or (16 if cp >= 8192 else 8 if cp > 2048 else 4), launch_pdl=pdl)
     return out
 
 

@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import use_pdl, wait_for_inputs
+
 
 @triton.jit
 def _label_dot(q_half, lab, USE_DOT: tl.constexpr):
@@ -68,7 +70,8 @@ def _token_logits_kernel(q, labels, label_scale, channels, req_to_token, req_poo
                          stride_cb, stride_ch2, stride_ob, stride_oh, stride_og, stride_tb, stride_th, stride_ts,
                          HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, HDC: tl.constexpr,
                          FROM_BLOCKS: tl.constexpr, BS: tl.constexpr, SPLIT_C: tl.constexpr,
-                         BLOCK_C: tl.constexpr, USE_DOT: tl.constexpr, STORE_LOGITS: tl.constexpr):
+                         BLOCK_C: tl.constexpr, USE_DOT: tl.constexpr, STORE_LOGITS: tl.constexpr,
+                         PDL: tl.constexpr):
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // HKV
@@ -77,6 +80,7 @@ def _token_logits_kernel(q, labels, label_scale, channels, req_to_token, req_poo
     q_lo, q_hi = group_label_queries(q, channels, b, h, stride_qb, stride_qh, stride_ch, G, GP, HDC)
     req = tl.load(req_pool_indices + b).to(tl.int64)
     seq_len = tl.load(seq_lens + b) if FROM_BLOCKS else 0
+    wait_for_inputs(PDL)  # the candidates come from the kernel before
     m_run = tl.full([GP], float("-inf"), tl.float32)
     s_run = tl.zeros([GP], dtype=tl.float32)
     for c0 in tl.range(split * SPLIT_C, split * SPLIT_C + SPLIT_C, BLOCK_C):
@@ -135,6 +139,7 @@ def _launch(q, labels, label_scale, channels, req_to_token, req_pool_indices, se
     if logits is not None:
         assert logits.shape == (b, hkv, g, c) and logits.stride(3) == 1
     lg = stats if logits is None else logits
+    pdl = use_pdl(q.device)
     _token_logits_kernel[(b * hkv, splits)](
         q, labels, label_scale, channels, req_to_token, req_pool_indices,
         req_pool_indices if seq_lens is None else seq_lens, candidates, lg, stats, sm_scale, c,
@@ -142,8 +147,8 @@ def _launch(q, labels, label_scale, channels, req_to_token, req_pool_indices, se
         channels.stride(0), req_to_token.stride(0), candidates.stride(0), candidates.stride(1),
         lg.stride(0), lg.stride(1), lg.stride(2), stats.stride(0), stats.stride(1), stats.stride(2),
         HKV=hkv, G=g, GP=group_rows(g), HDC=dc // 2, FROM_BLOCKS=bool(block_size), BS=max(block_size, 1),
-        SPLIT_C=split_c, BLOCK_C=block_c, USE_DOT=dc // 2 >= 16, STORE_LOGITS=logits is not None, num_warps=4,
-        num_stages=num_stages)
+        SPLIT_C=split_c, BLOCK_C=block_c, USE_DOT=dc // 2 >= 16, STORE_LOGITS=logits is not None, PDL=pdl,
+        num_warps=4, num_stages=num_stages, launch_pdl=pdl)
     return stats
 
 

@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import use_pdl, wait_for_inputs
 from .token_logits import (_check_label_inputs, group_label_queries, group_rows, tile_logits,
                            token_logit_stats)
 from .token_scores import group_softmax_stats
@@ -25,15 +26,17 @@ def _token_scores_recompute_kernel(q, labels, label_scale, channels, req_to_toke
                                    stride_rr, stride_cb, stride_ch2, stride_tb, stride_th, stride_ob, stride_oh,
                                    HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, HDC: tl.constexpr,
                                    FROM_BLOCKS: tl.constexpr, BS: tl.constexpr, NSPLIT: tl.constexpr,
-                                   BLOCK_C: tl.constexpr, USE_DOT: tl.constexpr):
+                                   BLOCK_C: tl.constexpr, USE_DOT: tl.constexpr,
+                                   PDL: tl.constexpr):
     pid = tl.program_id(0)
     b = pid // HKV
     h = pid % HKV
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    m, inv_s = group_softmax_stats(stats + b * stride_tb + h * stride_th, NSPLIT, GP, G)
     q_lo, q_hi = group_label_queries(q, channels, b, h, stride_qb, stride_qh, stride_ch, G, GP, HDC)
     req = tl.load(req_pool_indices + b).to(tl.int64)
     seq_len = tl.load(seq_lens + b) if FROM_BLOCKS else 0
+    wait_for_inputs(PDL)  # stats come from the kernel before
+    m, inv_s = group_softmax_stats(stats + b * stride_tb + h * stride_th, NSPLIT, GP, G)
     logit = tile_logits(q_lo, q_hi, labels, label_scale, req_to_token, cand + b * stride_cb + h * stride_ch2, req,
                         seq_len, h, offs_c, C, sm_scale, stride_ls, stride_lh, stride_ss, stride_sh, stride_rr,
                         HDC, FROM_BLOCKS, BS, USE_DOT)
@@ -62,6 +65,7 @@ def token_scores_recompute(q: torch.Tensor, labels: torch.Tensor, label_scale: t
     if out is None:
         out = torch.empty(b, hkv, c, dtype=torch.float32, device=q.device)
     assert out.shape == (b, hkv, c) and out.dtype == torch.float32 and out.stride(2) == 1
+    pdl = use_pdl(q.device)
     _token_scores_recompute_kernel[(b * hkv, triton.cdiv(c, block_c))](
         q, labels, label_scale, channels, req_to_token, req_pool_indices,
         req_pool_indices if seq_lens is None else seq_lens, candidates, stats, out, sm_scale, c,
@@ -69,5 +73,6 @@ def token_scores_recompute(q: torch.Tensor, labels: torch.Tensor, label_scale: t
         channels.stride(0), req_to_token.stride(0), candidates.stride(0), candidates.stride(1), stats.stride(0),
         stats.stride(1), out.stride(0), out.stride(1),
         HKV=hkv, G=g, GP=group_rows(g), HDC=dc // 2, FROM_BLOCKS=bool(block_size), BS=max(block_size, 1),
-        NSPLIT=stats.shape[2], BLOCK_C=block_c, USE_DOT=dc // 2 >= 16, num_warps=num_warps)
+        NSPLIT=stats.shape[2], BLOCK_C=block_c, USE_DOT=dc // 2 >= 16, PDL=pdl, num_warps=num_warps,
+        launch_pdl=pdl)
     return out

@@ -46,10 +46,10 @@ def selection_kernels(key_bits):
                         "stride_rr", "stride_ob", "stride_oh") + [("stats", "*fp32")]
                  + _i32("stride_sg", "stride_tb", "stride_th")
                  + [(n, None) for n in ("HKV", "FROM_BLOCKS", "BS", "TO_SLOTS", "KT", "CP", "KTP", "KEY_BITS", "G",
-                                        "GP", "NSPLIT", "PREFETCH")],
+                                        "GP", "NSPLIT", "PREFETCH", "PDL")],
                  dict(HKV=8, FROM_BLOCKS=True, BS=64, TO_SLOTS=True, KT=1024, CP=8192, KTP=1024, KEY_BITS=key_bits,
                       G=g, GP=triton.next_power_of_2(max(g, 1)), NSPLIT=32 if g else 1,
-                      PREFETCH=key_bits == 16), 16)  # the default slot prefetch at 16 bits, the late load at 31
+                      PREFETCH=key_bits == 16, PDL=g == 20), 16)  # slot prefetch at 16 bits, the late load at 31
 
 
 def append_decode_index(d, half_dc):
@@ -132,9 +132,9 @@ def token_logits(g, half_dc, store_logits):
                     "stride_rr", "stride_cb", "stride_ch2", "stride_ob", "stride_oh", "stride_og", "stride_tb",
                     "stride_th", "stride_ts")
              + [(n, None) for n in ("HKV", "G", "GP", "HDC", "FROM_BLOCKS", "BS", "SPLIT_C", "BLOCK_C", "USE_DOT",
-                                    "STORE_LOGITS")],
+                                    "STORE_LOGITS", "PDL")],
              dict(HKV=8 if g == 4 else 1, G=g, GP=max(16, triton.next_power_of_2(g)), HDC=half_dc, FROM_BLOCKS=True,
-                  BS=64, SPLIT_C=256, BLOCK_C=128, USE_DOT=True, STORE_LOGITS=store_logits), 4)
+                  BS=64, SPLIT_C=256, BLOCK_C=128, USE_DOT=True, STORE_LOGITS=store_logits, PDL=g == 20), 4)
 
 
 def token_scores_recompute(g, half_dc):
@@ -144,9 +144,10 @@ def token_scores_recompute(g, half_dc):
               ("stats", "*fp32"), ("scores", "*fp32"), ("sm_scale", "fp32"), ("C", "i32")]
              + _i32("stride_qb", "stride_qh", "stride_ls", "stride_lh", "stride_ss", "stride_sh", "stride_ch",
                     "stride_rr", "stride_cb", "stride_ch2", "stride_tb", "stride_th", "stride_ob", "stride_oh")
-             + [(n, None) for n in ("HKV", "G", "GP", "HDC", "FROM_BLOCKS", "BS", "NSPLIT", "BLOCK_C", "USE_DOT")],
+             + [(n, None) for n in ("HKV", "G", "GP", "HDC", "FROM_BLOCKS", "BS", "NSPLIT", "BLOCK_C", "USE_DOT",
+                                    "PDL")],
              dict(HKV=8 if g == 4 else 1, G=g, GP=max(16, triton.next_power_of_2(g)), HDC=half_dc, FROM_BLOCKS=True,
-                  BS=64, NSPLIT=64, BLOCK_C=128, USE_DOT=True), 4)
+                  BS=64, NSPLIT=64, BLOCK_C=128, USE_DOT=True, PDL=g == 20), 4)
 
 
 def sparse_decode(d1, d2, dv, g, ndv=1):
@@ -156,9 +157,10 @@ def sparse_decode(d1, d2, dv, g, ndv=1):
              + _i32("stride_qb", "stride_qh", "stride_ks", "stride_kh", "stride_vs", "stride_vh", "stride_tb",
                     "stride_th", "stride_mb", "stride_mh", "stride_ms", "stride_lb", "stride_lh")
              + [(n, None) for n in ("HKV", "G", "NHB", "BLOCK_H", "D1", "D2", "DV", "V_IS_K", "SPLIT_K", "BLOCK_N",
-                                    "NDV")],
+                                    "NDV", "PDL")],
              dict(HKV=8 if g == 4 else 1, G=g, NHB=1, BLOCK_H=max(16, triton.next_power_of_2(g)), D1=d1, D2=d2,
-                  DV=dv // ndv, V_IS_K=d2 > 0 and ndv == 1, SPLIT_K=128, BLOCK_N=32 if d2 else 64, NDV=ndv),
+                  DV=dv // ndv, V_IS_K=d2 > 0 and ndv == 1, SPLIT_K=128, BLOCK_N=32 if d2 else 64, NDV=ndv,
+                  PDL=g == 20),
              8 if d2 else 4)
 
 
@@ -166,8 +168,8 @@ def splitk_combine(dv, has_rows):
     _compile(_splitk_combine_kernel,
              [("mid_o", "*fp32"), ("mid_lse", "*fp32"), ("out", "*bf16"), ("out_rows", "*i1"), ("NSPLIT", "i32")]
              + _i32("stride_mb", "stride_mh", "stride_ms", "stride_lb", "stride_lh", "stride_ob", "stride_oh")
-             + [(n, None) for n in ("HQ", "DV", "NSP", "HAS_ROWS")],
-             dict(HQ=32, DV=dv, NSP=16, HAS_ROWS=has_rows), 4)
+             + [(n, None) for n in ("HQ", "DV", "NSP", "HAS_ROWS", "PDL")],
+             dict(HQ=32, DV=dv, NSP=16, HAS_ROWS=has_rows, PDL=has_rows), 4)
 
 
 def attention_kernels():
