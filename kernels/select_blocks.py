@@ -33,9 +33,9 @@ def _select_blocks_kernel(scores, seq_lens, block_ids, NB, sink_tokens, local_wi
 
 def select_blocks(scores: torch.Tensor, seq_lens: torch.Tensor, block_size: int, block_budget: int,
                   sink_tokens: int, local_window: int, out: Optional[torch.Tensor] = None,
-                  key_bits: int = KEY_BITS) -> torch.Tensor:
+                  key_bits: int = KEY_BITS, *, num_warps: int = 0) -> torch.Tensor:
     """Top-Kb blocks per KV group (see `reference.select_blocks`); scores compared at key_bits + 1 bits
-    (kernels/_topk.py: 16 = bfloat16 resolution, 31 = exact).
+    (kernels/_topk.py: 16 = bfloat16 resolution, 31 = exact); num_warps 0 = 4, or 8 above 2,048 blocks.
 
     scores: [B, Hkv, NB] float32 from `block_scores`; seq_lens: [B]. Returns block ids [B, Hkv, Kb] int32, -1
     padded. Same set as the reference (ties to lower block ids) but listed in ascending block id rather than
@@ -51,5 +51,6 @@ def select_blocks(scores: torch.Tensor, seq_lens: torch.Tensor, block_size: int,
     _select_blocks_kernel[(b * hkv,)](
         scores, seq_lens, out, nb, sink_tokens, local_window, scores.stride(0), scores.stride(1),
         out.stride(0), out.stride(1), HKV=hkv, BS=block_size, KB=block_budget, NBP=nbp,
-        KBP=triton.next_power_of_2(block_budget), KEY_BITS=key_bits, num_warps=4 if nbp <= 2048 else 8)
+        KBP=triton.next_power_of_2(block_budget), KEY_BITS=key_bits,
+        num_warps=num_warps or (4 if nbp <= 2048 else 8))
     return out

@@ -94,6 +94,16 @@ def test_select_blocks_is_a_top_k_with_forced_blocks(budget, key_bits):
     _check_select_blocks(scores.to(DEV), lens.to(DEV), 8, budget, 4, 12, key_bits)
 
 
+def test_select_blocks_at_the_benchmark_scale():
+    """Top-128 of 1,536 blocks of 64 (96k tokens), sink 64 and window 128 forced; a shorter row ending inside a block."""
+    lens = torch.tensor([98304, 50017])
+    g = torch.Generator().manual_seed(1)
+    scores = torch.randn(2, 1, 1536, generator=g) * 30 + 300
+    scores = scores.masked_fill(torch.arange(1536) >= (lens // 64)[:, None, None], float("-inf"))
+    ids = _check_select_blocks(scores.to(DEV), lens.to(DEV), 64, 128, 64, 128)
+    assert bool((ids >= 0).all()) and bool((ids[0, 0] == 1535).any()) and bool((ids[1, 0] == 50017 // 64).any())
+
+
 def test_select_blocks_budget_covering_everything_keeps_every_block():
     c = make_cache([27, 61, 113], **SHAPES["gqa"], device=DEV)
     kmin, kmax, table, _, _ = c["index"]
