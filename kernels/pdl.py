@@ -1,10 +1,13 @@
 """Programmatic dependent launch (sm_90+) for the decode-step kernels; a device helper, no kernel here.
 
-Launched with launch_pdl, a kernel may start while the one before it in the stream still runs: it reads only
-inputs older than that kernel (q, req_to_token, ...) until `wait_for_inputs`, which blocks until the previous grid
-has finished and its writes are visible, then lets the next kernel launch. In a latency-bound chain that hides
-each launch and its prologue behind the previous kernel's tail. Off unless SGLANG_ASYNCTLS_PDL=1 (an A/B switch:
-not yet timed on a GPU); the CPU interpreter has no grid dependency control, so tests run it off.
+Launched with launch_pdl, a kernel may start while the one before it in the stream still runs: until
+`wait_for_inputs`, which blocks until the previous grid has finished and its writes are visible and then lets the
+next kernel launch, it reads only q, label channels, seq_lens and req_pool_indices. Those must therefore not be
+written by the kernel launched just before (in the decode step they come from the model and the batch metadata,
+several kernels earlier; the previous kernel's writes are visible only after the wait, even once it has exited).
+In a latency-bound chain that hides each launch and its prologue behind the previous kernel's tail. Off unless
+SGLANG_ASYNCTLS_PDL=1 (an A/B switch: not yet timed on a GPU); the CPU interpreter has no grid dependency control,
+so tests run it off.
 """
 
 import os
