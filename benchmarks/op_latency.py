@@ -290,6 +290,11 @@ def fine_rows(out, c, timer, q, lab, blocks, fsel):
 
 
 def tune_rows(out, c, timer, q, lens, lab, blocks, scores, tscores, slots, fsel):
+    for ns in (16, 32, 64):
+        out[f"tune_token_logit_stats_splits{ns}"] = timer(
+            lambda: token_logit_stats(q, *lab, blocks, c["sm_scale"], block_size=BS, num_splits=ns))
+        out[f"tune_token_scores_recompute_splits{ns}"] = timer(
+            lambda: token_scores_recompute(q, *lab, blocks, c["sm_scale"], block_size=BS, num_splits=ns))
     for bc, nw in ((64, 4), (128, 4), (128, 8), (256, 8)):
         out[f"tune_token_scores_recompute_c{bc}_warps{nw}"] = timer(lambda: token_scores_recompute(
             q, *lab, blocks, c["sm_scale"], block_size=BS, block_c=bc, num_warps=nw))

@@ -50,18 +50,19 @@ def _token_scores_recompute_kernel(q, labels, label_scale, channels, req_to_toke
 def token_scores_recompute(q: torch.Tensor, labels: torch.Tensor, label_scale: torch.Tensor, channels: torch.Tensor,
                            req_to_token: torch.Tensor, req_pool_indices: torch.Tensor,
                            seq_lens: Optional[torch.Tensor], candidates: torch.Tensor, sm_scale: float, *,
-                           block_size: int = 0, block_c: int = 128, num_warps: int = 4,
+                           block_size: int = 0, block_c: int = 128, num_warps: int = 4, num_splits: int = 0,
                            out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """`candidate_scores` (the group-mean softmax, see `reference.token_scores`) in two passes: statistics, then
     the logits recomputed and combined. Candidates as `token_logits` (positions [B, Hkv, C] when block_size == 0,
-    else block ids [B, Hkv, Kb]). Returns [B, Hkv, C] float32, -inf where invalid."""
+    else block ids [B, Hkv, Kb]). Returns [B, Hkv, C] float32, -inf where invalid. num_splits: the first pass's
+    (`token_logit_stats`); block_c, num_warps: the second's tile."""
     b, hq, _ = q.shape
     hkv, dc = channels.shape
     g = hq // hkv
     c = candidates.shape[2] * (block_size if block_size else 1)
     _check_label_inputs(q, labels, label_scale, channels, req_to_token, seq_lens, candidates, block_size)
     stats = token_logit_stats(q, labels, label_scale, channels, req_to_token, req_pool_indices, seq_lens,
-                              candidates, sm_scale, block_size=block_size)
+                              candidates, sm_scale, block_size=block_size, num_splits=num_splits)
     if out is None:
         out = torch.empty(b, hkv, c, dtype=torch.float32, device=q.device)
     assert out.shape == (b, hkv, c) and out.dtype == torch.float32 and out.stride(2) == 1
