@@ -9,6 +9,8 @@ import triton.language as tl
 
 from sglang_asynctls.config import GROUP_SCORES
 
+from .pdl import use_pdl, wait_for_inputs
+
 
 @triton.jit
 def _bound_part(q_row, kmin_row, kmax_row, mask_g, complete, offs_d, slack, GROUP_MAX: tl.constexpr):
@@ -74,12 +76,13 @@ def _block_scores_kernel(q, kmin, kmax, block_table, seq_lens, scores, NB, NSPLI
                          stride_qb, stride_qh, stride_ke, stride_kh, stride_tb, stride_sb, stride_sh,
                          HKV: tl.constexpr, G: tl.constexpr, BS: tl.constexpr, GP: tl.constexpr,
                          D1: tl.constexpr, D2: tl.constexpr, DCH: tl.constexpr, BLOCK_N: tl.constexpr,
-                         GROUP_MAX: tl.constexpr, PERSISTENT: tl.constexpr):
+                         GROUP_MAX: tl.constexpr, PERSISTENT: tl.constexpr, PDL: tl.constexpr):
     pid = tl.program_id(0)
     b = pid // HKV
     h = pid % HKV
     offs_g = tl.arange(0, GP)
     n_complete = tl.load(seq_lens + b) // BS  # index rows of incomplete blocks are never read
+    wait_for_inputs(PDL)  # the index and the block table may come from the kernels before
     table = block_table + b * stride_tb
     out = scores + b * stride_sb + h * stride_sh
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -158,9 +161,10 @@ def block_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, block_
     d2 = d - d1
     assert d2 & (d2 - 1) == 0, "head dim must be 2^a or 2^a + 2^b (e.g. 576 = 512 + 64)"
     block_n, dch, num_warps, nsplit = _launch_shape(d, nb, b * hkv, block_n, num_warps, num_splits, q.device)
+    pdl = use_pdl(q.device)
     _block_scores_kernel[(b * hkv, nsplit)](
         q, kmin, kmax, block_table, seq_lens, out, nb, nsplit, float(bound_slack), q.stride(0), q.stride(1),
         kmin.stride(0), kmin.stride(1), block_table.stride(0), out.stride(0), out.stride(1),
         HKV=hkv, G=g, BS=block_size, GP=gp, D1=d1, D2=d2, DCH=dch, BLOCK_N=block_n, GROUP_MAX=group_max,
-        PERSISTENT=nsplit < triton.cdiv(nb, block_n), num_warps=num_warps)
+        PERSISTENT=nsplit < triton.cdiv(nb, block_n), PDL=pdl, num_warps=num_warps, launch_pdl=pdl)
     return out
