@@ -36,8 +36,8 @@ def selection_kernels(key_bits):
     _compile(_select_blocks_kernel,
              [("scores", "*fp32"), ("seq_lens", "*i64"), ("block_ids", "*i32")]
              + _i32("NB", "sink_tokens", "local_window", "stride_sb", "stride_sh", "stride_ob", "stride_oh")
-             + [(n, None) for n in ("HKV", "BS", "KB", "NBP", "KBP", "KEY_BITS")],
-             dict(HKV=8, BS=64, KB=128, NBP=2048, KBP=128, KEY_BITS=key_bits), 8)
+             + [(n, None) for n in ("HKV", "BS", "KB", "NBP", "KBP", "KEY_BITS", "PDL")],
+             dict(HKV=8, BS=64, KB=128, NBP=2048, KBP=128, KEY_BITS=key_bits, PDL=key_bits == 16), 8)
     for g in (0, 4, 20):  # scores given; logits of a GQA / MLA group with the combine folded in
         _compile(_select_tokens_kernel,
                  [("scores", "*fp32"), ("cand", "*i32"), ("req_to_token", "*i32"), ("req_pool_indices", "*i64"),
@@ -118,10 +118,11 @@ def block_scores(d1, d2, g, group_max):
              [("q", "*bf16"), ("kmin", "*bf16"), ("kmax", "*bf16"), ("block_table", "*i32"), ("seq_lens", "*i64"),
               ("scores", "*fp32"), ("NB", "i32"), ("NSPLIT", "i32"), ("slack", "fp32")]
              + _i32("stride_qb", "stride_qh", "stride_ke", "stride_kh", "stride_tb", "stride_sb", "stride_sh")
-             + [(n, None) for n in ("HKV", "G", "BS", "GP", "D1", "D2", "DCH", "BLOCK_N", "GROUP_MAX", "PERSISTENT")],
+             + [(n, None) for n in ("HKV", "G", "BS", "GP", "D1", "D2", "DCH", "BLOCK_N", "GROUP_MAX", "PERSISTENT",
+                                    "PDL")],
              dict(HKV=8 if g == 4 else 1, G=g, BS=64, GP=max(16, triton.next_power_of_2(g)) if group_max
                   else triton.next_power_of_2(g), D1=d1, D2=d2, DCH=d1 if wide else min(d1, 128),
-                  BLOCK_N=16 if wide else 64, GROUP_MAX=group_max, PERSISTENT=wide), 8)
+                  BLOCK_N=16 if wide else 64, GROUP_MAX=group_max, PERSISTENT=wide, PDL=wide), 8)
 
 
 def token_logits(g, half_dc, store_logits):
