@@ -82,22 +82,26 @@ def _block_scores_kernel(q, kmin, kmax, block_table, seq_lens, scores, NB, NSPLI
     h = pid % HKV
     offs_g = tl.arange(0, GP)
     n_complete = tl.load(seq_lens + b) // BS  # index rows of incomplete blocks are never read
-    wait_for_inputs(PDL)  # the index and the block table may come from the kernels before
     table = block_table + b * stride_tb
     out = scores + b * stride_sb + h * stride_sh
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    entry = tl.load(table + offs_n, mask=offs_n < NB, other=0)  # not behind seq_lens: one round trip less
+    entry = tl.zeros([BLOCK_N], dtype=tl.int32)
+    if not PDL:  # not behind seq_lens (one round trip less), and ahead of the q math (ptxas keeps it there)
+        entry = tl.load(table + offs_n, mask=offs_n < NB, other=0)
     q_row = q + b * stride_qb + (h * G + offs_g)[:, None] * stride_qh
+    hoist: tl.constexpr = PERSISTENT and not GROUP_MAX  # several tiles per program: q+- once, before the wait
+    q_pos, q_neg, q_pos2, q_neg2 = 0.0, 0.0, 0.0, 0.0
+    if hoist:
+        # no complete block leaves q+- unused; the dependency keeps ptxas from issuing the seq_lens load
+        # only after the q math (sm_90 SASS), one round trip more before the first tile's rows
+        s_q = tl.where(n_complete > 0, slack, 0.0)
+        q_pos, q_neg = _group_sum_q(q_row, offs_g < G, tl.arange(0, DCH), s_q)
+        if D2 > 0:
+            q_pos2, q_neg2 = _group_sum_q(q_row, offs_g < G, D1 + tl.arange(0, D2), s_q)
+    wait_for_inputs(PDL)  # the block table and the index may come from the kernels before
+    if PDL:
+        entry = tl.load(table + offs_n, mask=offs_n < NB, other=0)
     if PERSISTENT:  # tiles t, t + NSPLIT, ...: fewer programs than tiles, SMs balanced, q+- reused
-        hoist: tl.constexpr = not GROUP_MAX
-        q_pos, q_neg, q_pos2, q_neg2 = 0.0, 0.0, 0.0, 0.0
-        if hoist:
-            # no complete block leaves q+- unused; the dependency keeps ptxas from issuing the seq_lens load
-            # only after the q math (sm_90 SASS), one round trip more before the first tile's rows
-            s_q = tl.where(n_complete > 0, slack, 0.0)
-            q_pos, q_neg = _group_sum_q(q_row, offs_g < G, tl.arange(0, DCH), s_q)
-            if D2 > 0:
-                q_pos2, q_neg2 = _group_sum_q(q_row, offs_g < G, D1 + tl.arange(0, D2), s_q)
         for t in tl.range(tl.program_id(1), tl.cdiv(NB, BLOCK_N), NSPLIT):
             offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
             complete = offs_n < n_complete
