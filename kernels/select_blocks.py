@@ -10,11 +10,22 @@ from ._topk import INVALID, KEY_BITS, MAX_ENTRIES, ordered_key, topk_compact
 from .pdl import use_pdl, wait_for_inputs
 
 
+# a row whose non-forced scores span fewer than 2^NARROW_BITS - 1 key steps (at the compared resolution; 256 steps
+# per power of two at 16 bits) is searched over NARROW_BITS bits instead of KEY_BITS: 9 counts instead of 17 plus
+# one min/max, the same set (order kept, forced above every score, ties unchanged); a wider row takes the full search
+NARROW_BITS = 8
+
+
+@triton.jit
+def _min_max(lo_a, hi_a, lo_b, hi_b):
+    return tl.minimum(lo_a, lo_b), tl.maximum(hi_a, hi_b)
+
+
 @triton.jit
 def _select_blocks_kernel(scores, seq_lens, block_ids, NB, sink_tokens, local_window,
                           stride_sb, stride_sh, stride_ob, stride_oh,
                           HKV: tl.constexpr, BS: tl.constexpr, KB: tl.constexpr, NBP: tl.constexpr,
-                          KBP: tl.constexpr, KEY_BITS: tl.constexpr, PDL: tl.constexpr):
+                          KBP: tl.constexpr, KEY_BITS: tl.constexpr, NARROW: tl.constexpr, PDL: tl.constexpr):
     pid = tl.program_id(0)
     b = pid // HKV
     h = pid % HKV
@@ -24,9 +35,15 @@ def _select_blocks_kernel(scores, seq_lens, block_ids, NB, sink_tokens, local_wi
     s = tl.load(scores + b * stride_sb + h * stride_sh + j, mask=j < NB, other=float("-inf"))
     start = j * BS
     forced = (j < NB) & (start < seq_len) & ((start < sink_tokens) | (start + BS > seq_len - local_window))
-    key = tl.where(forced, ordered_key(tl.full([NBP], float("inf"), tl.float32)), ordered_key(s))
-    key = tl.where(forced | (s > float("-inf")), key, INVALID)
-    keep, rank, num_kept = topk_compact(key, KB, KEY_BITS)
+    scored = ~forced & (s > float("-inf"))
+    step = ordered_key(s) >> (31 - KEY_BITS)  # the key at the compared resolution
+    lo, hi = tl.reduce((tl.where(scored, step, 2147483647), tl.where(scored, step, -2147483648)), 0, _min_max)
+    if hi.to(tl.int64) - lo < (1 << NARROW) - 1:  # also when nothing is scored (hi < lo)
+        small = tl.where(forced, (1 << NARROW) - 1, step - lo) << (31 - NARROW)
+        keep, rank, num_kept = topk_compact(tl.where(forced | scored, small, INVALID), KB, NARROW)
+    else:
+        key = tl.where(forced, ordered_key(tl.full([NBP], float("inf"), tl.float32)), ordered_key(s))
+        keep, rank, num_kept = topk_compact(tl.where(forced | scored, key, INVALID), KB, KEY_BITS)
     out = block_ids + b * stride_ob + h * stride_oh
     tl.store(out + rank, j, mask=keep)
     pad = tl.arange(0, KBP)
@@ -54,6 +71,6 @@ def select_blocks(scores: torch.Tensor, seq_lens: torch.Tensor, block_size: int,
     _select_blocks_kernel[(b * hkv,)](
         scores, seq_lens, out, nb, sink_tokens, local_window, scores.stride(0), scores.stride(1),
         out.stride(0), out.stride(1), HKV=hkv, BS=block_size, KB=block_budget, NBP=nbp,
-        KBP=triton.next_power_of_2(block_budget), KEY_BITS=key_bits, PDL=pdl,
+        KBP=triton.next_power_of_2(block_budget), KEY_BITS=key_bits, NARROW=min(NARROW_BITS, key_bits), PDL=pdl,
         num_warps=num_warps or (4 if nbp <= 2048 else 8), launch_pdl=pdl)
     return out

@@ -104,6 +104,45 @@ def test_select_blocks_at_the_benchmark_scale():
     assert bool((ids >= 0).all()) and bool((ids[0, 0] == 1535).any()) and bool((ids[1, 0] == 50017 // 64).any())
 
 
+def _keyed_top_k(scores, forced, budget, key_bits):
+    """The kernel's documented choice: keys at key_bits + 1 bits (forced = +inf), the `budget` largest valid keys,
+    ties to the lower block id; sorted ids per row."""
+    bits = scores.float().cpu().contiguous().view(torch.int32)
+    key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)) >> (31 - key_bits)
+    key = key.long().masked_fill(forced.cpu(), 1 << 40)
+    valid = forced.cpu() | (scores.cpu() > float("-inf"))
+    out = []
+    for k, v in zip(key.view(-1, key.shape[-1]), valid.view(-1, key.shape[-1])):
+        out.append(sorted(sorted((i for i in range(len(k)) if v[i]), key=lambda i: (-int(k[i]), i))[:budget]))
+    return out
+
+
+@pytest.mark.parametrize("key_bits", [16, 31])
+@pytest.mark.parametrize("regime", ["narrow_ties", "span_254", "span_255", "wide", "all_forced"])
+def test_select_blocks_is_exactly_the_keyed_top_k(regime, key_bits):
+    """Rows whose scores span few key steps take a shorter threshold search (select_blocks.NARROW_BITS); the set
+    must be the same as the full search's: scores in [256, 512) are one key step apart every 1.0 at 16 bits, so
+    span_254 is the widest row searched narrowly and span_255 the narrowest searched in full."""
+    nb, bs = 300, 8
+    lens = torch.tensor([nb * bs, nb * bs - 5, 37, 3])
+    g = torch.Generator().manual_seed(7)
+    if regime == "narrow_ties":
+        scores = 300 + torch.round(torch.randn(4, 2, nb, generator=g) * 8) / 4
+    elif regime.startswith("span"):
+        scores = 256 + (torch.randperm(nb, generator=g) % (int(regime[-3:]) + 1)).float().expand(4, 2, nb)
+    elif regime == "wide":
+        scores = torch.randn(4, 2, nb, generator=g) * 100
+    else:
+        scores = torch.full((4, 2, nb), float("-inf"))
+    scores = scores.masked_fill(torch.arange(nb) >= (lens // bs)[:, None, None], float("-inf"))
+    sink, window = (16, 32) if regime != "all_forced" else (nb * bs, 0)
+    forced = R.forced_block_mask(lens, nb, bs, sink, window)[:, None, :].expand_as(scores)
+    for budget in (1, 7, 40):
+        ids = select_blocks(scores.to(DEV), lens.to(DEV), bs, budget, sink, window, key_bits=key_bits).cpu()
+        got = [sorted(i for i in row.tolist() if i >= 0) for row in ids.view(-1, budget)]
+        assert got == _keyed_top_k(scores, forced, budget, key_bits), (regime, budget)
+
+
 def test_select_blocks_budget_covering_everything_keeps_every_block():
     c = make_cache([27, 61, 113], **SHAPES["gqa"], device=DEV)
     kmin, kmax, table, _, _ = c["index"]
