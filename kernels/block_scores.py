@@ -122,7 +122,8 @@ def _block_scores_kernel(q, kmin, kmax, block_table, seq_lens, scores, NB, NSPLI
 def _launch_shape(d: int, nb: int, groups: int, block_n: int, num_warps: int, num_splits: int, device):
     """(BLOCK_N, DCH, num_warps, NSPLIT). GQA (d <= 256): one 64-block tile per program, 8 warps (H100, 96k x 8:
     22.0 vs 25.0 us at 4). Wider keys (MLA 576): 16-block tiles of all channels at 8 warps (32 values per thread
-    and tensor, as GQA's [64, 128]) and about two programs per SM, each looping over its tiles with one q+-."""
+    and tensor, as GQA's [64, 128]) and about two programs per SM (sm_90: 109 registers at 8 warps, two fit),
+    each looping over its tiles with one q+-."""
     wide = d > 256
     block_n = block_n or (16 if wide else 64)
     num_warps = num_warps or 8
