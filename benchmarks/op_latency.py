@@ -333,10 +333,11 @@ def alternatives(out, c, timer, q, lens, kt, scores, blocks, slots, tscores, sgl
     out["alt_select_token_slots_31bit"] = timer(lambda: select_token_slots(
         tscores, blocks, c["r2t"], c["rows"], lens, block_size=BS, token_budget=kt, sink_tokens=SINK,
         local_window=WINDOW, key_bits=31))
-    # the kept candidates' slots read after the threshold search instead of every candidate's before it
-    out["alt_select_token_slots_late_slot_load"] = timer(lambda: select_token_slots(
+    # every candidate's slot read before the threshold search instead of the kept ones after it (default off
+    # until timed)
+    out["alt_select_token_slots_prefetch_slots"] = timer(lambda: select_token_slots(
         tscores, blocks, c["r2t"], c["rows"], lens, block_size=BS, token_budget=kt, sink_tokens=SINK,
-        local_window=WINDOW, prefetch_slots=False))
+        local_window=WINDOW, prefetch_slots=True))
     # decode-time index append of one layer (the backend runs it once per layer and step): fused vs torch ops
     loc = c["r2t"][c["rows"], lens - 1]
     idx = (c["k"], loc, lens, c["channels"], c["labels"], c["scale"], c["kmin"], c["kmax"], BS)

@@ -119,14 +119,20 @@ def _block_scores_kernel(q, kmin, kmax, block_table, seq_lens, scores, NB, NSPLI
         tl.store(out + offs_n, acc, mask=offs_n < NB)
 
 
+# wide keys (MLA) in persistent programs (below); off until timed on a GPU: the default stays the launch measured
+# on the H100 (one 64-block tile per program in 128-channel chunks, 4 warps: 21.3 us at MLA 96k x 8)
+WIDE_PERSISTENT = False
+
+
 def _launch_shape(d: int, nb: int, groups: int, block_n: int, num_warps: int, num_splits: int, device):
     """(BLOCK_N, DCH, num_warps, NSPLIT). GQA (d <= 256): one 64-block tile per program, 8 warps (H100, 96k x 8:
-    22.0 vs 25.0 us at 4). Wider keys (MLA 576): 16-block tiles of all channels at 8 warps (32 values per thread
-    and tensor, as GQA's [64, 128]) and about two programs per SM (sm_90: 109 registers at 8 warps, two fit),
-    each looping over its tiles with one q+-."""
-    wide = d > 256
+    22.0 vs 25.0 us at 4). Wider keys (MLA 576): one 64-block tile per program at 4 warps (28.6 us at 8), or with
+    WIDE_PERSISTENT 16-block tiles of all channels at 8 warps (32 values per thread and tensor, as GQA's
+    [64, 128]) and about two programs per SM (sm_90: 109 registers at 8 warps, two fit), each looping over its
+    tiles with one q+-."""
+    wide = d > 256 and WIDE_PERSISTENT
     block_n = block_n or (16 if wide else 64)
-    num_warps = num_warps or 8
+    num_warps = num_warps or (4 if d > 256 and not wide else 8)
     d1 = 1 << (d.bit_length() - 1)
     dch = min(d1, max(128, 8192 // block_n))  # <= 64 fp32 values per thread and tensor at 4 warps
     tiles = triton.cdiv(nb, block_n)

@@ -12,13 +12,20 @@ from .pdl import use_pdl, wait_for_inputs
 
 # a row whose non-forced scores span fewer than 2^NARROW_BITS - 1 key steps (at the compared resolution; 256 steps
 # per power of two at 16 bits) is searched over NARROW_BITS bits instead of KEY_BITS: 9 counts instead of 17 plus
-# one min/max, the same set (order kept, forced above every score, ties unchanged); a wider row takes the full search
-NARROW_BITS = 8
+# one min/max, the same set (order kept, forced above every score, ties unchanged); a wider row takes the full search.
+# 0 = always the full search (the default until the narrow one is timed on a GPU)
+NARROW_BITS = 0
 
 
 @triton.jit
 def _min_max(lo_a, hi_a, lo_b, hi_b):
     return tl.minimum(lo_a, lo_b), tl.maximum(hi_a, hi_b)
+
+
+@triton.jit
+def _full_search(s, forced, scored, KB: tl.constexpr, NBP: tl.constexpr, KEY_BITS: tl.constexpr):
+    key = tl.where(forced, ordered_key(tl.full([NBP], float("inf"), tl.float32)), ordered_key(s))
+    return topk_compact(tl.where(forced | scored, key, INVALID), KB, KEY_BITS)
 
 
 @triton.jit
@@ -36,14 +43,16 @@ def _select_blocks_kernel(scores, seq_lens, block_ids, NB, sink_tokens, local_wi
     start = j * BS
     forced = (j < NB) & (start < seq_len) & ((start < sink_tokens) | (start + BS > seq_len - local_window))
     scored = ~forced & (s > float("-inf"))
-    step = ordered_key(s) >> (31 - KEY_BITS)  # the key at the compared resolution
-    lo, hi = tl.reduce((tl.where(scored, step, 2147483647), tl.where(scored, step, -2147483648)), 0, _min_max)
-    if hi.to(tl.int64) - lo < (1 << NARROW) - 1:  # also when nothing is scored (hi < lo)
-        small = tl.where(forced, (1 << NARROW) - 1, step - lo) << (31 - NARROW)
-        keep, rank, num_kept = topk_compact(tl.where(forced | scored, small, INVALID), KB, NARROW)
+    if NARROW > 0:
+        step = ordered_key(s) >> (31 - KEY_BITS)  # the key at the compared resolution
+        lo, hi = tl.reduce((tl.where(scored, step, 2147483647), tl.where(scored, step, -2147483648)), 0, _min_max)
+        if hi.to(tl.int64) - lo < (1 << NARROW) - 1:  # also when nothing is scored (hi < lo)
+            small = tl.where(forced, (1 << NARROW) - 1, step - lo) << (31 - NARROW)
+            keep, rank, num_kept = topk_compact(tl.where(forced | scored, small, INVALID), KB, NARROW)
+        else:
+            keep, rank, num_kept = _full_search(s, forced, scored, KB, NBP, KEY_BITS)
     else:
-        key = tl.where(forced, ordered_key(tl.full([NBP], float("inf"), tl.float32)), ordered_key(s))
-        keep, rank, num_kept = topk_compact(tl.where(forced | scored, key, INVALID), KB, KEY_BITS)
+        keep, rank, num_kept = _full_search(s, forced, scored, KB, NBP, KEY_BITS)
     out = block_ids + b * stride_ob + h * stride_oh
     tl.store(out + rank, j, mask=keep)
     pad = tl.arange(0, KBP)

@@ -63,7 +63,7 @@ def _select_tokens_kernel(scores, cand, req_to_token, req_pool_indices, seq_lens
 
 
 def _launch(scores, cand, req_to_token, req_pool_indices, seq_lens, out, block_size, token_budget, sink_tokens,
-            local_window, to_slots, num_warps=0, key_bits=KEY_BITS, stats=None, prefetch=True):
+            local_window, to_slots, num_warps=0, key_bits=KEY_BITS, stats=None, prefetch=False):
     """scores: [B, Hkv, C] group-mean softmax, or (stats given) logits [B, Hkv, G, C] from `token_logits`."""
     b, hkv, c = scores.shape[0], scores.shape[1], scores.shape[-1]
     assert scores.dtype == torch.float32 and scores.stride(-1) == 1 and cand.stride(2) == 1
@@ -116,13 +116,14 @@ def select_token_slots(scores: torch.Tensor, candidates: torch.Tensor, req_to_to
                        req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, *, block_size: int,
                        token_budget: int, sink_tokens: int, local_window: int, out: Optional[torch.Tensor] = None,
                        num_warps: int = 0, key_bits: int = KEY_BITS,
-                       stats: Optional[torch.Tensor] = None, prefetch_slots: bool = True) -> torch.Tensor:
+                       stats: Optional[torch.Tensor] = None, prefetch_slots: bool = False) -> torch.Tensor:
     """`select_tokens` then `positions_to_slots`, in one kernel, over candidates given as positions [B, Hkv, C]
     (block_size == 0) or block ids [B, Hkv, Kb] (C = Kb * block_size). Returns [B, Hkv, Kt] int32 KV slots.
     Scores are compared at key_bits + 1 bits (kernels/_topk.py). With `stats`, `scores` are `token_logits`'
     (logits, stats) pair's logits and the group-mean softmax (`token_scores`) is computed here: one launch less.
     prefetch_slots: read every candidate's slot (C x 4 B) before the threshold search rather than the Kt kept
-    ones after it, taking a dependent req_to_token load off the end of the kernel."""
+    ones after it, taking a dependent req_to_token load off the end of the kernel (off by default: not yet timed
+    on a GPU)."""
     b, hkv = scores.shape[:2]
     assert req_to_token.stride(1) == 1
     if out is None:

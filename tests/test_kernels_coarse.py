@@ -1,5 +1,7 @@
 """Coarse level kernels vs reference: block_scores, select_blocks."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -8,6 +10,8 @@ from sglang_asynctls.kernels.block_scores import block_scores
 from sglang_asynctls.kernels.select_blocks import select_blocks
 
 from kernel_cases import GPU_SHAPES, KEY_RTOL, SHAPES, TOL, assert_topk_set, make_cache
+
+select_blocks_module = importlib.import_module("sglang_asynctls.kernels.select_blocks")  # NARROW_BITS
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -46,15 +50,19 @@ def test_block_scores_model_shapes_and_tiles_per_program(shape, dtype, slack, gr
     _check_block_scores(c, slack, group, num_splits=num_splits, block_n=block_n)
 
 
-def test_block_scores_launch_shape_keeps_gqa_one_tile_per_program():
-    """GQA keeps one 64-block tile per program (the measured H100 shape); MLA at 96k x 8 gets ~2 programs per SM
-    of 16-block tiles over all 512 + 64 channels."""
-    from sglang_asynctls.kernels.block_scores import _launch_shape
+def test_block_scores_launch_shape_keeps_gqa_one_tile_per_program(monkeypatch):
+    """GQA keeps one 64-block tile per program (the measured H100 shape); MLA by default too (128-channel chunks,
+    4 warps, as measured); with WIDE_PERSISTENT MLA at 96k x 8 gets ~2 programs per SM of 16-block tiles over all
+    512 + 64 channels."""
+    module = importlib.import_module("sglang_asynctls.kernels.block_scores")
 
     cpu = torch.device("cpu")  # stands for a 132-SM H100
-    assert _launch_shape(128, 1536, 64, 0, 0, 0, cpu) == (64, 128, 8, 24)
-    assert _launch_shape(576, 1536, 8, 0, 0, 0, cpu) == (16, 512, 8, 33)
-    assert _launch_shape(576, 10, 8, 0, 0, 0, cpu)[3] == 1  # never more programs than tiles
+    assert module._launch_shape(128, 1536, 64, 0, 0, 0, cpu) == (64, 128, 8, 24)
+    assert module._launch_shape(576, 1536, 8, 0, 0, 0, cpu) == (64, 128, 4, 24)
+    monkeypatch.setattr(module, "WIDE_PERSISTENT", True)
+    assert module._launch_shape(128, 1536, 64, 0, 0, 0, cpu) == (64, 128, 8, 24)
+    assert module._launch_shape(576, 1536, 8, 0, 0, 0, cpu) == (16, 512, 8, 33)
+    assert module._launch_shape(576, 10, 8, 0, 0, 0, cpu)[3] == 1  # never more programs than tiles
 
 
 def test_block_scores_group_max_differs_from_sum_and_bounds_each_head():
@@ -117,9 +125,10 @@ def _keyed_top_k(scores, forced, budget, key_bits):
     return out
 
 
+@pytest.mark.parametrize("narrow_bits", [0, 8])
 @pytest.mark.parametrize("key_bits", [16, 31])
 @pytest.mark.parametrize("regime", ["narrow_ties", "span_254", "span_255", "wide", "all_forced"])
-def test_select_blocks_is_exactly_the_keyed_top_k(regime, key_bits):
+def test_select_blocks_is_exactly_the_keyed_top_k(regime, key_bits, narrow_bits, monkeypatch):
     """Rows whose scores span few key steps take a shorter threshold search (select_blocks.NARROW_BITS); the set
     must be the same as the full search's: scores in [256, 512) are one key step apart every 1.0 at 16 bits, so
     span_254 is the widest row searched narrowly and span_255 the narrowest searched in full."""
@@ -137,6 +146,7 @@ def test_select_blocks_is_exactly_the_keyed_top_k(regime, key_bits):
     scores = scores.masked_fill(torch.arange(nb) >= (lens // bs)[:, None, None], float("-inf"))
     sink, window = (16, 32) if regime != "all_forced" else (nb * bs, 0)
     forced = R.forced_block_mask(lens, nb, bs, sink, window)[:, None, :].expand_as(scores)
+    monkeypatch.setattr(select_blocks_module, "NARROW_BITS", narrow_bits)  # 0: the full search only
     for budget in (1, 7, 40):
         ids = select_blocks(scores.to(DEV), lens.to(DEV), bs, budget, sink, window, key_bits=key_bits).cpu()
         got = [sorted(i for i in row.tolist() if i >= 0) for row in ids.view(-1, budget)]
