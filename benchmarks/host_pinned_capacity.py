@@ -1,6 +1,7 @@
 """Issue 5's ceiling on this host: how much KV the offload tier can hold in pinned host memory.
 
     python3 benchmarks/host_pinned_capacity.py --json $OUT/host_pinned_capacity_h100.json [--step-gib 4 --cap-gib 120]
+                                                                                             (+ .png)
 
 Pins host memory in steps (torch.empty(pin_memory=True)) until an allocation fails, MemAvailable would drop below
 --reserve-gib (the process must not be OOM-killed mid-run), or --cap-gib; then times one pinned host->device copy
@@ -34,6 +35,26 @@ def meminfo() -> dict:
 
 def kv_bytes_per_token(layers: int, kv_heads: int, head_dim: int, dtype_bytes: int = 2) -> int:
     return layers * kv_heads * head_dim * 2 * dtype_bytes  # K and V
+
+
+def plot(record: dict, path: str) -> None:
+    """Pinned GiB against the KV of N 96k requests."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per = record["kv_gib_per_request"]
+    n = int(record["pinned_gib"] // per) + 2
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar(range(1, n + 1), [per * i for i in range(1, n + 1)], color="tab:blue", label="KV of N requests (GiB)")
+    ax.axhline(record["pinned_gib"], color="k", ls="--", label=f"pinned before the reserve: {record['pinned_gib']} GiB")
+    ax.set_xlabel(f"concurrent {record['config']['context']}-token requests")
+    ax.set_ylabel("GiB")
+    ax.set_title(f"{record['gpu']} host: {record['requests_96k_in_pinned']} requests fit in pinned memory", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def main(argv=None) -> None:
@@ -83,6 +104,7 @@ def main(argv=None) -> None:
         record["h2d_gb_per_s_last_chunk"] = round(step / (time.perf_counter() - t0) / 1e9, 1)
     with open(args.json, "w") as f:
         json.dump(record, f, indent=1)
+    plot(record, args.json.rsplit(".", 1)[0] + ".png")
     print(json.dumps({k: v for k, v in record.items() if k not in ("config",)}, indent=1))
 
 

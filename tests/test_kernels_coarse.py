@@ -103,7 +103,7 @@ def test_select_blocks_is_a_top_k_with_forced_blocks(budget, key_bits):
 
 
 def test_select_blocks_at_the_benchmark_scale():
-    """Top-128 of 1,536 blocks of 64 (96k tokens), sink 64 and window 128 forced; a shorter row ending inside a block."""
+    """Top-128 of 1,536 blocks of 64 (96k tokens), sink 64 and window 128 forced; a row ending inside a block."""
     lens = torch.tensor([98304, 50017])
     g = torch.Generator().manual_seed(1)
     scores = torch.randn(2, 1, 1536, generator=g) * 30 + 300
