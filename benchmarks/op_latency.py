@@ -443,6 +443,26 @@ def plot(rows, path):
     fig.savefig(path, dpi=120)
 
 
+# the switches of paths built but not yet timed; anything else is refused so a typo cannot pass for an A/B
+KERNEL_OPTIONS = ("block_scores.WIDE_PERSISTENT", "select_blocks.NARROW_BITS", "select_tokens.PREFETCH_SLOTS",
+                  "fine_select.WIDE_GROUP_COMBINE")
+
+
+def apply_kernel_options(specs) -> dict:
+    import ast
+
+    applied = {}
+    for spec in specs:
+        name, _, value = spec.partition("=")
+        if name not in KERNEL_OPTIONS or not value:
+            raise SystemExit(f"--kernel-option {spec!r}: expected one of {', '.join(KERNEL_OPTIONS)} with =VALUE")
+        module, attr = name.split(".")
+        mod = importlib.import_module(f"sglang_asynctls.kernels.{module}")
+        setattr(mod, attr, ast.literal_eval(value))
+        applied[name] = getattr(mod, attr)
+    return applied
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--models", default="gqa,mla")
@@ -456,8 +476,12 @@ def main():
     p.add_argument("--breakdown-all", action="store_true", help="stage breakdown at every shape, not only 96k b8")
     p.add_argument("--wide-group-combine", choices=FS.COMBINES, default=FS.WIDE_GROUP_COMBINE,
                    help="A/B: fine_select.WIDE_GROUP_COMBINE for groups wider than FOLD_COMBINE_MAX_GROUP (MLA)")
+    p.add_argument("--kernel-option", action="append", default=[], metavar="MODULE.NAME=VALUE",
+                   help="A/B: set a kernel module's switch before timing, e.g. block_scores.WIDE_PERSISTENT=True, "
+                        "select_blocks.NARROW_BITS=8, select_tokens.PREFETCH_SLOTS=True (repeatable)")
     a = p.parse_args()
     FS.WIDE_GROUP_COMBINE = a.wide_group_combine  # read at each call; the whole-step rows follow it
+    options = apply_kernel_options(a.kernel_option)
     os.makedirs(a.out, exist_ok=True)
     timer = Timer(a.iters, a.warmup)
     try:
@@ -477,7 +501,7 @@ def main():
                               hbm_bandwidth_bytes_per_s=bandwidth, hbm_copy=bw_t,
                               pool="16-token chunks of all requests shuffled",
                               label_layout="head-major storage ([Hkv, S, Dc/2] / [Hkv, S]) viewed as [S, Hkv, ...]",
-                              wide_group_combine=a.wide_group_combine,
+                              wide_group_combine=a.wide_group_combine, kernel_options=options,
                               programmatic_dependent_launch=PDL.ENABLED,  # SGLANG_ASYNCTLS_PDL=1, fine + attention
                               skipped=[]),
                   rows=[], summary={})

@@ -17,6 +17,9 @@ from .token_scores import group_mean_softmax
 MAX_FUSED_CANDIDATES = MAX_ENTRIES
 
 
+# select_token_slots reads every candidate's slot before the search; off until timed on a GPU
+PREFETCH_SLOTS = False
+
 @triton.jit
 def _select_tokens_kernel(scores, cand, req_to_token, req_pool_indices, seq_lens, out, C, sink_tokens,
                           local_window, stride_sb, stride_sh, stride_cb, stride_ch, stride_rr, stride_ob, stride_oh,
@@ -116,18 +119,18 @@ def select_token_slots(scores: torch.Tensor, candidates: torch.Tensor, req_to_to
                        req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, *, block_size: int,
                        token_budget: int, sink_tokens: int, local_window: int, out: Optional[torch.Tensor] = None,
                        num_warps: int = 0, key_bits: int = KEY_BITS,
-                       stats: Optional[torch.Tensor] = None, prefetch_slots: bool = False) -> torch.Tensor:
+                       stats: Optional[torch.Tensor] = None, prefetch_slots: Optional[bool] = None) -> torch.Tensor:
     """`select_tokens` then `positions_to_slots`, in one kernel, over candidates given as positions [B, Hkv, C]
     (block_size == 0) or block ids [B, Hkv, Kb] (C = Kb * block_size). Returns [B, Hkv, Kt] int32 KV slots.
     Scores are compared at key_bits + 1 bits (kernels/_topk.py). With `stats`, `scores` are `token_logits`'
     (logits, stats) pair's logits and the group-mean softmax (`token_scores`) is computed here: one launch less.
     prefetch_slots: read every candidate's slot (C x 4 B) before the threshold search rather than the Kt kept
-    ones after it, taking a dependent req_to_token load off the end of the kernel (off by default: not yet timed
-    on a GPU)."""
+    ones after it, taking a dependent req_to_token load off the end of the kernel (None = PREFETCH_SLOTS)."""
     b, hkv = scores.shape[:2]
     assert req_to_token.stride(1) == 1
     if out is None:
         out = torch.empty(b, hkv, token_budget, dtype=torch.int32, device=scores.device)
     assert out.dtype == torch.int32
     return _launch(scores, candidates, req_to_token, req_pool_indices, seq_lens, out, block_size, token_budget,
-                   sink_tokens, local_window, True, num_warps, key_bits, stats, prefetch_slots)
+                   sink_tokens, local_window, True, num_warps, key_bits, stats,
+                   PREFETCH_SLOTS if prefetch_slots is None else prefetch_slots)
