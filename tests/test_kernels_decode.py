@@ -1,5 +1,7 @@
 """Whole GPU decode steps vs reference: asynctls (fused chain), quest, token-only, dense."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -94,3 +96,35 @@ def test_gpu_bf16_asynctls_matches_reference(shape, lens, block_budget, token_bu
         extra = dict(candidate_blocks=blocks) if method == "quest" else {}
         o = K.METHODS[method](*method_args(c), **kw, **extra)
         torch.testing.assert_close(o, R.METHODS[method](*method_args(c), **kw, **extra), **TOL[torch.bfloat16])
+
+
+# kernel paths built but not yet timed, off by default (benchmarks/op_latency.py --kernel-option): each must still
+# give a valid two-level selection and exact attention over it in bf16 on the GPU before it may become a default
+UNTIMED_PATHS = {"persistent": [("block_scores", "WIDE_PERSISTENT", True)],
+                 "narrow": [("select_blocks", "NARROW_BITS", 8)],
+                 "prefetch": [("select_tokens", "PREFETCH_SLOTS", True)],
+                 "recompute": [("fine_select", "WIDE_GROUP_COMBINE", "recompute")],
+                 "pdl": [("pdl", "ENABLED", True)]}
+UNTIMED_PATHS["all"] = [s for v in UNTIMED_PATHS.values() for s in v]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", list(UNTIMED_PATHS))
+@pytest.mark.parametrize("shape", ["gqa", "mla"])
+def test_gpu_bf16_untimed_paths_match_reference(shape, path, monkeypatch):
+    for module, name, value in UNTIMED_PATHS[path]:
+        monkeypatch.setattr(importlib.import_module(f"sglang_asynctls.kernels.{module}"), name, value)
+    c = make_cache([8192, 5000, 777], **GPU_SHAPES[shape], bs=64, dtype=torch.bfloat16, device="cuda", seed=5)
+    kw = dict(block_size=64, sm_scale=c["sm_scale"], block_budget=64, token_budget=1024, sink_tokens=64,
+              local_window=128)
+    _check_asynctls(c, kw, TOL[torch.bfloat16])
+
+
+def test_untimed_path_switches_exist_with_their_defaults_off():
+    """The switches above name real module attributes, and none of them is on by default."""
+    off = {"WIDE_PERSISTENT": False, "NARROW_BITS": 0, "PREFETCH_SLOTS": False, "WIDE_GROUP_COMBINE": "logits"}
+    for module, name, _ in UNTIMED_PATHS["all"]:
+        value = getattr(importlib.import_module(f"sglang_asynctls.kernels.{module}"), name)
+        if name == "ENABLED":  # SGLANG_ASYNCTLS_PDL=1 turns it on for a run
+            continue
+        assert value == off[name], (module, name, value)

@@ -1,8 +1,9 @@
 #!/bin/bash
 # Issue 3 A/B on the H100: the kernel paths built in session 4 but never timed, each alone and all together, against
-# the measured defaults; MLA and GQA at 96k x 8, k_t 1024. Writes $OUT/issue3_ab_VARIANT.json. A variant takes about
+# the measured defaults; MLA and GQA at 96k x 8, k_t 1024. Writes $OUT/issue3_ab_VARIANT.json. "tests" first checks
+# every such path in bf16 against the reference (tests/test_kernels_decode.py -k untimed). A variant takes about
 # a minute, so split them over device calls (10 min each), e.g.
-#   bash benchmarks/gpu/issue3_ab.sh default persistent narrow prefetch
+#   bash benchmarks/gpu/issue3_ab.sh tests default persistent narrow prefetch
 #   bash benchmarks/gpu/issue3_ab.sh recompute all all_pdl
 set -u
 source /root/stage/p2/scripts/env.sh
@@ -11,6 +12,7 @@ ALL=(--kernel-option block_scores.WIDE_PERSISTENT=True --kernel-option select_bl
      --kernel-option select_tokens.PREFETCH_SLOTS=True --wide-group-combine recompute)
 for v in "$@"; do
   case $v in
+    tests) timeout 300 python3 -m pytest -q tests/test_kernels_decode.py -m gpu -k untimed 2>&1 | tail -5; continue ;;
     default) flags=() ;;
     persistent) flags=(--kernel-option block_scores.WIDE_PERSISTENT=True) ;;
     narrow) flags=(--kernel-option select_blocks.NARROW_BITS=8) ;;
