@@ -180,7 +180,8 @@ def versions() -> dict:
             "triton": v("triton"), "sglang": v("sglang")}
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The harness's flags (also read by benchmarks/offload_locality.py, which builds a Runner the same way)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="CI subset (2k context only)")
     p.add_argument("--plan", default=None, choices=sorted(PLANS), help="sample plan (default: full, or quick)")
@@ -214,7 +215,11 @@ def main(argv=None) -> None:
                    "haystack from (the texts differ between Python versions); default: this Python's")
     p.add_argument("--device", default="cpu", help="torch device for the model, caches and attention methods "
                    "(e.g. cuda: every tensor the harness creates defaults to it)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
     if args.stdlib:
         os.environ[calibrate.STDLIB_ENV] = args.stdlib
     if args.device != "cpu":  # the harness and sglang_asynctls.fidelity create tensors without a device
