@@ -33,12 +33,14 @@ def _route_backend(args) -> None:
 
 
 def _match_page_size(args, cfg) -> None:
-    # a KV page is exactly one block, so a block's Kmin/Kmax row is addressed by page id and radix-shared pages
-    # share their index (sglang_asynctls/index.py)
+    # by default a KV page is exactly one block, so a block's Kmin/Kmax row is addressed by page id and
+    # radix-shared pages share their index; --page-size 1 keeps block rows per request (sglang_asynctls/index.py)
     if getattr(args, "page_size", None) in (None, cfg.block_size):
         args.page_size = cfg.block_size
         return
-    raise AsyncTLSConfigError(f"{FLAGS['enabled']} needs --page-size equal to {FLAGS['block_size']} "
+    if args.page_size == 1:
+        return
+    raise AsyncTLSConfigError(f"{FLAGS['enabled']} needs --page-size 1 or equal to {FLAGS['block_size']} "
                               f"({cfg.block_size}); got --page-size {args.page_size}")
 
 

@@ -63,6 +63,20 @@ def _index_writers():
     return quantize_labels, append_decode_index
 
 
+def _check_request_rows_fit(request_rows, num_layers: int, k0) -> None:
+    """Per-request block rows cost req_pool_rows x context / block_size rows a layer, whatever the traffic: refuse
+    a launch they do not fit (SGLang sizes the request pool to at least 2,048 rows unless told otherwise)."""
+    rows, blocks = request_rows
+    need = 2 * num_layers * rows * blocks * k0.shape[1] * k0.shape[2] * k0.element_size()
+    if k0.device.type != "cuda":
+        return
+    free, _ = torch.cuda.mem_get_info(k0.device)
+    if need > free - (1 << 30):  # keep 1 GiB for activations and CUDA graphs
+        raise ValueError(f"asynctls at --page-size 1 keeps block bounds per request row: {need / 2**30:.1f} GiB "
+                         f"for {rows} request rows x {blocks} blocks, {free / 2**30:.1f} GiB free. Lower "
+                         f"--max-running-requests or --context-length, or use --page-size 64 (the default)")
+
+
 def create_asynctls_backend(model_runner):
     from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
 
@@ -84,8 +98,8 @@ class _AsyncTLSMixin:
         # channel config's calibrated one), indexed by the model's layer id
         self.cfg = cfg = resolved_layer_schedule(cfg, spec)
         self.budgets = cfg.layer_budgets(spec.num_layers)
-        if model_runner.page_size != cfg.block_size:
-            raise ValueError(f"asynctls needs --page-size equal to --asynctls-block-size ({cfg.block_size}); "
+        if model_runner.page_size not in (1, cfg.block_size):
+            raise ValueError(f"asynctls needs --page-size 1 or equal to --asynctls-block-size ({cfg.block_size}); "
                              f"got {model_runner.page_size}")
         pool = model_runner.token_to_kv_pool
         k0 = pool.get_key_buffer(pool.start_layer if hasattr(pool, "start_layer") else 0)
@@ -97,9 +111,15 @@ class _AsyncTLSMixin:
                 raise ValueError(f"asynctls: this rank's KV pool holds {k0.shape[1]} KV heads, its share of the "
                                  f"channel table {channels.shape[1]}")
         quantize, append = _index_writers()
-        self.index = IndexPool(pool.layer_num, k0.shape[0], k0.shape[1], k0.shape[2], d_c, cfg.block_size,
-                               k0.dtype, k0.device, channels, quantize=quantize, append=append)
         self.num_blocks = -(-model_runner.model_config.context_len // cfg.block_size)
+        # page size 1: block bounds per request row (index.py), sized by the request pool, checked before allocating
+        request_rows = None
+        if model_runner.page_size == 1:
+            request_rows = (self.req_to_token.shape[0], self.num_blocks)
+            _check_request_rows_fit(request_rows, pool.layer_num, k0)
+        self.index = IndexPool(pool.layer_num, k0.shape[0], k0.shape[1], k0.shape[2], d_c, cfg.block_size,
+                               k0.dtype, k0.device, channels, quantize=quantize, append=append,
+                               request_rows=request_rows)
         self.sparse_fn, self.sparse_impl = _sparse_decode_fn()
         # per decode step, computed at its first layer: [B, NB] page of every block, [B] sparse-path rows
         self._block_table = self._long_seq = None
@@ -130,7 +150,8 @@ class _AsyncTLSMixin:
         if forward_batch.forward_mode.is_extend():
             self._extend_plan = plan_extend(self.req_to_token, forward_batch.req_pool_indices,
                                             list(forward_batch.extend_prefix_lens_cpu),
-                                            forward_batch.seq_lens_cpu.tolist(), self.cfg.block_size)
+                                            forward_batch.seq_lens_cpu.tolist(), self.cfg.block_size,
+                                            max_blocks=self.index.max_blocks)
             new, reused = int(forward_batch.out_cache_loc.numel()), sum(forward_batch.extend_prefix_lens_cpu)
             self.stats["index_pages_written"] += self._extend_plan.num_pages
             self.stats["index_slots_labelled"] += new
@@ -154,7 +175,7 @@ class _AsyncTLSMixin:
         v_buffer = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
         seq_lens, rpi = forward_batch.seq_lens, forward_batch.req_pool_indices
         if save_kv_cache:
-            self.index.write_decode(lid, k_buffer, forward_batch.out_cache_loc, seq_lens)
+            self.index.write_decode(lid, k_buffer, forward_batch.out_cache_loc, seq_lens, rpi)
         ix, cfg = self.index, self.cfg
         if lid == 0 or self._block_table is None:  # once per step, shared by the layers (fixed within a step)
             self._block_table = ix.block_table(self.req_to_token, rpi, self.num_blocks)

@@ -4,6 +4,9 @@ Addressing follows the KV pool, so a prefix that the radix cache shares shares i
 - labels, label_scale: one row per KV slot (written when the slot's key is written);
 - kmin, kmax: one row per page, page id = slot // block_size (the backend runs with page_size == block_size,
   so a block is exactly one page and its row is final once the page is full — pages are immutable after that).
+  At page size 1 a block's slots are scattered and the radix cache shares prefixes mid-block, so rows are kept
+  per request instead (`request_rows`): row = req_pool_index * max_blocks + block. A prefill then recomputes every
+  block of the request, the shared prefix's included (one read of its keys); labels stay per slot and shared.
 
 Notations for shapes: see `sglang_asynctls/reference.py`. All methods take tensors and ints; none syncs the host
 except `plan_extend`, which runs once per prefill batch from host-side lengths SGLang already holds.
@@ -12,7 +15,7 @@ except `plan_extend`, which runs once per prefill batch from host-side lengths S
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -33,17 +36,19 @@ class ExtendIndexPlan:
         return self.page_ids.numel()
 
 
-def pages_to_rewrite(prefix_lens: List[int], seq_lens: List[int], block_size: int):
-    """(request, page) pairs that new tokens [prefix, seq) fall in; pages wholly inside the prefix are reused."""
+def pages_to_rewrite(prefix_lens: List[int], seq_lens: List[int], block_size: int, whole_request: bool = False):
+    """(request, block) pairs that new tokens [prefix, seq) fall in; blocks wholly inside the prefix are reused
+    (with whole_request, per-request rows, every block of the request is rewritten)."""
     pairs = []
     for r, (p, n) in enumerate(zip(prefix_lens, seq_lens)):
-        pairs += [(r, j) for j in range(p // block_size, -(-n // block_size))]
+        pairs += [(r, j) for j in range(0 if whole_request else p // block_size, -(-n // block_size))]
     return pairs
 
 
 def plan_extend(req_to_token, req_pool_indices, prefix_lens: List[int], seq_lens: List[int],
-                block_size: int) -> ExtendIndexPlan:
-    pairs = pages_to_rewrite(prefix_lens, seq_lens, block_size)
+                block_size: int, max_blocks: int = 0) -> ExtendIndexPlan:
+    """max_blocks > 0: per-request rows (page size 1), row = req_pool_index * max_blocks + block."""
+    pairs = pages_to_rewrite(prefix_lens, seq_lens, block_size, whole_request=max_blocks > 0)
     dev = req_to_token.device
     reqs = torch.tensor([r for r, _ in pairs], dtype=torch.long, device=dev)
     blocks = torch.tensor([j for _, j in pairs], dtype=torch.long, device=dev)
@@ -52,6 +57,8 @@ def plan_extend(req_to_token, req_pool_indices, prefix_lens: List[int], seq_lens
     rows = req_pool_indices.long()[reqs] if pairs else reqs
     slots = req_to_token[rows[:, None], pos.clamp(max=req_to_token.shape[1] - 1)].long()
     slots = torch.where(pos < lens[:, None], slots, torch.full_like(slots, -1))
+    if max_blocks:
+        return ExtendIndexPlan(slots, rows * max_blocks + blocks)
     return ExtendIndexPlan(slots, torch.div(slots[:, 0], block_size, rounding_mode="floor"))
 
 
@@ -60,13 +67,16 @@ class IndexPool:
 
     def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int, head_dim: int, label_channels: int,
                  block_size: int, dtype: torch.dtype, device, channels: Optional[torch.Tensor] = None,
-                 quantize=R.quantize_labels, append=R.append_decode_index):
+                 quantize=R.quantize_labels, append=R.append_decode_index,
+                 request_rows: Optional[Tuple[int, int]] = None):
+        """request_rows (req_pool_rows, max_blocks): block bounds per request row instead of per page."""
         self.block_size = block_size
         # reference functions or the Triton kernels of the same names and signatures
         self.quantize = quantize
         self.append = append
-        num_pages = -(-num_slots // block_size)
-        shape = (num_pages, num_kv_heads, head_dim)
+        self.max_blocks = request_rows[1] if request_rows else 0
+        num_rows = request_rows[0] * request_rows[1] if request_rows else -(-num_slots // block_size)
+        shape = (num_rows, num_kv_heads, head_dim)
         self.kmin = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.kmax = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         # stored head-major and handed out as [S, Hkv, ...] views: the label-scoring kernel then reads each KV
@@ -98,13 +108,22 @@ class IndexPool:
             self.kmin[layer][plan.page_ids] = torch.where(valid, keys, big).amin(dim=1)
             self.kmax[layer][plan.page_ids] = torch.where(valid, keys, -big).amax(dim=1)
 
-    def write_decode(self, layer: int, k_buffer: torch.Tensor, new_loc: torch.Tensor, seq_lens: torch.Tensor):
-        """After decode wrote one key per request: label it and fold it into its page's running min/max."""
+    def write_decode(self, layer: int, k_buffer: torch.Tensor, new_loc: torch.Tensor, seq_lens: torch.Tensor,
+                     req_pool_indices: Optional[torch.Tensor] = None):
+        """After decode wrote one key per request: label it and fold it into its block's running min/max."""
+        rows = None
+        if self.max_blocks:
+            rows = req_pool_indices.long() * self.max_blocks + torch.div(seq_lens.long() - 1, self.block_size,
+                                                                         rounding_mode="floor")
         self.append(k_buffer, new_loc, seq_lens, self.channels[layer], self.labels[layer], self.label_scale[layer],
-                    self.kmin[layer], self.kmax[layer], self.block_size)
+                    self.kmin[layer], self.kmax[layer], self.block_size, rows=rows)
 
     def block_table(self, req_to_token, req_pool_indices, num_blocks: int) -> torch.Tensor:
-        """[B, NB] page id of every block of each request (entries of unwritten blocks are never scored)."""
+        """[B, NB] row of every block of each request (entries of unwritten blocks are never scored)."""
+        if self.max_blocks:
+            assert num_blocks <= self.max_blocks
+            blocks = torch.arange(num_blocks, device=req_pool_indices.device)
+            return (req_pool_indices.long()[:, None] * self.max_blocks + blocks).to(torch.int32)
         first_slots = req_to_token[req_pool_indices.long(), : num_blocks * self.block_size: self.block_size]
         return torch.div(first_slots, self.block_size, rounding_mode="floor").to(torch.int32)
 

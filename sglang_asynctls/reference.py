@@ -81,20 +81,21 @@ def quantize_labels(keys: torch.Tensor, channels: torch.Tensor) -> Tuple[torch.T
 
 def append_decode_index(k_buffer: torch.Tensor, new_loc: torch.Tensor, seq_lens: torch.Tensor,
                         channels: torch.Tensor, labels: torch.Tensor, label_scale: torch.Tensor,
-                        kmin: torch.Tensor, kmax: torch.Tensor, block_size: int) -> None:
-    """Decode-time index append, in place: label the key each request just wrote and fold it into its page's
-    Kmin/Kmax (a page's row restarts when the token opens it, so a reused page never keeps a stale bound).
+                        kmin: torch.Tensor, kmax: torch.Tensor, block_size: int,
+                        rows: Optional[torch.Tensor] = None) -> None:
+    """Decode-time index append, in place: label the key each request just wrote and fold it into its block's
+    Kmin/Kmax (a block's row restarts when the token opens it, so a reused row never keeps a stale bound).
 
     k_buffer [S, Hkv, D] (keys already written); new_loc [B] their slots; seq_lens [B] lengths including them;
     channels [Hkv, Dc]; labels [S, Hkv, Dc // 2] uint8 and label_scale [S, Hkv] written at new_loc;
-    kmin/kmax [P, Hkv, D], page = slot // block_size.
+    kmin/kmax [P, Hkv, D], row = slot // block_size (a page), or rows [B] when given (per-request rows).
     """
     loc = new_loc.long()
     k_new = k_buffer[loc]
     packed, scale = quantize_labels(k_new, channels)
     labels[loc] = packed
     label_scale[loc] = scale
-    page = torch.div(loc, block_size, rounding_mode="floor")
+    page = torch.div(loc, block_size, rounding_mode="floor") if rows is None else rows.long()
     opens = ((seq_lens.long() - 1) % block_size == 0)[:, None, None]
     kmin[page] = torch.where(opens, k_new, torch.minimum(kmin[page], k_new))
     kmax[page] = torch.where(opens, k_new, torch.maximum(kmax[page], k_new))

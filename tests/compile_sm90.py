@@ -54,13 +54,13 @@ def selection_kernels(key_bits):
                  16 if g else 32)  # the launcher's warps; slot prefetch at 16 bits, the late load at 31
 
 
-def append_decode_index(d, half_dc):
+def append_decode_index(d, half_dc, has_rows):
     _compile(_append_decode_index_kernel,
              [("k_buffer", "*bf16"), ("new_loc", "*i64"), ("seq_lens", "*i64"), ("channels", "*i64"),
-              ("labels", "*u8"), ("label_scale", "*fp32"), ("kmin", "*bf16"), ("kmax", "*bf16")]
+              ("labels", "*u8"), ("label_scale", "*fp32"), ("kmin", "*bf16"), ("kmax", "*bf16"), ("rows", "*i64")]
              + _i32("stride_ks", "stride_kh", "stride_ch", "stride_ls", "stride_lh", "stride_ss", "stride_sh",
-                    "stride_mp", "stride_mh") + [(n, None) for n in ("D", "BLOCK_D", "HALF_DC", "BS")],
-             dict(D=d, BLOCK_D=triton.next_power_of_2(d), HALF_DC=half_dc, BS=64), 4)
+                    "stride_mp", "stride_mh") + [(n, None) for n in ("D", "BLOCK_D", "HALF_DC", "BS", "HAS_ROWS")],
+             dict(D=d, BLOCK_D=triton.next_power_of_2(d), HALF_DC=half_dc, BS=64, HAS_ROWS=has_rows), 4)
 
 
 def resident_update(r, kb, num_warps, fused):
@@ -201,7 +201,7 @@ if __name__ == "__main__":
         selection_kernels(key_bits)
         print(f"select_blocks, select_tokens (key_bits={key_bits}): compiled for sm_90")
     for d, half_dc in ((128, 16), (576, 64)):  # GQA (Qwen3-8B) and the MLA latent
-        append_decode_index(d, half_dc)
+        append_decode_index(d, half_dc, has_rows=d == 128)  # rows: page size 1 (per-request block rows)
         print(f"append_decode_index (D={d}): compiled for sm_90")
     attention_kernels()
     offload_kernels()

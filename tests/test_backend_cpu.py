@@ -172,3 +172,70 @@ def test_each_layer_decodes_with_its_scheduled_budgets():
         kv = torch.randn(1, HKV * D, generator=g)
         be.forward_decode(torch.randn(1, HQ * D, generator=g), kv, kv, layer(i), dfb)
     assert seen == expected
+
+
+def _extend(be, g, rpi, lens, prefix, r2t):
+    loc = torch.cat([r2t[r, p:n] for r, p, n in zip(rpi.tolist(), prefix, lens)]).long()
+    fb = SimpleNamespace(forward_mode=mode(False), spec_info=None, req_pool_indices=rpi, seq_lens=torch.tensor(lens),
+                         seq_lens_cpu=torch.tensor(lens), extend_prefix_lens_cpu=prefix, out_cache_loc=loc)
+    be.init_forward_metadata(fb)
+    for i in range(LAYERS):
+        kv = torch.randn(len(loc), HKV * D, generator=g)
+        be.forward_extend(torch.randn(len(loc), HQ * D, generator=g), kv, kv.flip(0), layer(i), fb)
+
+
+def test_page_size_1_scattered_slots_and_a_prefix_shared_mid_block():
+    """--page-size 1: a block's slots are scattered and the radix cache shares prefixes at token granularity, so
+    block bounds live in per-request rows. Request 3 reuses request 1's first 100 tokens (block 6 of 16 tokens is
+    half shared); both then decode 6 steps, across a block boundary, and each long row must equal the reference
+    sparse decode over an index built from scratch, so neither request's bounds were overwritten by the other's."""
+    mr, g = model_runner()
+    mr.page_size = 1
+    r2t = mr.req_to_token_pool.req_to_token
+    free = (torch.randperm(64 * BS - 1, generator=g) + 1).to(torch.int32)  # scattered, distinct, slot 0 unused
+    r2t[1, :306] = free[:306]
+    r2t[3, :100] = r2t[1, :100]
+    r2t[3, 100:266] = free[306:472]
+    be = Backend(mr)
+    assert be.index.max_blocks == 1024 // BS and be.index.kmin[0].shape[0] == 4 * (1024 // BS)
+    _extend(be, g, torch.tensor([1]), [300], [0], r2t)
+    _extend(be, g, torch.tensor([3]), [260], [100], r2t)  # the prefix's labels are reused, its blocks recomputed
+    assert be.stats["index_slots_labelled"] == 300 + 160
+    rpi, lens = torch.tensor([1, 3]), torch.tensor([300, 260])
+    for step in range(6):
+        new = lens + 1 + step
+        dfb = SimpleNamespace(forward_mode=mode(True), spec_info=None, req_pool_indices=rpi, seq_lens=new,
+                              seq_lens_cpu=new, seq_lens_sum=int(new.sum()),
+                              out_cache_loc=torch.stack([r2t[1, int(new[0]) - 1], r2t[3, int(new[1]) - 1]]).long())
+        be.init_forward_metadata(dfb)
+        q = torch.randn(2, HQ * D, generator=g)
+        for i in range(LAYERS):
+            kv = torch.randn(2, HKV * D, generator=g)
+            out = be.forward_decode(q, kv, kv.flip(0), layer(i), dfb)
+    kb, vb = mr.token_to_kv_pool.k[LAYERS - 1], mr.token_to_kv_pool.v[LAYERS - 1]
+    ix = R.build_index(kb, r2t, rpi, new, be.index.channels[LAYERS - 1], BS)
+    sparse = R.asynctls_decode(q.view(2, HQ, D), kb, vb, r2t, rpi, new, *ix, be.index.channels[LAYERS - 1],
+                               block_size=BS, block_budget=6, token_budget=40, sink_tokens=4, local_window=8,
+                               sm_scale=D ** -0.5)
+    torch.testing.assert_close(out.view(2, HQ, D), sparse)
+    assert int(new[0]) // BS > 300 // BS  # a block completed during decode (its row folded from per-request rows)
+    kmin, kmax, table = ix[:3]
+    for b, r in enumerate(rpi.tolist()):  # every complete block's row equals a from-scratch build
+        for j in range(int(new[b]) // BS):
+            row = r * be.index.max_blocks + j
+            assert torch.equal(be.index.kmin[LAYERS - 1][row], kmin[table[b, j]]), (r, j)
+            assert torch.equal(be.index.kmax[LAYERS - 1][row], kmax[table[b, j]]), (r, j)
+
+
+def test_page_size_1_refuses_a_request_pool_whose_rows_do_not_fit(monkeypatch):
+    """Per-request rows cost req rows x context / block_size whatever the traffic: a launch where they do not fit
+    in the free device memory fails with the flags to change, before anything is allocated."""
+    import pytest
+
+    import sglang_asynctls.backend as backend
+
+    k0 = SimpleNamespace(shape=(0, 8, 128), element_size=lambda: 2, device=SimpleNamespace(type="cuda"))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (4 << 30, 80 << 30))
+    backend._check_request_rows_fit((16, 640), 36, k0)  # 16 rows x 40k tokens of Qwen3-8B: 1.4 GiB, fits
+    with pytest.raises(ValueError, match="--max-running-requests"):
+        backend._check_request_rows_fit((2048, 640), 36, k0)  # SGLang's default pool: 180 GiB

@@ -80,3 +80,17 @@ def test_channels_ranked_by_key_magnitude_without_a_calibration_file():
     pool.write_extend(1, k, r2t[0, :256], plan_extend(r2t, torch.tensor([0]), [0], [256], BS))
     assert pool.channels[1, 0, 0] == 7 and pool.channels[1, 1, 0] == 3
     assert pool.channels_ready == [False, True]
+
+
+def test_per_request_rows_plan_every_block_of_the_request():
+    """Page size 1 (max_blocks > 0): a prefill rewrites every block of its request, the radix-shared prefix's
+    included, into rows req_pool_index * max_blocks + block; the page plan keeps skipping the prefix's pages."""
+    assert pages_to_rewrite([40], [70], 16, whole_request=True) == [(0, j) for j in range(5)]
+    r2t = torch.randperm(256).to(torch.int32).view(2, 128)  # scattered slots
+    plan = plan_extend(r2t, torch.tensor([1]), [40], [70], 16, max_blocks=8)
+    assert plan.page_ids.tolist() == [8, 9, 10, 11, 12]
+    assert torch.equal(plan.page_slots[4, :6], r2t[1, 64:70].long()) and (plan.page_slots[4, 6:] == -1).all()
+    pool = IndexPool(1, 256, 2, 4, 2, 16, torch.float32, "cpu", torch.zeros(1, 2, 2, dtype=torch.long),
+                     request_rows=(2, 8))
+    assert pool.kmin[0].shape[0] == 16
+    assert pool.block_table(r2t, torch.tensor([1, 0]), 5).tolist() == [[8, 9, 10, 11, 12], [0, 1, 2, 3, 4]]

@@ -89,3 +89,30 @@ def test_append_decode_index_matches_reference_over_steps(hkv, d, dc, dtype):
     page_slots = torch.arange(7 * bs, 8 * bs, device=DEV)[None]
     rmin, rmax = R.block_minmax(k, page_slots)
     assert torch.equal(ours[2][7], rmin[0]) and torch.equal(ours[3][7], rmax[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_append_decode_index_per_request_rows_matches_reference(dtype):
+    """Page size 1: scattered slots, bounds folded into rows given per request (req row * max_blocks + block),
+    across block boundaries; equal to the reference after every step."""
+    from sglang_asynctls.kernels.index_append import append_decode_index
+
+    bs, steps, hkv, d, dc, max_blocks = 8, 11, 2, 32, 8, 4
+    g = torch.Generator().manual_seed(3)
+    s = 16 * bs
+    k = torch.randn(s, hkv, d, generator=g).to(dtype).to(DEV)
+    channels = torch.stack([torch.randperm(d, generator=g)[:dc] for _ in range(hkv)]).to(DEV)
+    ours = _decode_index_state(s, hkv, d, dc, bs, dtype, g)
+    ref = [t.clone() for t in ours]
+    start_lens, req_rows = torch.tensor([5, 8, 13]), torch.tensor([0, 2, 1])
+    slots = torch.randperm(s, generator=g)[: 3 * steps].view(steps, 3)
+    for t in range(steps):
+        lens = start_lens + t + 1
+        rows = (req_rows * max_blocks + (lens - 1) // bs).to(DEV)
+        append_decode_index(k, slots[t].to(DEV), lens.to(DEV), channels, *ours, block_size=bs, rows=rows)
+        R.append_decode_index(k, slots[t].to(DEV), lens.to(DEV), channels, *ref, block_size=bs, rows=rows)
+        _assert_labels_equal(ours[0], ours[1], ref[0], ref[1])
+        assert torch.equal(ours[2], ref[2]) and torch.equal(ours[3], ref[3]), t
+    # request 1 (req row 2) opened block 1 at its first step (length 9) and filled it over 8 steps
+    rmin, rmax = R.block_minmax(k, slots[:8, 1].to(DEV)[None])
+    assert torch.equal(ours[2][2 * max_blocks + 1], rmin[0]) and torch.equal(ours[3][2 * max_blocks + 1], rmax[0])

@@ -63,6 +63,12 @@ def test_enable_routes_to_asynctls_backend_and_carries_config(parse, models):
         0.5, "max", "0:1.25", "1:2")
 
 
+def test_page_size_1_is_kept_and_64_is_the_default(parse, models):
+    """--page-size 1 keeps block bounds per request row (index.py); without the flag a page is one block."""
+    assert parse(models["tiny_llama"], "--enable-asynctls", "--page-size", "1").page_size == 1
+    assert parse(models["tiny_llama"], "--enable-asynctls").page_size == 64
+
+
 def test_without_the_flag_nothing_changes(parse, models):
     sa = parse(models["tiny_llama"])
     assert sa.attention_backend != "asynctls" and not hasattr(sa, "_asynctls_config")
