@@ -24,7 +24,8 @@ decode over a selection trace giving the stall share. Qwen3-8B attention shape (
   the same loop with everything resident. The layers share one host store (they only read it: the copy cost is the
   same, the pinned memory is not multiplied by L). The trace is a synthetic random walk fitted to SmolLM2's
   measured locality (overlap 0.86; LRU hit 0.975 at r = 2) unless --trace names a recorded one
-  ([T, L, B, Hkv, Kb] int32, torch.save).
+  ([T, L, B, Hkv, Kb] int32, torch.save; e.g. benchmarks/offload_locality.py --trace, SmolLM2's real selections,
+  whose layers, KV heads and k_b then set the decode rows' shape: `fit_shape_to_trace`).
 
   overhead = step_us / resident_step_us - 1 (0 = offload is free; 11.4 = the step takes 12.4x as long).
   resident_step_us is the same loop without the engine: per layer, the same slicing of Kt slots, the same attention
@@ -51,7 +52,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -263,11 +264,24 @@ def bench_update(sh: Shape, timing: Timing, dev: str):
 # ---------------------------------------------------------------------------------------------- decode
 
 
+def fit_shape_to_trace(sh: Shape, path: str) -> Shape:
+    """A recorded trace (e.g. benchmarks/offload_locality.py --trace: SmolLM2, 30 layers, 3 KV heads) sets the
+    layers, KV heads (the group size kept), k_b and the context its block ids need; head dim, block size and the
+    rest stay the benchmark's (Qwen3-8B-shaped copies of the recorded selections)."""
+    t = torch.load(path)  # [T, L, B, Hkv, Kb]
+    steps, layers, _, hkv, kb = t.shape
+    context = max(sh.bs * kb, sh.bs * (int(t.max()) + 1))
+    return replace(sh, layers=layers, hkv=hkv, hq=hkv * (sh.hq // sh.hkv), kb=kb, kt=min(sh.kt, kb * sh.bs),
+                   context=context, steps=min(sh.steps, steps - 3))
+
+
 def _trace(sh: Shape, batch: int, dev: str, path: str):
-    """[layer][step] -> [B, Hkv, Kb] selections."""
+    """[layer][step] -> [B, Hkv, Kb] selections (a recorded trace of one request serves every row of the batch)."""
     if path:
         t = torch.load(path)  # [T, L, B, Hkv, Kb]
-        return [[t[s, layer].to(dev).int() for s in range(t.shape[0])] for layer in range(t.shape[1])], path
+        rows = lambda x: x.expand(batch, -1, -1) if x.shape[0] == 1 else x[:batch]  # noqa: E731
+        return [[rows(t[s, layer]).to(dev).int().contiguous() for s in range(t.shape[0])]
+                for layer in range(t.shape[1])], path
     nblk = sh.context // sh.bs
     return [random_walk(sh.steps + 3, [nblk] * batch, sh.hkv, sh.kb, keep=sh.keep, seed=layer, revisit=sh.revisit,
                         device=dev) for layer in range(sh.layers)], f"synthetic random walk, keep {sh.keep}, " \
@@ -623,7 +637,8 @@ def main():
     t0 = time.time()
     rows = bench_gather(sh, timing, dev) + bench_update(sh, timing, dev) + bench_layer_step(sh, timing, dev)
     rows += bench_kernel_times(sh, timing, dev)
-    decode, sources = bench_decode(sh, timing, dev, a.trace)
+    dsh = fit_shape_to_trace(sh, a.trace) if a.trace else sh  # the decode rows' shape
+    decode, sources = bench_decode(dsh, timing, dev, a.trace)
     if a.profile:
         profile_decode(sh, dev, os.path.join(out, a.name + "_profile.txt"))
     rows += decode
@@ -631,7 +646,8 @@ def main():
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   gpu=torch.cuda.get_device_name() if cuda else "none (dry run on CPU)", torch=torch.__version__,
                   triton=importlib.import_module("triton").__version__, sglang="not used (op level)",
-                  config=dict(shape=asdict(sh), trace=sources, dry_run=a.dry_run, iters=timing.iters,
+                  config=dict(shape=asdict(sh), decode_shape=asdict(dsh), trace=sources, dry_run=a.dry_run,
+                              iters=timing.iters,
                               timing="gather/update: CUDA events (update: graph replays); decode and layer_step: "
                               "wall time of eager steps with a device sync at both ends, and of graph replays "
                               "(one captured step each, after a copy of its selections); launches: profiler "

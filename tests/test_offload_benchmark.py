@@ -48,3 +48,22 @@ def test_dry_run_rows_are_consistent(bench, tmp_path):
     assert set(summary["decode"]) == {f"b{b}_r{r}" for b in sh.batches for r in sh.ratios}
     bench.plot(rows, str(tmp_path / "x.png"))
     assert (tmp_path / "x.png").stat().st_size > 0
+
+
+def test_a_recorded_trace_sets_the_decode_shape_and_serves_every_batch_row(bench, tmp_path):
+    """offload_locality.py --trace writes one request's selections [T, L, 1, Hkv, Kb]: the replay takes its
+    layers, KV heads (group size kept), k_b and the context its block ids need, and copies it to each batch row."""
+    import torch
+
+    t = torch.full((6, 3, 1, 2, 5), -1, dtype=torch.int32)
+    t[..., :4] = torch.arange(4, dtype=torch.int32) + torch.arange(6, dtype=torch.int32).view(6, 1, 1, 1, 1)
+    path = tmp_path / "t.pt"
+    torch.save(t, path)
+    sh = bench.fit_shape_to_trace(bench.DRY, str(path))
+    assert (sh.layers, sh.hkv, sh.kb, sh.hq // sh.hkv, sh.steps) == (3, 2, 5, bench.DRY.hq // bench.DRY.hkv, 3)
+    assert sh.context == sh.bs * 9  # block ids reach 8 (step 5 + 3)
+    trace, source = bench._trace(sh, 2, "cpu", str(path))
+    assert source == str(path) and len(trace) == 3 and trace[0][0].shape == (2, 2, 5)
+    assert torch.equal(trace[1][4][0], trace[1][4][1]) and trace[1][4].tolist()[0][0] == [4, 5, 6, 7, -1]
+    decode, _ = bench.bench_decode(sh, bench.Timing(False, 1, 0), "cpu", str(path))
+    assert {r["layers"] for r in decode} == {3} and all(0 < r["overlap_ratio"] < 1 for r in decode)
