@@ -176,7 +176,8 @@ def versions() -> dict:
             return None
 
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
-    return {"gpu": f"cpu: {cpu}, {torch.get_num_threads()} threads", "torch": torch.__version__,
+    on_gpu = torch.get_default_device().type == "cuda"  # --device cuda sets it before this is called
+    return {"gpu": torch.cuda.get_device_name() if on_gpu else f"cpu: {cpu}, {torch.get_num_threads()} threads", "torch": torch.__version__,
             "triton": v("triton"), "sglang": v("sglang")}
 
 

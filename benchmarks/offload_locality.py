@@ -85,16 +85,15 @@ def layer_figures(trace: torch.Tensor, seq0: int, budget: fd.Budget, rs, layer: 
     """trace [T, Hkv, Kb] of one layer (batch row 0); step t decodes with seq_len seq0 + t + 1."""
     steps, hkv, kb = trace.shape
     kb_eff = budget.kwargs("asynctls", layer)["block_budget"]
-    over, miss = [], {r: [] for r in rs}
+    over, miss, blocks = [], {r: [] for r in rs}, 0
     for h in range(hkv):
         sets = [unforced(trace[t, h], seq0 + t + 1, budget.block_size, budget.sink_tokens, budget.local_window)
                 for t in range(steps)]
+        blocks += sum(map(len, sets)) / (steps * hkv)
         over += [len(sets[t] & sets[t - 1]) / max(1, len(sets[t])) for t in range(1, steps)]
         for r in rs:
             m = lru_misses(sets, r * kb_eff)
             miss[r] += [x / max(1, len(s)) for x, s in zip(m[1:], sets[1:])]  # step 0 fills the cache
-    blocks = sum(len(unforced(trace[t, h], seq0 + t + 1, budget.block_size, budget.sink_tokens,
-                              budget.local_window)) for t in range(steps) for h in range(hkv)) / (steps * hkv)
     return {"k_b": kb_eff, "scored_blocks_per_head": round(blocks, 2),
             "overlap": round(sum(over) / len(over), 4),
             **{f"lru_hit_r{r}": round(1 - sum(v) / len(v), 4) for r, v in miss.items()},

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 ATTENTION_GROUPS = ("asynctls_fine", "asynctls_coarse", "asynctls_attention", "asynctls_index_append",
@@ -65,6 +66,8 @@ def main(argv=None) -> None:
     p.add_argument("--layers", type=int, default=36, help="decoder layers of the model (Qwen3-8B: 36)")
     p.add_argument("--json", required=True)
     p.add_argument("--provenance", default="", help="free text recorded as is (lease, build)")
+    p.add_argument("--meta", default="{}", help="JSON of where the rows ran (gpu, torch, triton, sglang, date): "
+                                                  "the rows themselves do not record it")
     args = p.parse_args(argv)
     b, n = map(int, args.point.split("x"))
     rows = {r["method"]: r for r in map(json.loads, open(args.rows))
@@ -73,7 +76,9 @@ def main(argv=None) -> None:
     if missing:
         p.error(f"no profiled row for {sorted(missing)} at {args.point} in {args.rows}")
     derived = ceiling(rows, args.layers)
-    out = {"benchmark": "step_ceiling", "point": args.point, "provenance": args.provenance,
+    command = ["python3", "benchmarks/step_ceiling.py"] + (argv or sys.argv[1:])
+    out = {"benchmark": "step_ceiling", "command": " ".join(command),
+           **json.loads(args.meta), "point": args.point, "provenance": args.provenance,
            "commands": {m: r.get("command") for m, r in rows.items()},
            "rows": [{k: v for k, v in r.items() if k != "log"} for r in rows.values()], "derived": derived}
     path = Path(args.json)

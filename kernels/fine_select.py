@@ -17,7 +17,7 @@ from .token_scores_recompute import token_scores_recompute
 FOLD_COMBINE_MAX_GROUP = 8
 # How wider groups combine: "recompute" (two passes over the labels, token_scores_recompute; not yet timed on a
 # GPU) or "logits" (the [B, Hkv, G, C] logits written and read back; H100 MLA 96k x 8: logits + combine 27.3 us).
-WIDE_GROUP_COMBINE = "logits"  # "recompute" (two passes) is built but not yet timed on a GPU
+WIDE_GROUP_COMBINE = "logits"
 COMBINES = ("fold", "logits", "recompute")
 
 

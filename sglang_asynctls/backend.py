@@ -122,7 +122,7 @@ class _AsyncTLSMixin:
                                request_rows=request_rows)
         self.sparse_fn, self.sparse_impl = _sparse_decode_fn()
         # per decode step, computed at its first layer: [B, NB] page of every block, [B] sparse-path rows
-        self._block_table = self._long_seq = None
+        self._block_table = self._long_seq = self._decode_rows = None
         self.stats = {"index_pages_written": 0, "index_slots_labelled": 0}
         logger.info("asynctls backend: %s, sparse decode via %s, index %.1f MiB, %d blocks per request max, "
                     "label channels %s, (k_t, k_b) per layer %s", cfg, self.sparse_impl, self.index.nbytes() / 2**20,
@@ -174,12 +174,13 @@ class _AsyncTLSMixin:
         k_buffer = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
         v_buffer = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
         seq_lens, rpi = forward_batch.seq_lens, forward_batch.req_pool_indices
-        if save_kv_cache:
-            self.index.write_decode(lid, k_buffer, forward_batch.out_cache_loc, seq_lens, rpi)
         ix, cfg = self.index, self.cfg
         if lid == 0 or self._block_table is None:  # once per step, shared by the layers (fixed within a step)
             self._block_table = ix.block_table(self.req_to_token, rpi, self.num_blocks)
             self._long_seq = seq_lens >= cfg.dense_below
+            self._decode_rows = ix.decode_rows(rpi, seq_lens)
+        if save_kv_cache:
+            ix.write_decode(lid, k_buffer, forward_batch.out_cache_loc, seq_lens, self._decode_rows)
         q3 = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)  # [B, Hq, D]; the kernels take its strides
         kw = {}
         if self.sparse_impl == "triton":  # the kernels write the long rows of o_dense in place: no merge launch

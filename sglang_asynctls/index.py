@@ -108,13 +108,18 @@ class IndexPool:
             self.kmin[layer][plan.page_ids] = torch.where(valid, keys, big).amin(dim=1)
             self.kmax[layer][plan.page_ids] = torch.where(valid, keys, -big).amax(dim=1)
 
+    def decode_rows(self, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor) -> Optional[torch.Tensor]:
+        """[B] row each request's decode token folds into with per-request rows (None: its page, slot // BS).
+        The same for every layer of a step."""
+        if not self.max_blocks:
+            return None
+        return req_pool_indices.long() * self.max_blocks + torch.div(seq_lens.long() - 1, self.block_size,
+                                                                     rounding_mode="floor")
+
     def write_decode(self, layer: int, k_buffer: torch.Tensor, new_loc: torch.Tensor, seq_lens: torch.Tensor,
-                     req_pool_indices: Optional[torch.Tensor] = None):
-        """After decode wrote one key per request: label it and fold it into its block's running min/max."""
-        rows = None
-        if self.max_blocks:
-            rows = req_pool_indices.long() * self.max_blocks + torch.div(seq_lens.long() - 1, self.block_size,
-                                                                         rounding_mode="floor")
+                     rows: Optional[torch.Tensor] = None):
+        """After decode wrote one key per request: label it and fold it into its block's running min/max (rows from
+        `decode_rows`)."""
         self.append(k_buffer, new_loc, seq_lens, self.channels[layer], self.labels[layer], self.label_scale[layer],
                     self.kmin[layer], self.kmax[layer], self.block_size, rows=rows)
 
