@@ -48,6 +48,11 @@ def add_asynctls_args(_result, parser: argparse.ArgumentParser) -> None:
                    help="Heavy-channel JSON from `python -m sglang_asynctls.calibrate`.")
     g.add_argument(FLAGS["offload"], action="store_true",
                    help="Keep full KV in pinned host memory with a resident block set on the GPU.")
+    g.add_argument(FLAGS["host_kv_gib"], type=float, default=_D.host_kv_gib, metavar="GIB",
+                   help="Extend the KV pool by GIB of pinned host memory per GPU, mapped into the GPU's address "
+                        "space after its own KV memory: more tokens fit, and those in host slots are read over PCIe "
+                        "(only the selected tokens of long sequences decode sparsely). GQA/MHA models. "
+                        "Default: %(default)s (off).")
 
 
 def config_from_namespace(args: argparse.Namespace) -> AsyncTLSConfig:

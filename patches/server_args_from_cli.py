@@ -57,11 +57,28 @@ def _check_model(server_args, cfg) -> None:
     if cfg.offload:
         # the offload engine is its own piece of work; refusing beats silently serving without it
         raise AsyncTLSConfigError(f"{FLAGS['offload']} is not available in this version of sglang-asynctls")
+    if cfg.host_kv_gib > 0:
+        _check_host_tier(server_args, cfg)
     if server_args.model_path.lower() in ("none", "dummy"):
         return
     model = from_sglang_model_config(server_args.get_model_config())
+    if cfg.host_kv_gib > 0 and model.kind != "gqa":
+        raise AsyncTLSConfigError(f"{FLAGS['host_kv_gib']} supports GQA/MHA models only (this one is {model.kind})")
     check_config_for_model(cfg, model)
     check_attention_tp(model, _attn_tp_size(server_args))
+
+
+def _check_host_tier(server_args, cfg) -> None:
+    from sglang_asynctls.offload.host_tier import check_host_memory
+
+    clashes = {"--enable-hierarchical-cache": getattr(server_args, "enable_hierarchical_cache", False),
+               "--enable-memory-saver": getattr(server_args, "enable_memory_saver", False),
+               "--speculative-algorithm": getattr(server_args, "speculative_algorithm", None)}
+    for flag, value in clashes.items():
+        if value:
+            raise AsyncTLSConfigError(f"{FLAGS['host_kv_gib']} cannot be combined with {flag} yet")
+    ranks_here = max(1, server_args.tp_size * getattr(server_args, "pp_size", 1) // max(1, server_args.nnodes))
+    check_host_memory(cfg.host_kv_gib, ranks_here)
 
 
 def _attn_tp_size(server_args) -> int:

@@ -102,6 +102,9 @@ class _AsyncTLSMixin:
             raise ValueError(f"asynctls needs --page-size 1 or equal to --asynctls-block-size ({cfg.block_size}); "
                              f"got {model_runner.page_size}")
         pool = model_runner.token_to_kv_pool
+        if cfg.host_kv_gib > 0 and getattr(pool, "_asynctls_host_tier", None) is None:
+            raise ValueError(f"asynctls: --asynctls-host-kv-gib {cfg.host_kv_gib:g} is set but the KV pool was built "
+                             "without the host tier (its SGLang hooks did not apply; see the plugin's log lines)")
         k0 = pool.get_key_buffer(pool.start_layer if hasattr(pool, "start_layer") else 0)
         self.layer_offset = getattr(pool, "start_layer", 0) or 0
         d_c = cfg.resolved_label_channels(spec.kind)

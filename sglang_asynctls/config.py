@@ -37,6 +37,7 @@ FLAGS = {
     "local_window": "--asynctls-local-window",
     "dense_below": "--asynctls-dense-below",
     "offload": "--asynctls-offload",
+    "host_kv_gib": "--asynctls-host-kv-gib",
 }
 
 
@@ -81,6 +82,8 @@ class AsyncTLSConfig:
     local_window:   last tokens always attended (the open, unindexed block is always selected as well)
     dense_below:    sequences shorter than this decode densely (bit-identical to the dense backend)
     offload:        keep full KV in pinned host memory, a resident block set on the GPU
+    host_kv_gib:    GiB of pinned host memory per rank appended to the KV pool's address range (0 = none): slots
+                    past the GPU's share live in host RAM and are read over PCIe (patches/kv_host_tier.py)
     """
 
     enabled: bool = False
@@ -97,6 +100,7 @@ class AsyncTLSConfig:
     local_window: int = 128
     dense_below: int = 8192
     offload: bool = False
+    host_kv_gib: float = 0.0
 
     def __post_init__(self):
         bs = self.block_size
@@ -114,6 +118,7 @@ class AsyncTLSConfig:
             _fail("token_budget", f"greater than --asynctls-sink-tokens + --asynctls-local-window = {always}"
                   f" and at most block budget x block size = {cap}", self.token_budget)
         _check_float("bound_slack", self.bound_slack, 0.0, 1.0)
+        _check_float("host_kv_gib", self.host_kv_gib, 0.0, 4096.0)
         if self.group_score not in GROUP_SCORES:
             _fail("group_score", f"one of {', '.join(GROUP_SCORES)}", self.group_score)
         for layer, scale in self.layer_scale().items():  # the listed layers now; all of them in layer_budgets

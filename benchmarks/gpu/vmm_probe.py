@@ -2,7 +2,8 @@
 and whose second part is pinned host memory (CUDA VMM: cuMemAddressReserve + cuMemCreate on DEVICE and on HOST
 locations, mapped back to back), viewed as one CUDA tensor. Checks that torch copies and a Triton kernel read and
 write across the boundary, and times what the route depends on: device writes into the host part (prefill) and
-scattered 256-byte reads from it (a decode gathering K rows). Writes a JSON record; run on the GPU host only.
+scattered 256-byte reads from it (a decode gathering K rows). Writes a JSON record; run on the GPU host only
+(PYTHONPATH=repo root).
 
     python3 benchmarks/gpu/vmm_probe.py --host-gib 8 --out $OUT/vmm_probe.json
 """
@@ -10,7 +11,6 @@ scattered 256-byte reads from it (a decode gathering K rows). Writes a JSON reco
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import time
 
@@ -18,92 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-_LOC_DEVICE, _LOC_HOST = 1, 2
-_ALLOC_PINNED = 1
-_PROT_RW = 3
-
-
-class _Location(ctypes.Structure):
-    _fields_ = [("type", ctypes.c_int), ("id", ctypes.c_int)]
-
-
-class _AllocFlags(ctypes.Structure):
-    _fields_ = [("compressionType", ctypes.c_ubyte), ("gpuDirectRDMACapable", ctypes.c_ubyte),
-                ("usage", ctypes.c_ushort), ("reserved", ctypes.c_ubyte * 4)]
-
-
-class _AllocProp(ctypes.Structure):
-    _fields_ = [("type", ctypes.c_int), ("requestedHandleTypes", ctypes.c_int), ("location", _Location),
-                ("win32HandleMetaData", ctypes.c_void_p), ("allocFlags", _AllocFlags)]
-
-
-class _AccessDesc(ctypes.Structure):
-    _fields_ = [("location", _Location), ("flags", ctypes.c_int)]
-
-
-_cu = ctypes.CDLL("libcuda.so.1")
-
-
-def _check(rc: int, what: str) -> None:
-    if rc != 0:
-        name = ctypes.c_char_p()
-        _cu.cuGetErrorName(rc, ctypes.byref(name))
-        raise RuntimeError(f"{what} failed: {rc} {name.value}")
-
-
-def _prop(loc_type: int, loc_id: int) -> _AllocProp:
-    p = _AllocProp()
-    p.type, p.location.type, p.location.id = _ALLOC_PINNED, loc_type, loc_id
-    return p
-
-
-def _granularity(prop: _AllocProp) -> int:
-    g = ctypes.c_size_t()
-    _check(_cu.cuMemGetAllocationGranularity(ctypes.byref(g), ctypes.byref(prop), 0), "cuMemGetAllocationGranularity")
-    return g.value
-
-
-class SplitRange:
-    """[device_bytes | host_bytes] at consecutive virtual addresses, both readable and writable by device `dev`."""
-
-    def __init__(self, device_bytes: int, host_bytes: int, dev: int = 0):
-        torch.cuda.init()
-        torch.empty(1, device="cuda")  # the primary context is current from here
-        props = [(_prop(_LOC_DEVICE, dev), device_bytes), (_prop(_LOC_HOST, 0), host_bytes)]
-        gran = max(_granularity(p) for p, _ in props)
-        sizes = [-(-n // gran) * gran for _, n in props]
-        self.size = sum(sizes)
-        self.ptr = ctypes.c_uint64()
-        _check(_cu.cuMemAddressReserve(ctypes.byref(self.ptr), ctypes.c_size_t(self.size), ctypes.c_size_t(gran),
-                                       ctypes.c_uint64(0), ctypes.c_uint64(0)), "cuMemAddressReserve")
-        self.handles, offset = [], 0
-        for (prop, _), n in zip(props, sizes):
-            h = ctypes.c_uint64()
-            _check(_cu.cuMemCreate(ctypes.byref(h), ctypes.c_size_t(n), ctypes.byref(prop), ctypes.c_uint64(0)),
-                   f"cuMemCreate(location type {prop.location.type})")
-            _check(_cu.cuMemMap(ctypes.c_uint64(self.ptr.value + offset), ctypes.c_size_t(n), ctypes.c_size_t(0), h,
-                                ctypes.c_uint64(0)), "cuMemMap")
-            self.handles.append((h, offset, n))
-            offset += n
-        desc = _AccessDesc()
-        desc.location.type, desc.location.id, desc.flags = _LOC_DEVICE, dev, _PROT_RW
-        _check(_cu.cuMemSetAccess(ctypes.c_uint64(self.ptr.value), ctypes.c_size_t(self.size), ctypes.byref(desc),
-                                  ctypes.c_size_t(1)), "cuMemSetAccess")
-        self.device_bytes = sizes[0]
-
-    def tensor(self, dtype: torch.dtype = torch.int16) -> torch.Tensor:
-        n = self.size // torch.tensor([], dtype=dtype).element_size()
-        typestr = {torch.int16: "<i2", torch.int32: "<i4", torch.uint8: "|u1"}[dtype]
-        holder = type("A", (), {"__cuda_array_interface__": {
-            "shape": (n,), "typestr": typestr, "data": (self.ptr.value, False), "version": 3}})()
-        return torch.as_tensor(holder, device="cuda")
-
-    def close(self) -> None:
-        torch.cuda.synchronize()
-        for h, offset, n in self.handles:
-            _cu.cuMemUnmap(ctypes.c_uint64(self.ptr.value + offset), ctypes.c_size_t(n))
-            _cu.cuMemRelease(h)
-        _cu.cuMemAddressFree(ctypes.c_uint64(self.ptr.value), ctypes.c_size_t(self.size))
+from sglang_asynctls.offload.vmm import SplitRange
 
 
 @triton.jit
@@ -138,7 +53,7 @@ def main() -> None:
     t0 = time.perf_counter()
     rng = SplitRange(int(a.device_gib * 2**30), int(a.host_gib * 2**30))
     rec["map_s"] = round(time.perf_counter() - t0, 3)
-    whole = rng.tensor()
+    whole = rng.view((rng.size // 2,), torch.int16)
     dev_n = rng.device_bytes // 2
     rec["device_bytes"], rec["host_bytes"] = rng.device_bytes, rng.size - rng.device_bytes
 

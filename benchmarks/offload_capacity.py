@@ -1,0 +1,139 @@
+"""Issue 5: how many 96k-token requests one GPU serves at once, stock SGLang against --asynctls-host-kv-gib.
+
+    python3 benchmarks/offload_capacity.py run --label stock --requests 6 --out /root/cap_stock.json \
+        -- --attention-backend flashinfer
+    python3 benchmarks/offload_capacity.py run --label asynctls_host --requests 12 --out /root/cap_host.json \
+        -- --enable-asynctls --asynctls-host-kv-gib 100
+    python3 benchmarks/offload_capacity.py summarize /root/cap_stock.json /root/cap_host.json \
+        --json benchmarks/results/offload_capacity_h100.json
+
+`run` starts a server on the dummy-weight Qwen3-8B (../shared/gpu/README.md), sends --requests prompts of
+--input-len random token ids at once (greedy, ignore_eos, --output-len new tokens: long enough that the first
+request is still decoding when the last one is admitted), and reads the scheduler's own log: the KV capacity it
+allocated, the most requests it ran at once (#running-req of its decode batches) and the decode throughput it
+reported at that batch. Nothing is estimated: a request that does not fit waits in SGLang's queue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+from host_env import environment
+from server_parity import PORT, stop_server, wait_ready  # the same server handling as the parity runs
+
+COMMON = ["--load-format", "dummy", "--skip-tokenizer-init", "--host", "127.0.0.1", "--port", str(PORT),
+          "--context-length", "131072", "--cuda-graph-max-bs", "16"]
+DECODE = re.compile(r"Decode batch.*?#running-req: (\d+).*?#token: (\d+).*?gen throughput \(token/s\): ([\d.]+)")
+PREFILL = re.compile(r"Prefill batch.*?#new-token: (\d+).*?#running-req: (\d+)")
+
+
+def _one(input_len: int, output_len: int, seed: int, timeout: float) -> dict:
+    rng = random.Random(seed)
+    body = {"input_ids": [rng.randint(10, 100000) for _ in range(input_len)],
+            "sampling_params": {"max_new_tokens": output_len, "temperature": 0, "ignore_eos": True}}
+    req = urllib.request.Request(f"http://127.0.0.1:{PORT}/generate", json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})
+    t0 = time.time()
+    try:
+        meta = json.loads(urllib.request.urlopen(req, timeout=timeout).read()).get("meta_info", {})
+        return {"ok": True, "completion_tokens": meta.get("completion_tokens"), "e2e_s": round(time.time() - t0, 2)}
+    except Exception as e:  # a timeout or a server error is a result too
+        return {"ok": False, "error": str(e)[:300], "e2e_s": round(time.time() - t0, 2)}
+
+
+def parse_log(text: str) -> dict:
+    decode = [(int(r), int(t), float(g)) for r, t, g in DECODE.findall(text)]
+    prefill = [(int(n), int(r)) for n, r in PREFILL.findall(text)]
+    cap = re.search(r"max_total_num_tokens=(\d+)", text)
+    host = re.search(r"asynctls host tier: (\d+) KV tokens on the GPU \+ (\d+)", text)
+    top = max((r for r, _, _ in decode), default=0)
+    at_top = [g for r, _, g in decode if r == top]
+    return {"max_total_num_tokens": int(cap.group(1)) if cap else None,
+            "device_tokens": int(host.group(1)) if host else None, "host_tokens": int(host.group(2)) if host else 0,
+            "max_running_decode": top, "max_running_prefill": max((r for _, r in prefill), default=0),
+            "decode_log_lines": len(decode),
+            "gen_tok_s_at_max_running": sorted(at_top)[len(at_top) // 2] if at_top else None,
+            "gen_tok_s_at_max_running_all": at_top[-20:],
+            "max_tokens_in_use": max((t for _, t, _ in decode), default=0)}
+
+
+def cmd_run(a) -> None:
+    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", a.model, *COMMON, *a.server_args]
+    log_path = a.out + ".log"
+    t_start = time.time()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    rec = {"label": a.label, "command": " ".join(cmd), "requests": a.requests, "input_len": a.input_len,
+           "output_len": a.output_len, "environment": environment(),
+           "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+    try:
+        wait_ready(proc, log_path, a.ready_timeout)
+        rec["ready_s"] = round(time.time() - t_start, 1)
+        t0 = time.time()
+        with ThreadPoolExecutor(a.requests) as ex:
+            rec["results"] = list(ex.map(lambda i: _one(a.input_len, a.output_len, i, a.request_timeout),
+                                         range(a.requests)))
+        rec["wall_s"] = round(time.time() - t0, 1)
+    finally:
+        stop_server(proc)
+    text = open(log_path, errors="replace").read()
+    rec.update(parse_log(text))
+    rec["log_tail"] = [ln for ln in text.splitlines() if "asynctls" in ln or "Error" in ln][-12:]
+    json.dump(rec, open(a.out, "w"), indent=1)
+    print(json.dumps({k: v for k, v in rec.items() if k not in ("environment", "results")}, indent=1))
+
+
+def cmd_summarize(a) -> None:
+    stock, ours = json.load(open(a.stock)), json.load(open(a.ours))
+    ratio = (ours["max_running_decode"] / stock["max_running_decode"]) if stock["max_running_decode"] else None
+    agg = (ours["gen_tok_s_at_max_running"] / stock["gen_tok_s_at_max_running"]
+           if ours["gen_tok_s_at_max_running"] and stock["gen_tok_s_at_max_running"] else None)
+    out = {"benchmark": "offload_capacity", "command": " ".join(sys.argv), "runs": {"stock": stock, "asynctls": ours},
+           "summary": {"max_concurrent_96k_stock": stock["max_running_decode"],
+                       "max_concurrent_96k_asynctls": ours["max_running_decode"],
+                       "concurrency_ratio_96k": ratio, "aggregate_tok_s_ratio_96k": agg,
+                       "stall_share": a.stall_share, "mean_block_overlap": a.mean_block_overlap,
+                       "pcie_bytes_per_step": a.pcie_bytes_per_step}}
+    json.dump(out, open(a.json, "w"), indent=1)
+    print(json.dumps(out["summary"], indent=1))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--label", required=True)
+    r.add_argument("--out", required=True)
+    r.add_argument("--model", default=os.environ.get("MODEL", "/root/qwen3_8b_dummy"))
+    r.add_argument("--requests", type=int, default=12)
+    r.add_argument("--input-len", type=int, default=98304)
+    r.add_argument("--output-len", type=int, default=256)
+    r.add_argument("--ready-timeout", type=float, default=400)
+    r.add_argument("--request-timeout", type=float, default=480)
+    r.add_argument("server_args", nargs=argparse.REMAINDER)
+    s = sub.add_parser("summarize")
+    s.add_argument("stock")
+    s.add_argument("ours")
+    s.add_argument("--json", required=True)
+    s.add_argument("--stall-share", type=float, default=None, help="from the engine replay, if measured")
+    s.add_argument("--mean-block-overlap", type=float, default=None)
+    s.add_argument("--pcie-bytes-per-step", type=float, default=None)
+    a = p.parse_args()
+    if a.cmd == "run":
+        a.server_args = [x for x in a.server_args if x != "--"]
+        cmd_run(a)
+    else:
+        cmd_summarize(a)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""Hooks: size SGLang's KV pool with a host tier and back its per-layer buffers with device+host address ranges.
+
+Targets: sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator.config_from_budget, HookType.AROUND
+         sglang.srt.mem_cache.memory_pool.MHATokenToKVPool._create_buffers_normal, HookType.AROUND
+SGLang:  0.5.17
+Reason:  SGLang's host pools (srt/mem_cache/pool_host/) are separate buffers that its kernels cannot index; a host
+         tier every kernel can index must share the device pool's slot numbering. config_from_budget turns the
+         profiled GPU budget into the pool's token count: around it we take the AsyncTLS index of the host slots out
+         of the GPU budget, then add the host slots. The buffer hook builds each K/V buffer as one VMM range (GPU
+         rows first, then host rows) instead of a torch.zeros. Both run in the scheduler process, one after the
+         other, and do nothing unless --asynctls-host-kv-gib is set.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from sglang_asynctls.config import FLAGS
+from sglang_asynctls.offload import host_tier
+from sglang_asynctls.runtime_config import config_of
+
+SIZING_TARGET = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator.config_from_budget"
+BUFFERS_TARGET = "sglang.srt.mem_cache.memory_pool.MHATokenToKVPool._create_buffers_normal"
+logger = logging.getLogger(__name__)
+
+
+def _host_kv_gib(server_args) -> float:
+    cfg = config_of(server_args)
+    return cfg.host_kv_gib if cfg.enabled else 0.0
+
+
+def config_from_budget_with_host_tier(original, kvc, budget_bytes, *args, **kwargs):
+    gib = _host_kv_gib(kvc.server_args)
+    if gib <= 0 or kvc.is_draft_worker:
+        return original(kvc, budget_bytes, *args, **kwargs)
+    from sglang.srt.model_executor.pool_configurator import DefaultPoolConfigurator, create_memory_pool_configurator
+
+    configurator = create_memory_pool_configurator(kvc)
+    if type(configurator) is not DefaultPoolConfigurator or kvc.use_mla_backend:
+        raise ValueError(f"{FLAGS['host_kv_gib']} supports the plain MHA/GQA KV pool only; this model needs "
+                         f"{type(configurator).__name__}{' (MLA)' if kvc.use_mla_backend else ''}")
+    cfg, mc = config_of(kvc.server_args), kvc.model_config
+    elem = torch.empty(0, dtype=kvc.kv_cache_dtype).element_size()
+    host_tokens = host_tier.plan_host_tokens(int(gib * 2**30), configurator._cell_size, kvc.page_size)
+    fraction = host_tier.index_fraction(mc.head_dim, mc.v_head_dim, elem, cfg.resolved_label_channels("gqa"),
+                                        cfg.block_size)
+    index_reserve = int(host_tokens * configurator._cell_size * fraction)
+    if index_reserve >= budget_bytes:
+        raise ValueError(f"{FLAGS['host_kv_gib']} {gib:g}: indexing {host_tokens} host tokens needs "
+                         f"{index_reserve / 2**30:.1f} GiB of GPU memory, more than the KV budget "
+                         f"({budget_bytes / 2**30:.1f} GiB); lower it or raise --mem-fraction-static")
+    device = original(kvc, budget_bytes - index_reserve, *args, **kwargs)
+    plan = host_tier.HostTierPlan(device.max_total_num_tokens, host_tokens)
+    host_tier.set_plan(plan)
+    logger.info("asynctls host tier: %d KV tokens on the GPU + %d in %.1f GiB of pinned host memory (the host "
+                "slots' index takes %.2f GiB of the GPU's KV budget)", plan.device_tokens, plan.host_tokens,
+                host_tokens * configurator._cell_size / 2**30, index_reserve / 2**30)
+    return configurator.calculate_pool_sizes_from_max_tokens(plan.total_tokens, kvc.page_size)
+
+
+def create_buffers_with_host_tier(original, pool):
+    plan = host_tier.current_plan()
+    if plan is None:
+        return original(pool)
+    if pool.size != plan.total_tokens:
+        raise ValueError(f"{FLAGS['host_kv_gib']}: the KV pool has {pool.size} slots, the host tier was planned "
+                         f"for {plan.total_tokens}")
+    unsupported = {"an HND or vectorized KV layout": pool.use_hnd or pool.kv_cache_layout == "vectorized_5d",
+                   "a custom memory pool": pool.enable_custom_mem_pool}
+    for what, bad in unsupported.items():
+        if bad:
+            raise ValueError(f"{FLAGS['host_kv_gib']} does not support {what}")
+    k_shape, v_shape = pool._kv_buffer_shapes()
+    device = torch.device(pool.device)
+    dev = device.index if device.index is not None else (torch.cuda.current_device() if device.type == "cuda" else 0)
+    device_rows = plan.device_tokens + pool.page_size  # SGLang's padding page included
+    pool.k_buffer, k_ranges = host_tier.split_buffers([k_shape] * pool.layer_num, pool.store_dtype, device_rows, dev)
+    pool.v_buffer, v_ranges = host_tier.split_buffers([v_shape] * pool.layer_num, pool.store_dtype, device_rows, dev)
+    pool._asynctls_host_ranges = k_ranges + v_ranges  # the mappings live as long as the pool
+    pool._asynctls_host_tier = plan
+    logger.info("asynctls host tier: %d K/V buffers of %d rows, rows >= %d in host memory", 2 * pool.layer_num,
+                k_shape[0], device_rows)

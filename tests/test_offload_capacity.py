@@ -1,0 +1,32 @@
+"""offload_capacity.py reads SGLang 0.5.17's own scheduler log lines (format of metrics_reporter.py)."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import offload_capacity  # noqa: E402
+
+LOG = """[2026-11-24 09:00:00] asynctls host tier: 341120 KV tokens on the GPU + 727808 in 100.0 GiB of pinned host memory
+[2026-11-24 09:00:01] max_total_num_tokens=1068928, chunked_prefill_size=8192, max_prefill_tokens=16384
+[2026-11-24 09:00:09] Prefill batch, #new-seq: 1, #new-token: 8192, #cached-token: 0, #token: 8192, token usage: 0.01, #running-req: 0, #queue-req: 11, #pending-token: 0,
+[2026-11-24 09:01:09] Prefill batch, #new-seq: 1, #new-token: 8192, #cached-token: 0, #token: 90112, token usage: 0.08, #running-req: 11, #queue-req: 0, #pending-token: 0,
+[2026-11-24 09:01:10] Decode batch, #running-req: 11, #token: 1081000, token usage: 0.97, cuda graph: True, gen throughput (token/s): 51.20, #queue-req: 0,
+[2026-11-24 09:01:11] Decode batch, #running-req: 12, #token: 1181000, token usage: 0.99, cuda graph: True, gen throughput (token/s): 60.00, #queue-req: 0,
+[2026-11-24 09:01:12] Decode batch, #running-req: 12, #token: 1182000, token usage: 0.99, cuda graph: True, gen throughput (token/s): 62.50, #queue-req: 0,
+[2026-11-24 09:01:13] Decode batch, #running-req: 12, #token: 1183000, token usage: 0.99, cuda graph: True, gen throughput (token/s): 61.00, #queue-req: 0,
+"""
+
+
+def test_parse_log_reads_capacity_concurrency_and_throughput():
+    got = offload_capacity.parse_log(LOG)
+    assert got["max_total_num_tokens"] == 1068928
+    assert (got["device_tokens"], got["host_tokens"]) == (341120, 727808)
+    assert got["max_running_decode"] == 12 and got["max_running_prefill"] == 11
+    assert got["gen_tok_s_at_max_running"] == 61.0  # the median of the batch-12 lines
+    assert got["max_tokens_in_use"] == 1183000 and got["decode_log_lines"] == 4
+
+
+def test_parse_log_of_a_server_that_never_decoded():
+    got = offload_capacity.parse_log("max_total_num_tokens=362810\n")
+    assert got["max_running_decode"] == 0 and got["gen_tok_s_at_max_running"] is None and got["host_tokens"] == 0
