@@ -333,8 +333,8 @@ def alternatives(out, c, timer, q, lens, kt, scores, blocks, slots, tscores, sgl
     out["alt_select_token_slots_31bit"] = timer(lambda: select_token_slots(
         tscores, blocks, c["r2t"], c["rows"], lens, block_size=BS, token_budget=kt, sink_tokens=SINK,
         local_window=WINDOW, key_bits=31))
-    # every candidate's slot read before the threshold search instead of the kept ones after it (default off
-    # until timed)
+    # every candidate's slot read before the threshold search instead of the kept ones after it (off by default:
+    # no gain measured, results/issue3_ab_h100.json)
     out["alt_select_token_slots_prefetch_slots"] = timer(lambda: select_token_slots(
         tscores, blocks, c["r2t"], c["rows"], lens, block_size=BS, token_budget=kt, sink_tokens=SINK,
         local_window=WINDOW, prefetch_slots=True))
@@ -443,7 +443,8 @@ def plot(rows, path):
     fig.savefig(path, dpi=120)
 
 
-# the switches of paths built but not yet timed; anything else is refused so a typo cannot pass for an A/B
+# the switches of kernel paths A/B-timed in results/issue3_ab_h100.json (only NARROW_BITS is on by default); anything
+# else is refused so a typo cannot pass for an A/B
 KERNEL_OPTIONS = ("block_scores.WIDE_PERSISTENT", "select_blocks.NARROW_BITS", "select_tokens.PREFETCH_SLOTS",
                   "fine_select.WIDE_GROUP_COMBINE")
 
@@ -463,6 +464,12 @@ def apply_kernel_options(specs) -> dict:
     return applied
 
 
+def kernel_switches() -> dict:
+    """The value every switch of KERNEL_OPTIONS has now (defaults, or as --kernel-option set them)."""
+    return {name: getattr(importlib.import_module(f"sglang_asynctls.kernels.{name.split('.')[0]}"),
+                          name.split(".")[1]) for name in KERNEL_OPTIONS}
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--models", default="gqa,mla")
@@ -478,7 +485,8 @@ def main():
                    help="A/B: fine_select.WIDE_GROUP_COMBINE for groups wider than FOLD_COMBINE_MAX_GROUP (MLA)")
     p.add_argument("--kernel-option", action="append", default=[], metavar="MODULE.NAME=VALUE",
                    help="A/B: set a kernel module's switch before timing, e.g. block_scores.WIDE_PERSISTENT=True, "
-                        "select_blocks.NARROW_BITS=8, select_tokens.PREFETCH_SLOTS=True (repeatable)")
+                        "select_blocks.NARROW_BITS=0 (on, 8, by default), select_tokens.PREFETCH_SLOTS=True "
+                        "(repeatable)")
     a = p.parse_args()
     FS.WIDE_GROUP_COMBINE = a.wide_group_combine  # read at each call; the whole-step rows follow it
     options = apply_kernel_options(a.kernel_option)
@@ -502,6 +510,7 @@ def main():
                               pool="16-token chunks of all requests shuffled",
                               label_layout="head-major storage ([Hkv, S, Dc/2] / [Hkv, S]) viewed as [S, Hkv, ...]",
                               wide_group_combine=a.wide_group_combine, kernel_options=options,
+                              kernel_switches=kernel_switches(),  # every switch's value in this run
                               programmatic_dependent_launch=PDL.ENABLED,  # SGLANG_ASYNCTLS_PDL=1, fine + attention
                               skipped=[]),
                   rows=[], summary={})

@@ -119,8 +119,8 @@ def _block_scores_kernel(q, kmin, kmax, block_table, seq_lens, scores, NB, NSPLI
         tl.store(out + offs_n, acc, mask=offs_n < NB)
 
 
-# wide keys (MLA) in persistent programs (below); off until timed on a GPU: the default stays the launch measured
-# on the H100 (one 64-block tile per program in 128-channel chunks, 4 warps: 21.3 us at MLA 96k x 8)
+# wide keys (MLA) in persistent programs (below); off: slower on the H100 at MLA 96k x 8, 27.1 us against 21.3 for
+# the default launch (one 64-block tile per program in 128-channel chunks, 4 warps; issue3_ab_h100.json)
 WIDE_PERSISTENT = False
 
 

@@ -15,8 +15,9 @@ from .token_scores_recompute import token_scores_recompute
 
 # Widest KV group whose softmax combine is folded into the top-Kt kernel (see fine_select_candidates).
 FOLD_COMBINE_MAX_GROUP = 8
-# How wider groups combine: "recompute" (two passes over the labels, token_scores_recompute; not yet timed on a
-# GPU) or "logits" (the [B, Hkv, G, C] logits written and read back; H100 MLA 96k x 8: logits + combine 27.3 us).
+# How wider groups combine: "recompute" (two passes over the labels, token_scores_recompute) or "logits" (the
+# [B, Hkv, G, C] logits written and read back). H100 MLA 96k x 8, stages 3-5: 40.6 us with logits, 52.5 with
+# recompute (issue3_ab_h100.json), so logits stays the default.
 WIDE_GROUP_COMBINE = "logits"
 COMBINES = ("fold", "logits", "recompute")
 

@@ -38,7 +38,7 @@ def selection_kernels(key_bits):
              + _i32("NB", "sink_tokens", "local_window", "stride_sb", "stride_sh", "stride_ob", "stride_oh")
              + [(n, None) for n in ("HKV", "BS", "KB", "NBP", "KBP", "KEY_BITS", "NARROW", "PDL")],
              dict(HKV=8, BS=64, KB=128, NBP=2048, KBP=128, KEY_BITS=key_bits, NARROW=8 if key_bits == 16 else 0,
-                  PDL=key_bits == 16), 8)  # NARROW 0: the full search only (the default)
+                  PDL=key_bits == 16), 8)  # NARROW 8: the default; 0: the full search only
     for g in (0, 4, 20):  # scores given; logits of a GQA / MLA group with the combine folded in
         _compile(_select_tokens_kernel,
                  [("scores", "*fp32"), ("cand", "*i32"), ("req_to_token", "*i32"), ("req_pool_indices", "*i64"),
