@@ -25,7 +25,11 @@ decode over a selection trace giving the stall share. Qwen3-8B attention shape (
   same, the pinned memory is not multiplied by L). The trace is a synthetic random walk fitted to SmolLM2's
   measured locality (overlap 0.86; LRU hit 0.975 at r = 2) unless --trace names a recorded one
   ([T, L, B, Hkv, Kb] int32, torch.save; e.g. benchmarks/offload_locality.py --trace, SmolLM2's real selections,
-  whose layers, KV heads and k_b then set the decode rows' shape: `fit_shape_to_trace`).
+  whose layers, KV heads and k_b then set the decode rows' shape: `fit_shape_to_trace`). One resident set serves
+  every layer, so with a recorded trace R = r x the trace's k_b, its widest layer's (the others are -1 padded):
+  SmolLM2's 8k trace has k_b 192 (layers' own 48-192) and 129 blocks, so R >= 192 holds every block at r = 1 and
+  2, nothing is evicted, and the copies are the first loads of blocks, the same at both r
+  (results/offload_engine_smollm2_trace_h100.json; offload_locality.py's LRU uses each layer's own k_b).
 
   overhead = step_us / resident_step_us - 1 (0 = offload is free; 11.4 = the step takes 12.4x as long).
   resident_step_us is the same loop without the engine: per layer, the same slicing of Kt slots, the same attention
