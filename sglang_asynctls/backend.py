@@ -105,6 +105,10 @@ class _AsyncTLSMixin:
         if cfg.host_kv_gib > 0 and getattr(pool, "_asynctls_host_tier", None) is None:
             raise ValueError(f"asynctls: --asynctls-host-kv-gib {cfg.host_kv_gib:g} is set but the KV pool was built "
                              "without the host tier (its SGLang hooks did not apply; see the plugin's log lines)")
+        if cfg.host_kv_gib > 0:  # prefill reads a host-held prefix once per layer, not once per query tile
+            from sglang_asynctls.offload.staged_prefix import staged_extend
+
+            self.extend_attention_fwd = staged_extend(self.extend_attention_fwd)
         k0 = pool.get_key_buffer(pool.start_layer if hasattr(pool, "start_layer") else 0)
         self.layer_offset = getattr(pool, "start_layer", 0) or 0
         d_c = cfg.resolved_label_channels(spec.kind)

@@ -1,0 +1,38 @@
+"""Prefill over a prefix held in the KV host tier: gather the prefix once per layer, then run SGLang's extend kernel.
+
+SGLang's Triton extend kernel has one program per (request, query head, 128-query tile), and each program streams
+the request's whole prefix. Over HBM that re-reading is cheap; over PCIe it is not: on the H100 an 8k-token chunk
+took ~6.5 s more per 8k tokens of prefix held in host slots (benchmarks/results/offload_capacity_h100.json, first
+run), so a 96k prompt spilling to the host would take minutes. Gathering the batch's prefix rows into one contiguous
+device buffer first reads each host row once per layer; the kernel then re-reads HBM as it does without a host tier.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+def stage_prefix(k_buffer: torch.Tensor, v_buffer: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor):
+    """(k, v, indices): the prefix rows kv_indices[:kv_indptr[-1]] of the pool, gathered in order, and the indices
+    that address them there (0, 1, ...). kv_indptr is unchanged: row i of the gather is entry i of kv_indices."""
+    n = int(kv_indptr[-1])  # a host sync: prefill only, never inside a captured graph
+    idx = kv_indices[:n].long()
+    return (k_buffer.index_select(0, idx), v_buffer.index_select(0, idx),
+            torch.arange(n, dtype=kv_indices.dtype, device=kv_indices.device))
+
+
+def staged_extend(extend_fwd):
+    """Wrap SGLang's extend_attention_fwd(q, k, v, o, k_buffer, v_buffer, qo_indptr, kv_indptr, kv_indices, ...) so
+    that the prefix it reads is a gathered device copy (token-granular, hence page_size=1)."""
+
+    @functools.wraps(extend_fwd)
+    def run(q, k, v, o, k_buffer, v_buffer, qo_indptr, kv_indptr, kv_indices, *args, **kwargs):
+        if kv_indices.numel() and k_buffer.dim() == 3:
+            k_buffer, v_buffer, kv_indices = stage_prefix(k_buffer, v_buffer, kv_indptr, kv_indices)
+            if "page_size" in kwargs:
+                kwargs["page_size"] = 1
+        return extend_fwd(q, k, v, o, k_buffer, v_buffer, qo_indptr, kv_indptr, kv_indices, *args, **kwargs)
+
+    return run
