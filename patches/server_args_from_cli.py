@@ -73,11 +73,18 @@ def _check_host_tier(server_args, cfg) -> None:
 
     clashes = {"--enable-hierarchical-cache": getattr(server_args, "enable_hierarchical_cache", False),
                "--enable-memory-saver": getattr(server_args, "enable_memory_saver", False),
-               "--speculative-algorithm": getattr(server_args, "speculative_algorithm", None)}
+               "--speculative-algorithm": getattr(server_args, "speculative_algorithm", None),
+               # a transfer engine would register (and read) the KV buffers as device memory
+               "--disaggregation-mode": getattr(server_args, "disaggregation_mode", "null") not in ("null", None)}
     for flag, value in clashes.items():
         if value:
             raise AsyncTLSConfigError(f"{FLAGS['host_kv_gib']} cannot be combined with {flag} yet")
-    ranks_here = max(1, server_args.tp_size * getattr(server_args, "pp_size", 1) // max(1, server_args.nnodes))
+    # every scheduler process on this node maps its own host tier: TP x PP ranks, times DP replicas unless DP
+    # attention spreads them over the same GPUs
+    gpus = server_args.tp_size * getattr(server_args, "pp_size", 1)
+    if not getattr(server_args, "enable_dp_attention", False):
+        gpus *= getattr(server_args, "dp_size", 1) or 1
+    ranks_here = max(1, gpus // max(1, server_args.nnodes))
     check_host_memory(cfg.host_kv_gib, ranks_here)
 
 

@@ -173,6 +173,15 @@ def test_launch_refuses_host_tier_with_hierarchical_cache_or_too_little_memory(m
     args.tp_size = 2
     with pytest.raises(AsyncTLSConfigError, match="8.0 x 2"):
         hook._check_host_tier(args, cfg)
+    args.dp_size, args.enable_dp_attention = 2, False  # two replicas of tp 2: four processes map a tier
+    with pytest.raises(AsyncTLSConfigError, match="8.0 x 4"):
+        hook._check_host_tier(args, cfg)
+    args.enable_dp_attention = True  # DP attention spreads over the same 2 GPUs
+    with pytest.raises(AsyncTLSConfigError, match="8.0 x 2"):
+        hook._check_host_tier(args, cfg)
+    args.disaggregation_mode = "prefill"
+    with pytest.raises(AsyncTLSConfigError, match="--disaggregation-mode"):
+        hook._check_host_tier(args, cfg)
     with pytest.raises(AsyncTLSConfigError, match="--asynctls-host-kv-gib must be a number"):
         AsyncTLSConfig(enabled=True, host_kv_gib=-1.0)
 
