@@ -207,8 +207,27 @@ def asynctls_bytes(c, kt):
 # ---------------------------------------------------------------------------------------------- one shape
 
 
+def flashinfer_mla_decode(c, rank: int = 512):
+    """FlashInfer's paged MLA decode over the latent pool, set up as SGLang's flashinfer MLA backend does (page size
+    1, the [slots, 1, 576] buffer split into its 512 latent and 64 rope columns as views): the dense kernel a stock
+    MLA server decodes with."""
+    import flashinfer
+
+    q, k, r2t = c["q"], c["k"], c["r2t"]
+    b, hq, _ = q.shape
+    ctx, dev, i32 = r2t.shape[1], q.device, torch.int32
+    wrapper = flashinfer.mla.BatchMLAPagedAttentionWrapper(torch.empty(128 << 20, dtype=torch.int8, device=dev))
+    wrapper.plan(torch.arange(b + 1, dtype=i32, device=dev), torch.arange(b + 1, dtype=i32, device=dev) * ctx,
+                 r2t.reshape(-1).to(i32), torch.full((b,), ctx, dtype=i32, device=dev), hq, rank, k.shape[-1] - rank,
+                 1, False, c["sm_scale"], q.dtype, k.dtype)
+    q_nope, q_pe = q[..., :rank].contiguous(), q[..., rank:].contiguous()
+    ckv, kpe = k[:, :, :rank], k[:, :, rank:]  # [slots, page 1, 512] / [.., 64]
+    return lambda: wrapper.run(q_nope, q_pe, ckv, kpe)
+
+
 def dense_candidates(c, timer, sgl):
-    """Every dense kernel available: ours over all slots, SGLang's triton decode (splits tuned), torch SDPA."""
+    """Every dense kernel available: ours over all slots, SGLang's triton decode (splits tuned), FlashInfer's MLA
+    decode (MLA), torch SDPA."""
     res = {}
     args, kw = method_args(c), budgets(1024, c["sm_scale"])
     res["dense_ours_splitk"] = timer(lambda: K.dense_method(*args, **kw))
@@ -227,6 +246,11 @@ def dense_candidates(c, timer, sgl):
                 res.setdefault("errors", {})[f"sglang_triton_{splits}"] = repr(e)[:300]
         if best:
             res["dense_sglang_triton"] = best
+    if MODELS[c["model"]]["mla"]:
+        try:
+            res["dense_flashinfer_mla"] = timer(flashinfer_mla_decode(c))
+        except Exception as e:  # noqa: BLE001  (no flashinfer, or its JIT failed: recorded, not fatal)
+            res.setdefault("errors", {})["flashinfer_mla"] = repr(e)[:300]
     try:
         sl = slots[:, 0].long()
         kc = c["k"][sl].permute(0, 2, 1, 3).contiguous()  # [B, Hkv, L, D]
