@@ -25,11 +25,10 @@ decode over a selection trace giving the stall share. Qwen3-8B attention shape (
   same, the pinned memory is not multiplied by L). The trace is a synthetic random walk fitted to SmolLM2's
   measured locality (overlap 0.86; LRU hit 0.975 at r = 2) unless --trace names a recorded one
   ([T, L, B, Hkv, Kb] int32, torch.save; e.g. benchmarks/offload_locality.py --trace, SmolLM2's real selections,
-  whose layers, KV heads and k_b then set the decode rows' shape: `fit_shape_to_trace`). One resident set serves
-  every layer, so with a recorded trace R = r x the trace's k_b, its widest layer's (the others are -1 padded):
-  SmolLM2's 8k trace has k_b 192 (layers' own 48-192) and 129 blocks, so R >= 192 holds every block at r = 1 and
-  2, nothing is evicted, and the copies are the first loads of blocks, the same at both r
-  (results/offload_engine_smollm2_trace_h100.json; offload_locality.py's LRU uses each layer's own k_b).
+  whose layers, KV heads and k_b then set the decode rows' shape: `fit_shape_to_trace`). The trace pads each layer
+  to its widest one's k_b; each layer's resident set is R_l = r x its own k_b (`ResidentSet.limit_slots`). Before
+  that fix one R = r x the widest k_b (192) served every layer, held all 129 blocks of SmolLM2's 8k trace at r = 1
+  and 2, and copied the same at both (results/offload_engine_smollm2_trace_h100.json predates the fix).
 
   overhead = step_us / resident_step_us - 1 (0 = offload is free; 11.4 = the step takes 12.4x as long).
   resident_step_us is the same loop without the engine: per layer, the same slicing of Kt slots, the same attention
@@ -94,6 +93,7 @@ class Shape:
     keep: float = 0.86
     revisit: float = 0.85  # with keep 0.86: LRU hit rate 0.83 at r = 1, 0.97 at r = 2 (measured: 0.86, 0.975)
     dtype: str = "bfloat16"
+    layer_kb: tuple = ()  # a trace's own k_b per layer (fit_shape_to_trace): R_l = r x layer_kb[l]
 
 
 DRY = Shape(hq=4, hkv=2, d=16, bs=8, kb=8, kt=32, hidden=64, mlp=64, layers=2, steps=3, context=512, batches=(2,),
@@ -275,8 +275,10 @@ def fit_shape_to_trace(sh: Shape, path: str) -> Shape:
     t = torch.load(path)  # [T, L, B, Hkv, Kb]
     steps, layers, _, hkv, kb = t.shape
     context = max(sh.bs * kb, sh.bs * (int(t.max()) + 1))
+    # the trace pads every layer to its widest k_b with -1; each layer's own k_b sizes its resident set
+    layer_kb = tuple(int(n) for n in (t >= 0).sum(-1).amax(dim=(0, 2, 3)))
     return replace(sh, layers=layers, hkv=hkv, hq=hkv * (sh.hq // sh.hkv), kb=kb, kt=min(sh.kt, kb * sh.bs),
-                   context=context, steps=min(sh.steps, steps - 3))
+                   context=context, steps=min(sh.steps, steps - 3), layer_kb=layer_kb)
 
 
 def _trace(sh: Shape, batch: int, dev: str, path: str):
@@ -301,6 +303,8 @@ def _decode_world(sh: Shape, batch: int, r: int, store, dev: str, capture: bool 
     dev_k = [torch.zeros(batch * slots * sh.bs, sh.hkv, sh.d, dtype=dt, device=dev) for _ in range(sh.layers)]
     dev_v = [torch.zeros_like(t) for t in dev_k]
     rs = ResidentSet(sh.layers, batch, sh.hkv, slots, sh.kb, dev, impl="triton" if cuda else "reference")
+    if sh.layer_kb:  # R_l = r x the layer's own k_b (a layer of the trace may select fewer than sh.kb blocks)
+        rs.limit_slots([r * max(1, k) for k in sh.layer_kb])
     ids = torch.arange(batch, device=dev)
     rs.admit(ids, torch.arange(batch * slots, device=dev).view(batch, slots))
     table = torch.arange(batch * nblk, dtype=torch.int32, device=dev).view(batch, nblk)

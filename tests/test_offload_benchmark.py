@@ -57,13 +57,17 @@ def test_a_recorded_trace_sets_the_decode_shape_and_serves_every_batch_row(bench
 
     t = torch.full((6, 3, 1, 2, 5), -1, dtype=torch.int32)
     t[..., :4] = torch.arange(4, dtype=torch.int32) + torch.arange(6, dtype=torch.int32).view(6, 1, 1, 1, 1)
+    t[:, 2, :, :, 2:] = -1  # layer 2 keeps 2 blocks: its resident set is r x 2, not r x the widest layer's 5
     path = tmp_path / "t.pt"
     torch.save(t, path)
     sh = bench.fit_shape_to_trace(bench.DRY, str(path))
     assert (sh.layers, sh.hkv, sh.kb, sh.hq // sh.hkv, sh.steps) == (3, 2, 5, bench.DRY.hq // bench.DRY.hkv, 3)
     assert sh.context == sh.bs * 9  # block ids reach 8 (step 5 + 3)
+    assert sh.layer_kb == (4, 4, 2)
     trace, source = bench._trace(sh, 2, "cpu", str(path))
     assert source == str(path) and len(trace) == 3 and trace[0][0].shape == (2, 2, 5)
     assert torch.equal(trace[1][4][0], trace[1][4][1]) and trace[1][4].tolist()[0][0] == [4, 5, 6, 7, -1]
+    world, _ = bench._decode_world(sh, 2, 1, bench.host_store(2 * (sh.context // sh.bs), sh, False)[1], "cpu")
+    assert world.resident.slot_limits == [4, 4, 2]
     decode, _ = bench.bench_decode(sh, bench.Timing(False, 1, 0), "cpu", str(path))
     assert {r["layers"] for r in decode} == {3} and all(0 < r["overlap_ratio"] < 1 for r in decode)

@@ -145,3 +145,32 @@ def test_candidates_kernel_matches_reference(bs, lens):
     got = kernel_candidates(*args)
     assert torch.equal(want[0], got[0]) and torch.equal(want[1], got[1])
     assert bool((got[0] < 0).any()) and bool((got[0] >= 0).any())
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_a_limited_layer_behaves_like_a_resident_set_of_that_size(impl):
+    """limit_slots: a layer given n of R slots makes the same hits, copies and slots as a set of n slots (the
+    kernel turns its PINNED marks back into the step: the unused slots must not carry that mark)."""
+    from sglang_asynctls.offload.resident_set import ResidentSet
+
+    kb, hkv, rows, steps = 6, 2, torch.arange(2), 12
+    big = ResidentSet(2, 2, hkv, 3 * kb, kb, "cpu", impl=impl)
+    big.limit_slots([kb, 3 * kb])  # layer 0 at r = 1, layer 1 at r = 3
+    small = ResidentSet(1, 2, hkv, kb, kb, "cpu", impl=impl)
+    big.admit(rows, torch.arange(2 * 3 * kb).view(2, -1))
+    small.admit(rows, torch.arange(2 * 3 * kb).view(2, -1)[:, :kb])
+    g = torch.Generator().manual_seed(3)
+    table = torch.arange(2 * 40, dtype=torch.int32).view(2, 40)
+    copies_r3 = 0
+    for _ in range(steps):
+        sel = torch.stack([torch.stack([torch.randperm(16, generator=g)[:kb] for _ in range(hkv)])
+                           for _ in range(2)]).int()
+        a, b = big.update(0, rows, sel, table), small.update(0, rows, sel, table)
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+        copies_r3 += int(big.update(1, rows, sel, table).misses.sum())
+        big.advance(), small.advance()
+        assert (big.tags[0, :, :, kb:] == -2).all()  # the slots layer 0 does not use never take a block
+    assert copies_r3 < int(small._counters[0, 2])  # more slots, fewer copies: the limit is per layer
+    with pytest.raises(ValueError, match="one limit in"):
+        big.limit_slots([kb])

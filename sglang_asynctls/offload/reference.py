@@ -36,6 +36,8 @@ from sglang_asynctls import reference as _R
 
 # a last_used value above every real step: slots holding M_t's blocks sort after every victim
 _PINNED = torch.iinfo(torch.int32).max
+# last_used of a slot a layer does not use (ResidentSet.limit_slots): after every victim, never a pinned mark
+DISABLED = _PINNED - 1
 
 
 def resident_update(tags: torch.Tensor, last_used: torch.Tensor, prev: torch.Tensor, rows: torch.Tensor,

@@ -11,7 +11,7 @@ Per layer and step: `candidates` and `update` are one kernel launch each (`kerne
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -59,6 +59,7 @@ class ResidentSet:
         # telemetry sinks for callers without an OffloadTelemetry
         self._counters = torch.zeros(num_layers, 5, dtype=torch.int64, device=device)
         self._stamps = torch.zeros(num_layers, 2, dtype=torch.int64, device=device)
+        self.slot_limits: Optional[list] = None
 
     def admit(self, rows: torch.Tensor, cache_pages: torch.Tensor):
         """New requests at `rows` [n] get device pages [n, R] for their resident slots and an empty set."""
@@ -72,10 +73,27 @@ class ResidentSet:
         self.cache_pages[rows.long()] = -1
         return pages
 
+    def limit_slots(self, per_layer: Sequence[int]):
+        """Give layer l only its first per_layer[l] slots, so that layers with different budgets keep R_l = r x
+        k_b(l) inside the uniform tensors. The other slots hold no block (tag -2) and carry a last_used above every
+        step but below the kernel's PINNED mark (which it turns back into the step), so they sort after every
+        victim and are never chosen while R_l >= k_b(l). Kept across admit and release."""
+        limits = [int(n) for n in per_layer]
+        if len(limits) != self.tags.shape[0] or not all(1 <= n <= self.tags.shape[-1] for n in limits):
+            raise ValueError(f"limit_slots: one limit in [1, {self.tags.shape[-1]}] per layer, got {limits}")
+        self.slot_limits = limits
+        self._apply_limits(slice(None))
+
+    def _apply_limits(self, r):
+        for layer, n in enumerate(self.slot_limits or ()):
+            self.tags[layer, r, :, n:] = -2
+            self.last_used[layer, r, :, n:] = OR.DISABLED
+
     def _clear(self, rows: torch.Tensor):
         r = rows.long()
         for t in (self.tags, self.last_used, self.prev, self.prev_slots):
             t[:, r] = -1
+        self._apply_limits(r)
 
     def update(self, layer: int, rows: torch.Tensor, blocks: torch.Tensor, host_page_table: torch.Tensor,
                counters: Optional[torch.Tensor] = None, stamps: Optional[torch.Tensor] = None,
