@@ -1,6 +1,6 @@
 #!/bin/bash
 # Issue 5's next H100 runs, after the wheel parts are staged and (for "trace") SmolLM2 is staged
-# (benchmarks/gpu/stage_smollm2.sh). Each step fits one device call (10 min):
+# (benchmarks/gpu/stage_smollm2.sh) and .stage/stdlib311 copied to /root/stdlib311. Each step fits one device call:
 #   bash benchmarks/gpu/issue5_next.sh capacity   # 10 x 96k with 8k chunks: the pool holds 10 (3.33x stock's 3)
 #   bash benchmarks/gpu/issue5_next.sh trace      # SmolLM2's real selections, replayed with R_l = r x k_b(l)
 # A fresh machine compiles the asynctls Triton kernels during CUDA-graph capture (~90 s for the first batch size):
