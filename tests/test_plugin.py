@@ -170,3 +170,22 @@ def test_help_lists_every_flag():
     for flag in FLAGS:
         assert flag in out.stdout
     assert "AsyncTLS sparse decode" in out.stdout
+
+
+def test_host_tier_hooks_are_applied_to_sglangs_pool(parse):
+    """load_plugins() wraps the two targets of patches/kv_host_tier.py: a pool built under a host-tier plan reaches
+    our hook (its size check), and without a plan the hook is a pass-through to SGLang's own method."""
+    from types import SimpleNamespace
+
+    from sglang.srt.mem_cache.kv_cache_configurator import KVCacheConfigurator
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+
+    from sglang_asynctls.offload import host_tier
+
+    assert getattr(KVCacheConfigurator.config_from_budget, "__wrapped__", None) is not None
+    host_tier.set_plan(host_tier.HostTierPlan(device_tokens=10, host_tokens=10))
+    try:
+        with pytest.raises(ValueError, match="planned for 20"):
+            MHATokenToKVPool._create_buffers_normal(SimpleNamespace(size=5))
+    finally:
+        host_tier.set_plan(None)
