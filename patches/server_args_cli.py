@@ -51,7 +51,7 @@ def add_asynctls_args(_result, parser: argparse.ArgumentParser) -> None:
     g.add_argument(FLAGS["host_kv_gib"], type=float, default=_D.host_kv_gib, metavar="GIB",
                    help="Extend the KV pool by GIB of pinned host memory per GPU, mapped into the GPU's address "
                         "space after its own KV memory: more tokens fit, and those in host slots are read over PCIe "
-                        "(only the selected tokens of long sequences decode sparsely). GQA/MHA models. "
+                        "(only the selected tokens of long sequences decode sparsely). "
                         "Default: %(default)s (off).")
 
 

@@ -62,8 +62,6 @@ def _check_model(server_args, cfg) -> None:
     if server_args.model_path.lower() in ("none", "dummy"):
         return
     model = from_sglang_model_config(server_args.get_model_config())
-    if cfg.host_kv_gib > 0 and model.kind != "gqa":
-        raise AsyncTLSConfigError(f"{FLAGS['host_kv_gib']} supports GQA/MHA models only (this one is {model.kind})")
     check_config_for_model(cfg, model)
     check_attention_tp(model, _attn_tp_size(server_args))
 

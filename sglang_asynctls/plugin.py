@@ -40,4 +40,6 @@ def register() -> None:
     # no-ops unless --asynctls-host-kv-gib is set
     HookRegistry.register(kv_host_tier.SIZING_TARGET, kv_host_tier.config_from_budget_with_host_tier, HookType.AROUND)
     HookRegistry.register(kv_host_tier.BUFFERS_TARGET, kv_host_tier.create_buffers_with_host_tier, HookType.AROUND)
+    HookRegistry.register(kv_host_tier.MLA_BUFFERS_TARGET, kv_host_tier.create_mla_buffers_with_host_tier,
+                          HookType.AROUND)
     _registered = True

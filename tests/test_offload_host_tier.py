@@ -123,14 +123,28 @@ def test_sizing_adds_host_slots_and_pays_their_index_from_the_gpu_budget(monkeyp
     assert out.max_total_num_tokens == plan.total_tokens
 
 
-def test_sizing_is_untouched_without_the_flag_and_refuses_mla(monkeypatch):
+def test_sizing_is_untouched_without_the_flag(monkeypatch):
     kvc, config_cls = _kvc(monkeypatch, server_args=_server_args(monkeypatch))
     marker = config_cls(max_total_num_tokens=128)
     assert kv_host_tier.config_from_budget_with_host_tier(lambda k, b: marker, kvc, 2**30) is marker
     assert host_tier.current_plan() is None
-    kvc, _ = _kvc(monkeypatch, use_mla_backend=True)
-    with pytest.raises(ValueError, match="MHA/GQA KV pool only.*MLA"):
-        kv_host_tier.config_from_budget_with_host_tier(lambda k, b: marker, kvc, 2**30)
+
+
+def test_mla_sizing_charges_the_latent_index(monkeypatch):
+    # GLM-4.7-Flash / DeepSeek latent: 512 + 64 dims, one row is key and value; d_c 128 labels (64 B) and the
+    # block's Kmin/Kmax over 576 dims (36 B a token) against 1,152 B of KV
+    cell = 47 * 576 * 2
+    kvc, config_cls = _kvc(monkeypatch, use_mla_backend=True,
+                           model_config=SimpleNamespace(kv_lora_rank=512, qk_rope_head_dim=64))
+    from sglang.srt.model_executor import pool_configurator as pc
+
+    pc.create_memory_pool_configurator(kvc)._cell_size = cell
+    seen = []
+    out = kv_host_tier.config_from_budget_with_host_tier(
+        lambda k, b: seen.append(b) or config_cls(max_total_num_tokens=b // cell // 64 * 64), kvc, 20 * 2**30)
+    host = host_tier.plan_host_tokens(10 * 2**30, cell, 64)
+    assert seen == [20 * 2**30 - int(host * cell * 100 / 1152)]
+    assert out.max_total_num_tokens == host_tier.current_plan().total_tokens
 
 
 def _pool(size, **overrides):
@@ -156,6 +170,20 @@ def test_buffer_hook_builds_split_buffers_from_the_plan(monkeypatch):
         kv_host_tier.create_buffers_with_host_tier(lambda p: None, _pool(2048))
     with pytest.raises(ValueError, match="HND or vectorized"):
         kv_host_tier.create_buffers_with_host_tier(lambda p: None, _pool(1024, use_hnd=True))
+
+
+def test_mla_buffer_hook_splits_the_latent_buffers(monkeypatch):
+    from sglang_asynctls.offload import vmm
+
+    monkeypatch.setattr(vmm, "SplitRange", FakeRange)
+    pool = SimpleNamespace(size=1024, page_size=64, layer_num=3, kv_cache_dim=576, custom_mem_pool=None,
+                           device="cpu", store_dtype=torch.bfloat16)
+    assert kv_host_tier.create_mla_buffers_with_host_tier(lambda p: "stock", pool) == "stock"
+    host_tier.set_plan(host_tier.HostTierPlan(device_tokens=448, host_tokens=576))
+    kv_host_tier.create_mla_buffers_with_host_tier(lambda p: pytest.fail("stock buffers built"), pool)
+    assert len(pool.kv_buffer) == 3 and pool.kv_buffer[0].shape == (1088, 1, 576) and not pool.kv_buffer[0].any()
+    row = 576 * 2
+    assert {(r.device_bytes, r.host_bytes) for r in pool._asynctls_host_ranges} == {(512 * row, 576 * row)}
 
 
 def test_launch_refuses_host_tier_with_hierarchical_cache_or_too_little_memory(monkeypatch):

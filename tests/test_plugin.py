@@ -182,7 +182,10 @@ def test_host_tier_hooks_are_applied_to_sglangs_pool(parse):
 
     from sglang_asynctls.offload import host_tier
 
+    from sglang.srt.mem_cache.memory_pool import MLATokenToKVPool
+
     assert getattr(KVCacheConfigurator.config_from_budget, "__wrapped__", None) is not None
+    assert getattr(MLATokenToKVPool._create_buffers, "__wrapped__", None) is not None
     host_tier.set_plan(host_tier.HostTierPlan(device_tokens=10, host_tokens=10))
     try:
         with pytest.raises(ValueError, match="planned for 20"):
