@@ -12,18 +12,22 @@ import torch
 
 # __cuda_array_interface__ has no bfloat16 typestr: describe the bytes as a same-width integer, then view back
 _TYPESTR = {1: "|u1", 2: "<i2", 4: "<i4", 8: "<i8"}
-_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 class _CudaArray:
-    """The minimal __cuda_array_interface__ (v3) of a host tensor; holds the tensor so its storage outlives views."""
+    """The minimal __cuda_array_interface__ (v3) of `ptr`; holds `owner` so that the memory outlives the views."""
 
-    def __init__(self, host: torch.Tensor):
-        size = host.element_size()
-        self.host = host
+    def __init__(self, ptr: int, shape, strides, item_size: int, owner):
+        self.owner = owner
         self.__cuda_array_interface__ = {
-            "shape": tuple(host.shape), "typestr": _TYPESTR[size], "data": (host.data_ptr(), False),
-            "strides": tuple(s * size for s in host.stride()), "version": 3}
+            "shape": tuple(shape), "typestr": _TYPESTR[item_size], "data": (ptr, False),
+            "strides": None if strides is None else tuple(s * item_size for s in strides), "version": 3}
+
+
+def cuda_view(ptr: int, shape, dtype: torch.dtype, device, strides=None, owner=None) -> torch.Tensor:
+    """A CUDA tensor over device-accessible memory at `ptr` (strides in elements; None = contiguous), no copy."""
+    size = torch.empty(0, dtype=dtype).element_size()
+    return torch.as_tensor(_CudaArray(ptr, shape, strides, size, owner), device=device).view(dtype)
 
 
 def device_view(host: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
@@ -40,6 +44,4 @@ def device_view(host: torch.Tensor, device: torch.device | str | None = None) ->
             "KV pools do so when pin_memory=True).")
     if not torch.cuda.is_available():
         raise RuntimeError("device_view: CUDA is not available")
-    flat = host.view(_INT_OF_SIZE[host.element_size()])
-    view = torch.as_tensor(_CudaArray(flat), device=device or "cuda")
-    return view.view(host.dtype)
+    return cuda_view(host.data_ptr(), host.shape, host.dtype, device or "cuda", host.stride(), owner=host)

@@ -6,14 +6,18 @@ torch's) indexes them as one tensor, reading host slots over PCIe. Built with th
 (cuMemAddressReserve, then cuMemCreate on a DEVICE and a HOST location, mapped back to back, cuMemSetAccess for
 the GPU); host-located cuMemCreate needs CUDA 12.2+. Measured on the H100 (benchmarks/results/vmm_probe_h100.json):
 torch and Triton read and write across the boundary, 54 GB/s device<->host part.
-ctypes on libcuda only: nothing here runs without a GPU, and importing this module needs no CUDA.
+ctypes on libcuda only (SGLang's own KvVmmArena, srt/mem_cache/kv_vmm_backing.py, maps device memory only): nothing
+here runs without a GPU, and importing this module needs no CUDA.
 """
 
 from __future__ import annotations
 
 import ctypes
+import math
 
 import torch
+
+from sglang_asynctls.offload.host_view import cuda_view
 
 _LOC_DEVICE, _LOC_HOST = 1, 2
 _ALLOC_PINNED = 1
@@ -111,18 +115,10 @@ class SplitRange:
 
     def view(self, shape, dtype: torch.dtype) -> torch.Tensor:
         """A CUDA tensor of `shape` and `dtype` over the start of the range (no copy; contents undefined)."""
-        size = torch.empty(0, dtype=dtype).element_size()
-        numel = 1
-        for d in shape:
-            numel *= d
-        if numel * size > self.size:
-            raise ValueError(f"SplitRange.view: {tuple(shape)} {dtype} needs {numel * size} bytes, range has "
-                             f"{self.size}")
-        # __cuda_array_interface__ has no bfloat16: describe same-width integers, then view back
-        as_int = {1: (torch.uint8, "|u1"), 2: (torch.int16, "<i2"), 4: (torch.int32, "<i4"), 8: (torch.int64, "<i8")}
-        holder = type("_Range", (), {"__cuda_array_interface__": {
-            "shape": tuple(shape), "typestr": as_int[size][1], "data": (self.ptr.value, False), "version": 3}})()
-        return torch.as_tensor(holder, device=f"cuda:{self.dev}").view(dtype)
+        need = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        if need > self.size:
+            raise ValueError(f"SplitRange.view: {tuple(shape)} {dtype} needs {need} bytes, range has {self.size}")
+        return cuda_view(self.ptr.value, shape, dtype, f"cuda:{self.dev}", owner=self)
 
     def close(self) -> None:
         if not self.ptr.value:
