@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sglang_asynctls.offload.staged_prefix import stage_prefix, staged_extend
+from sglang_asynctls.offload.staged_prefix import prefix_rows, staged_extend
 
 
 def _batch(seed=0, heads=4, kv_heads=2, d=16, slots=96):
@@ -22,11 +22,11 @@ def _batch(seed=0, heads=4, kv_heads=2, d=16, slots=96):
     return q, k, v, k_buf, v_buf, qo_indptr, kv_indptr, kv_indices, max(extend)
 
 
-def test_stage_prefix_gathers_in_order_and_ignores_padding():
+def test_prefix_rows_are_in_order_and_ignore_padding():
     _, _, _, k_buf, v_buf, _, kv_indptr, kv_indices, _ = _batch()
-    k, v, idx = stage_prefix(k_buf, v_buf, kv_indptr, kv_indices)
+    rows, idx = prefix_rows(kv_indptr, kv_indices)
     used = kv_indices[: int(kv_indptr[-1])]
-    assert torch.equal(k, k_buf[used]) and torch.equal(v, v_buf[used])
+    assert torch.equal(k_buf.index_select(0, rows), k_buf[used]) and torch.equal(rows, used)
     assert idx.tolist() == list(range(used.numel())) and idx.dtype == kv_indices.dtype
 
 
@@ -60,3 +60,20 @@ def test_staged_extend_without_prefix_calls_through():
     empty = torch.empty(0, dtype=torch.int64)
     fn("q", "k", "v", "o", torch.zeros(4, 1, 2), torch.zeros(4, 1, 2), "qo", torch.zeros(1), empty, page_size=64)
     assert calls[0][1]["page_size"] == 64 and calls[0][0][8] is empty
+
+
+def test_a_batch_works_out_its_prefix_rows_once_and_each_layer_gathers_its_own_buffers(monkeypatch):
+    from sglang_asynctls.offload import staged_prefix as sp
+
+    calls, seen = [], []
+    inner = sp.prefix_rows
+    monkeypatch.setattr(sp, "prefix_rows", lambda *a: calls.append(1) or inner(*a))
+    fn = sp.staged_extend(lambda q, k, v, o, kb, vb, qo, ip, ix, **kw: seen.append(kb.clone()))
+    _, _, _, k_buf, v_buf, _, kv_indptr, kv_indices, _ = _batch()
+    for layer in range(3):  # three layers of one batch: one kv_indices tensor, different K buffers
+        fn(None, None, None, None, k_buf + layer, v_buf, None, kv_indptr, kv_indices, page_size=64)
+    assert len(calls) == 1
+    used = kv_indices[: int(kv_indptr[-1])]
+    assert all(torch.equal(seen[layer], k_buf[used] + layer) for layer in range(3))
+    fn(None, None, None, None, k_buf, v_buf, None, kv_indptr, kv_indices.clone(), page_size=64)  # next batch
+    assert len(calls) == 2

@@ -14,23 +14,25 @@ import functools
 import torch
 
 
-def stage_prefix(k_buffer: torch.Tensor, v_buffer: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor):
-    """(k, v, indices): the prefix rows kv_indices[:kv_indptr[-1]] of the pool, gathered in order, and the indices
-    that address them there (0, 1, ...). kv_indptr is unchanged: row i of the gather is entry i of kv_indices."""
-    n = int(kv_indptr[-1])  # a host sync: prefill only, never inside a captured graph
-    idx = kv_indices[:n].long()
-    return (k_buffer.index_select(0, idx), v_buffer.index_select(0, idx),
-            torch.arange(n, dtype=kv_indices.dtype, device=kv_indices.device))
+def prefix_rows(kv_indptr: torch.Tensor, kv_indices: torch.Tensor):
+    """(rows, indices): the pool rows kv_indices[:kv_indptr[-1]] in order (int64), and the indices that address them
+    once gathered (0, 1, ...). kv_indptr is unchanged: row i of the gather is entry i of kv_indices."""
+    n = int(kv_indptr[-1])  # a host sync, once per prefill batch (never inside a captured graph)
+    return kv_indices[:n].long(), torch.arange(n, dtype=kv_indices.dtype, device=kv_indices.device)
 
 
 def staged_extend(extend_fwd):
     """Wrap SGLang's extend_attention_fwd(q, k, v, o, k_buffer, v_buffer, qo_indptr, kv_indptr, kv_indices, ...) so
     that the prefix it reads is a gathered device copy (token-granular, hence page_size=1)."""
+    batch = {}  # the layers of one batch share its kv_indices tensor: its rows are worked out once
 
     @functools.wraps(extend_fwd)
     def run(q, k, v, o, k_buffer, v_buffer, qo_indptr, kv_indptr, kv_indices, *args, **kwargs):
         if kv_indices.numel() and k_buffer.dim() == 3:
-            k_buffer, v_buffer, kv_indices = stage_prefix(k_buffer, v_buffer, kv_indptr, kv_indices)
+            if batch.get("kv_indices") is not kv_indices:
+                batch.update(kv_indices=kv_indices, rows=prefix_rows(kv_indptr, kv_indices))
+            rows, kv_indices = batch["rows"]
+            k_buffer, v_buffer = k_buffer.index_select(0, rows), v_buffer.index_select(0, rows)
             if "page_size" in kwargs:
                 kwargs["page_size"] = 1
         return extend_fwd(q, k, v, o, k_buffer, v_buffer, qo_indptr, kv_indptr, kv_indices, *args, **kwargs)
