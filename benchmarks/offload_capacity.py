@@ -28,7 +28,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 from host_env import environment
-from server_parity import PORT, stop_server, wait_ready  # the same server handling as the parity runs
+from server_parity import PORT, add_run_command, server_flags, stop_server, wait_ready  # as the parity runs
 
 COMMON = ["--load-format", "dummy", "--skip-tokenizer-init", "--host", "127.0.0.1", "--port", str(PORT),
           "--context-length", "131072", "--cuda-graph-max-bs", "16"]
@@ -138,16 +138,12 @@ def _plot(stock: dict, ours: dict, path: str) -> None:
 def main() -> None:
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run")
-    r.add_argument("--label", required=True)
-    r.add_argument("--out", required=True)
-    r.add_argument("--model", default=os.environ.get("MODEL", "/root/qwen3_8b_dummy"))
+    # a fresh machine compiles the asynctls kernels during CUDA-graph capture: minutes before the server is ready
+    r = add_run_command(sub, os.environ.get("MODEL", "/root/qwen3_8b_dummy"), 600)
     r.add_argument("--requests", type=int, default=12)
     r.add_argument("--input-len", type=int, default=98304)
     r.add_argument("--output-len", type=int, default=256)
-    r.add_argument("--ready-timeout", type=float, default=400)
     r.add_argument("--request-timeout", type=float, default=480)
-    r.add_argument("server_args", nargs=argparse.REMAINDER)
     s = sub.add_parser("summarize")
     s.add_argument("stock")
     s.add_argument("ours")
@@ -155,7 +151,7 @@ def main() -> None:
     s.add_argument("--locality", default="", help="offload_locality.py's JSON: its measured block overlap")
     a = p.parse_args()
     if a.cmd == "run":
-        a.server_args = [x for x in a.server_args if x != "--"]
+        a.server_args = server_flags(a)
         cmd_run(a)
     else:
         cmd_summarize(a)

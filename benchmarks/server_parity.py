@@ -123,23 +123,34 @@ def compare(args) -> None:
     print(json.dumps(summary, indent=1))
 
 
-def main():
-    p = argparse.ArgumentParser()
-    sub = p.add_subparsers(dest="cmd", required=True)
+def add_run_command(sub, default_model: str, ready_timeout: float):
+    """The `run` subcommand of the server benchmarks (this one, offload_capacity.py): a label, an output file, the
+    model, and the server's own flags after `--` (read them with server_flags)."""
     r = sub.add_parser("run")
     r.add_argument("--label", required=True)
     r.add_argument("--out", required=True)
-    r.add_argument("--model", default=os.environ.get("SMOLLM2_DIR", "/root/smollm2"))
-    r.add_argument("--long-tokens", type=int, default=6000)
-    r.add_argument("--ready-timeout", type=float, default=420)
+    r.add_argument("--model", default=default_model)
+    r.add_argument("--ready-timeout", type=float, default=ready_timeout)
     r.add_argument("server_args", nargs=argparse.REMAINDER)
+    return r
+
+
+def server_flags(args) -> list:
+    return [x for x in args.server_args if x != "--"]
+
+
+def main():
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = add_run_command(sub, os.environ.get("SMOLLM2_DIR", "/root/smollm2"), 420)
+    r.add_argument("--long-tokens", type=int, default=6000)
     c = sub.add_parser("compare")
     c.add_argument("stock")
     c.add_argument("ours")
     c.add_argument("--json", required=True)
     args = p.parse_args()
     if args.cmd == "run":
-        args.server_args = [x for x in args.server_args if x != "--"]
+        args.server_args = server_flags(args)
         run(args)
     else:
         compare(args)
