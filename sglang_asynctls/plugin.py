@@ -29,7 +29,7 @@ def register() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
     from sglang.srt.server_args import ATTENTION_BACKEND_CHOICES, add_attention_backend_choices
 
-    from sglang_asynctls.patches import kv_host_tier, server_args_cli, server_args_from_cli
+    from sglang_asynctls.patches import host_read_stats, kv_host_tier, server_args_cli, server_args_from_cli
 
     if BACKEND_NAME not in ATTENTION_BACKEND_CHOICES:
         add_attention_backend_choices([BACKEND_NAME])
@@ -42,4 +42,6 @@ def register() -> None:
     HookRegistry.register(kv_host_tier.BUFFERS_TARGET, kv_host_tier.create_buffers_with_host_tier, HookType.AROUND)
     HookRegistry.register(kv_host_tier.MLA_BUFFERS_TARGET, kv_host_tier.create_mla_buffers_with_host_tier,
                           HookType.AROUND)
+    # no-op until the backend registers a HostReadStats
+    HookRegistry.register(host_read_stats.TARGET, host_read_stats.report_host_reads, HookType.AFTER)
     _registered = True

@@ -1,0 +1,153 @@
+"""Host-tier read counts per layer, accumulated on the GPU without a host sync and read out at SGLang's decode log
+interval: selected token rows read, how many of them sit in host slots (read over PCIe), how many of those the
+device-side hot-token cache served, rows written into that cache, and decode steps.
+
+With `--asynctls-host-kv-gib` a layer's KV buffer is one address range, GPU rows [0, gpu_rows) then host rows; a
+selected slot >= gpu_rows is a host read unless the cache serves it. The attention kernels add into `counters`
+inline (atomics, no op of their own, CUDA-graph safe: the tensor is allocated once and never replaced);
+`count_reads` is the same counting in torch ops, the reference the kernels are tested against and the fallback for
+paths without an inline counter. `snapshot()` is the only host sync; patches/host_read_stats.py calls it at the
+decode log interval and exports the interval's figures to the log and to Prometheus.
+
+The backend registers the live stats object of its scheduler process with `register(stats)` (one per process, like
+host_tier's plan); the export hook finds it with `current()` and does nothing while there is none.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import List, Optional
+
+import torch
+
+
+class Column(IntEnum):
+    """Columns of `HostReadStats.counters` ([num_layers, len(Column)] int64)."""
+    ROWS = 0  # selected token rows read, counted per KV head (a slot read for 8 KV heads counts 8)
+    HOST_ROWS = 1  # of ROWS, those in host slots (slot >= gpu_rows)
+    CACHE_HITS = 2  # of HOST_ROWS, those served from the device cache (not read over PCIe)
+    CACHE_FILLS = 3  # rows written into the device cache
+    STEPS = 4  # decode steps counted: +1 per layer step
+
+
+def row_bytes(head_dim: int, v_head_dim: int, kv_elem_bytes: int) -> int:
+    """K + V bytes of one KV head's row of one token: (head_dim + v_head_dim) x element size. MLA: one latent row is
+    both key and value, so head_dim = kv_lora_rank + qk_rope_head_dim and v_head_dim = 0 (host_tier's convention).
+    Qwen3-8B bf16: (128 + 128) x 2 = 512."""
+    return (head_dim + v_head_dim) * kv_elem_bytes
+
+
+def _ratio(num: int, den: int) -> float:
+    return num / den if den else 0.0  # an interval with no decode step (or no host row) reports zeros
+
+
+@dataclass(frozen=True)
+class ReadCounts:
+    """Counts over some span (all layers or one; since start or since the last snapshot) and the figures derived
+    from them. `steps` is the number of decode steps the span covers, not summed over layers."""
+    rows: int
+    host_rows: int
+    cache_hits: int
+    cache_fills: int
+    steps: int
+    bytes_per_row: int
+
+    @property
+    def host_bytes(self) -> int:
+        """Bytes read over PCIe: host rows the cache did not serve."""
+        return (self.host_rows - self.cache_hits) * self.bytes_per_row
+
+    @property
+    def host_bytes_per_step(self) -> float:
+        return _ratio(self.host_bytes, self.steps)
+
+    @property
+    def rows_per_step(self) -> float:
+        return _ratio(self.rows, self.steps)
+
+    @property
+    def host_share(self) -> float:
+        return _ratio(self.host_rows, self.rows)
+
+    @property
+    def cache_hit_rate(self) -> float:
+        return _ratio(self.cache_hits, self.host_rows)
+
+    def summary_line(self) -> str:
+        return (f"asynctls host reads: rows/step {self.rows_per_step:,.0f}, host share {self.host_share:.3f}, "
+                f"cache hit {self.cache_hit_rate:.3f}, PCIe MB/step {self.host_bytes_per_step / 1e6:.2f} "
+                f"({self.steps} steps)")
+
+
+def _counts(per_layer: torch.Tensor, bytes_per_row: int) -> ReadCounts:
+    """per_layer: [L, len(Column)] int64 on the CPU. A decode step runs every layer once, so the span's steps are
+    the most any layer counted (a layer that counts nothing, e.g. one without the counter, does not dilute it)."""
+    tot = per_layer.sum(0).tolist()
+    steps = int(per_layer[:, Column.STEPS].max()) if len(per_layer) else 0
+    return ReadCounts(tot[Column.ROWS], tot[Column.HOST_ROWS], tot[Column.CACHE_HITS], tot[Column.CACHE_FILLS],
+                      steps, bytes_per_row)
+
+
+@dataclass(frozen=True)
+class HostReadSnapshot:
+    total: ReadCounts  # all layers, since the stats were created
+    delta: ReadCounts  # all layers, since the previous snapshot
+    layers: List[ReadCounts]  # per layer, since the previous snapshot
+
+
+class HostReadStats:
+    """counters [num_layers, len(Column)] int64 on `device`; kernels add into it, `snapshot()` reads it.
+
+    Example (CPU; on the GPU the attention kernels do the counting)::
+
+        stats = HostReadStats(num_layers=2, bytes_per_row=row_bytes(128, 128, 2), device="cpu")
+        slots = torch.tensor([[[3, 900, -1]]])  # [B=1, Hkv=1, K=3]; -1 = not selected
+        count_reads(slots, 512, counters=stats.counters, layer=0)
+        stats.snapshot().delta.host_bytes  # 512: slot 900 is a host row
+    """
+
+    def __init__(self, num_layers: int, bytes_per_row: int, device):
+        assert num_layers > 0 and bytes_per_row > 0
+        self.bytes_per_row = bytes_per_row
+        self.counters = torch.zeros(num_layers, len(Column), dtype=torch.int64, device=device)
+        self._last = torch.zeros(num_layers, len(Column), dtype=torch.int64)  # host copy at the last snapshot
+
+    def snapshot(self) -> HostReadSnapshot:
+        """Totals since creation and the delta since the previous snapshot (host sync). The counters are never
+        reset: a reset would be a device op outside the step, and a captured graph keeps adding into them."""
+        now = self.counters.to("cpu", copy=True)  # .cpu() of a CPU tensor is the tensor itself
+        delta, self._last = now - self._last, now
+        return HostReadSnapshot(total=_counts(now, self.bytes_per_row), delta=_counts(delta, self.bytes_per_row),
+                                layers=[_counts(row[None], self.bytes_per_row) for row in delta])
+
+
+def count_reads(token_slots: torch.Tensor, gpu_rows: int, cache_hit_mask: Optional[torch.Tensor] = None, *,
+                counters: torch.Tensor, layer: int) -> None:
+    """Add one layer step's reads to counters[layer] with torch ops (no host sync).
+
+    token_slots: [B, Hkv, K] int, the selected KV slots (-1 = not selected), as `sparse_decode` takes them.
+    gpu_rows: the first host slot (host_tier: the plan's device tokens + SGLang's padding page).
+    cache_hit_mask: [B, Hkv, K] bool or None; True where the device cache served the row (counted only on host
+    slots). counters: `HostReadStats.counters`. The Triton kernels do the same counting inline, per program, with
+    atomic adds into the same tensor; CACHE_FILLS is added by whatever fills the cache, not here.
+    """
+    valid = token_slots >= 0
+    host = token_slots >= gpu_rows
+    hits = host & cache_hit_mask if cache_hit_mask is not None else torch.zeros_like(host)
+    one = torch.ones((), dtype=torch.int64, device=counters.device)
+    add = torch.stack([valid.sum(), host.sum(), hits.sum(), torch.zeros_like(one), one])
+    counters[layer] += add
+
+
+_live: Optional[HostReadStats] = None
+
+
+def register(stats: Optional[HostReadStats]) -> None:
+    """Make `stats` the one the decode-log export reads in this process (None: stop exporting)."""
+    global _live
+    _live = stats
+
+
+def current() -> Optional[HostReadStats]:
+    return _live
