@@ -34,6 +34,25 @@ COMMON = ["--load-format", "dummy", "--skip-tokenizer-init", "--host", "127.0.0.
           "--context-length", "131072", "--cuda-graph-max-bs", "16"]
 DECODE = re.compile(r"Decode batch.*?#running-req: (\d+).*?#token: (\d+).*?gen throughput \(token/s\): ([\d.]+)")
 PREFILL = re.compile(r"Prefill batch.*?#new-token: (\d+).*?#running-req: (\d+)")
+# the backend's host-read telemetry, logged right after SGLang's decode line (patches/host_read_stats.py)
+HOST_READS = re.compile(r"asynctls host reads: rows/step ([\d,]+), host share ([\d.]+), cache hit ([\d.]+), "
+                        r"PCIe MB/step ([\d.]+) \((\d+) steps\)")
+
+
+def host_reads_at(text: str, running: int) -> list:
+    """The telemetry lines that follow a decode line of `running` requests: one per log interval."""
+    out, last = [], None
+    for line in text.splitlines():
+        d = DECODE.search(line)
+        if d:
+            last = int(d.group(1))
+            continue
+        h = HOST_READS.search(line)
+        if h and last == running:
+            out.append({"rows_per_step": int(h.group(1).replace(",", "")), "host_share": float(h.group(2)),
+                        "cache_hit": float(h.group(3)), "pcie_mb_per_step": float(h.group(4)),
+                        "steps": int(h.group(5))})
+    return out
 
 
 def _one(input_len: int, output_len: int, seed: int, timeout: float) -> dict:
@@ -63,7 +82,8 @@ def parse_log(text: str) -> dict:
             "decode_log_lines": len(decode),
             "gen_tok_s_at_max_running": sorted(at_top)[len(at_top) // 2] if at_top else None,
             "gen_tok_s_at_max_running_all": at_top[-20:],
-            "max_tokens_in_use": max((t for _, t, _ in decode), default=0)}
+            "max_tokens_in_use": max((t for _, t, _ in decode), default=0),
+            "host_reads_at_max_running": host_reads_at(text, top)}
 
 
 def cmd_run(a) -> None:
@@ -103,15 +123,22 @@ def cmd_summarize(a) -> None:
                        "max_concurrent_96k_asynctls": ours["max_running_decode"],
                        "concurrency_ratio_96k": ratio, "aggregate_tok_s_ratio_96k": agg,
                        "stall_share": None, "mean_block_overlap": locality.get("mean_block_overlap_selective_layers"),
-                       "pcie_bytes_per_step": None},
+                       "pcie_bytes_per_step": _median_pcie_bytes(ours)},
            "notes": {"stall_share": "not measured in the server: the host tier has no copy to wait for (decode reads "
                                     "the selected host rows in-kernel); the offload engine's stall is in "
                                     "offload_engine_smollm2_trace_h100.json",
                      "mean_block_overlap": f"SmolLM2 real weights, selective layers ({a.locality})",
-                     "pcie_bytes_per_step": "not measured in the server"}}
+                     "pcie_bytes_per_step": "the server's own count (host-read telemetry): K+V bytes of the selected "
+                                            "host-slot rows the cache did not serve, per decode step, median of the "
+                                            "log intervals at the largest batch"}}
     json.dump(out, open(a.json, "w"), indent=1)
     _plot(stock, ours, a.json.replace(".json", ".png"))
     print(json.dumps(out["summary"], indent=1))
+
+
+def _median_pcie_bytes(run: dict):
+    vals = sorted(h["pcie_mb_per_step"] * 1e6 for h in run.get("host_reads_at_max_running", []))
+    return vals[len(vals) // 2] if vals else None
 
 
 def _plot(stock: dict, ours: dict, path: str) -> None:

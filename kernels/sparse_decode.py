@@ -30,10 +30,11 @@ def _dot(a, b):
 def _sparse_decode_kernel(q, k_buffer, v_buffer, token_slots, mid_o, mid_lse, sm_scale, K,
                           stride_qb, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_tb, stride_th,
                           stride_mb, stride_mh, stride_ms, stride_lb, stride_lh,
+                          cache_k, cache_v, cache_ref,
                           HKV: tl.constexpr, G: tl.constexpr, NHB: tl.constexpr, BLOCK_H: tl.constexpr,
                           D1: tl.constexpr, D2: tl.constexpr, DV: tl.constexpr, V_IS_K: tl.constexpr,
                           SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, NDV: tl.constexpr,
-                          PDL: tl.constexpr):
+                          PDL: tl.constexpr, CACHED: tl.constexpr):
     pid = tl.program_id(0)
     split = tl.program_id(1)
     vc = pid % NDV  # this program's DV-wide column chunk of the output (of NDV); the scores are recomputed per chunk
@@ -59,10 +60,26 @@ def _sparse_decode_kernel(q, k_buffer, v_buffer, token_slots, mid_o, mid_lse, sm
         slot = tl.load(token_slots + b * stride_tb + h * stride_th + offs_n, mask=offs_n < K, other=-1)
         valid = slot >= 0
         row = slot.to(tl.int64) * stride_ks + h * stride_kh
-        k1 = tl.load(k_buffer + row[:, None] + offs_d1[None, :], mask=valid[:, None], other=0.0)
+        if CACHED:  # host_cache_lookup's verdict: c >= 0 read cache row c, -(c + 2) read the slot and fill row c
+            cref = tl.load(cache_ref + b * stride_tb + h * stride_th + offs_n, mask=offs_n < K, other=-1)
+            hit = valid & (cref >= 0)
+            fill = valid & (cref <= -2)
+            crow = tl.where(hit, cref, -cref - 2).to(tl.int64)
+            from_kv = valid & ~hit
+            k1 = (tl.load(k_buffer + row[:, None] + offs_d1[None, :], mask=from_kv[:, None], other=0.0)
+                  + tl.load(cache_k + crow[:, None] * (D1 + D2) + offs_d1[None, :], mask=hit[:, None], other=0.0))
+            tl.store(cache_k + crow[:, None] * (D1 + D2) + offs_d1[None, :], k1, mask=fill[:, None])
+        else:
+            k1 = tl.load(k_buffer + row[:, None] + offs_d1[None, :], mask=valid[:, None], other=0.0)
         qk = _dot(q1, tl.trans(k1))
         if D2 > 0:
-            k2 = tl.load(k_buffer + row[:, None] + offs_d2[None, :], mask=valid[:, None], other=0.0)
+            if CACHED:
+                k2 = (tl.load(k_buffer + row[:, None] + offs_d2[None, :], mask=from_kv[:, None], other=0.0)
+                      + tl.load(cache_k + crow[:, None] * (D1 + D2) + offs_d2[None, :], mask=hit[:, None],
+                                other=0.0))
+                tl.store(cache_k + crow[:, None] * (D1 + D2) + offs_d2[None, :], k2, mask=fill[:, None])
+            else:
+                k2 = tl.load(k_buffer + row[:, None] + offs_d2[None, :], mask=valid[:, None], other=0.0)
             qk += _dot(q2, tl.trans(k2))
         qk = tl.where(valid[None, :], qk * scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, axis=1))
@@ -73,7 +90,13 @@ def _sparse_decode_kernel(q, k_buffer, v_buffer, token_slots, mid_o, mid_lse, sm
             v = k1
         else:
             vrow = slot.to(tl.int64) * stride_vs + h * stride_vh
-            v = tl.load(v_buffer + vrow[:, None] + offs_dv[None, :], mask=valid[:, None], other=0.0)
+            if CACHED:
+                v = (tl.load(v_buffer + vrow[:, None] + offs_dv[None, :], mask=from_kv[:, None], other=0.0)
+                     + tl.load(cache_v + crow[:, None] * (DV * NDV) + offs_dv[None, :], mask=hit[:, None],
+                               other=0.0))
+                tl.store(cache_v + crow[:, None] * (DV * NDV) + offs_dv[None, :], v, mask=fill[:, None])
+            else:
+                v = tl.load(v_buffer + vrow[:, None] + offs_dv[None, :], mask=valid[:, None], other=0.0)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
@@ -109,12 +132,15 @@ TILES = {"narrow": dict(block_n=64, num_warps=4, dv_chunks=1),  # D <= 256 (GQA 
 def sparse_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, token_slots: torch.Tensor,
                   sm_scale: float, out: Optional[torch.Tensor] = None, num_splits: int = 0,
                   block_h: int = 0, out_rows: Optional[torch.Tensor] = None, block_n: int = 0,
-                  num_warps: int = 0, dv_chunks: int = 0) -> torch.Tensor:
+                  num_warps: int = 0, dv_chunks: int = 0, cache: Optional[tuple] = None) -> torch.Tensor:
     """Exact attention of each query head over its KV group's selected slots (see `reference.sparse_decode`).
 
     q: [B, Hq, D]; k_buffer: [S, Hkv, D]; v_buffer: [S, Hkv, Dv] (may be a view of k_buffer[..., :Dv]);
     token_slots: [B, Hkv, K] int32 (-1 = skip). Returns o: [B, Hq, Dv] in q's dtype (float32 accumulation).
     out_rows: [B] bool, with out: only those rows of out are written (the others keep what they hold).
+    cache: (cache_k [N, D], cache_v [N, Dv] (may be cache_k when v_buffer is a view of k_buffer), cache_ref
+    [B, Hkv, K] int32 from `host_cache_lookup`): hits read the cache row, fills read the slot and write the row
+    (the host-row cache, offload/host_cache.py); the attention is the same.
     Two kernels: this split-K pass and `splitk_combine`. (Merging the splits in the last split to finish, by
     an atomic ticket, was measured slower on the H100: GQA 96k x 8 21.8 vs 21.2 us, MLA 29.0 vs 18.4 us.)
     """
@@ -141,10 +167,18 @@ def sparse_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tenso
     mid_o = torch.empty(b, hq, splits, dv, dtype=torch.float32, device=q.device)
     mid_lse = torch.empty(b, hq, splits, dtype=torch.float32, device=q.device)
     pdl = use_pdl(q.device)
+    cache_k = cache_v = cache_ref = token_slots  # unused unless cache is given
+    if cache is not None:
+        cache_k, cache_v, cache_ref = cache
+        assert cache_k.shape[1] == d and cache_k.is_contiguous() and cache_v.is_contiguous()
+        assert cache_v.shape[1] == (d if v_is_k else dv) and cache_k.dtype == cache_v.dtype == q.dtype
+        assert cache_ref.shape == token_slots.shape and cache_ref.stride() == token_slots.stride()
+        assert cache_ref.dtype == torch.int32
     _sparse_decode_kernel[(b * hkv * nhb * ndv, splits)](
         q, k_buffer, v_buffer, token_slots, mid_o, mid_lse, sm_scale, kk, q.stride(0), q.stride(1),
         k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1), token_slots.stride(0),
         token_slots.stride(1), mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0),
-        mid_lse.stride(1), HKV=hkv, G=g, NHB=nhb, BLOCK_H=block_h, D1=d1, D2=d2, DV=dv // ndv, V_IS_K=v_is_k,
-        SPLIT_K=split_k, BLOCK_N=block_n, NDV=ndv, PDL=pdl, num_warps=num_warps, num_stages=2, launch_pdl=pdl)
+        mid_lse.stride(1), cache_k, cache_v, cache_ref, HKV=hkv, G=g, NHB=nhb, BLOCK_H=block_h, D1=d1, D2=d2,
+        DV=dv // ndv, V_IS_K=v_is_k, SPLIT_K=split_k, BLOCK_N=block_n, NDV=ndv, PDL=pdl, CACHED=cache is not None,
+        num_warps=num_warps, num_stages=2, launch_pdl=pdl)
     return splitk_combine(mid_o, mid_lse, q.dtype, out=out, out_rows=out_rows)

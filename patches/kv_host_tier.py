@@ -20,6 +20,7 @@ import torch
 
 from sglang_asynctls.config import FLAGS
 from sglang_asynctls.offload import host_tier
+from sglang_asynctls.offload.host_cache import cache_bytes
 from sglang_asynctls.runtime_config import config_of
 
 SIZING_TARGET = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator.config_from_budget"
@@ -53,16 +54,21 @@ def config_from_budget_with_host_tier(original, kvc, budget_bytes, *args, **kwar
         fraction = host_tier.index_fraction(mc.head_dim, mc.v_head_dim, elem, cfg.resolved_label_channels("gqa"),
                                             cfg.block_size)
     index_reserve = int(host_tokens * configurator._cell_size * fraction)
-    if index_reserve >= budget_bytes:
+    # the host-row cache: every request row (SGLang's pool has max_running_requests + 1) keeps R rows a layer
+    request_rows = (getattr(kvc.server_args, "max_running_requests", None) or 0) + 1
+    cache_reserve = cache_bytes(request_rows, cfg.host_cache_tokens, configurator._cell_size)
+    if index_reserve + cache_reserve >= budget_bytes:
         raise ValueError(f"{FLAGS['host_kv_gib']} {gib:g}: indexing {host_tokens} host tokens needs "
-                         f"{index_reserve / 2**30:.1f} GiB of GPU memory, more than the KV budget "
-                         f"({budget_bytes / 2**30:.1f} GiB); lower it or raise --mem-fraction-static")
-    device = original(kvc, budget_bytes - index_reserve, *args, **kwargs)
+                         f"{index_reserve / 2**30:.1f} GiB of GPU memory and the host-row cache "
+                         f"{cache_reserve / 2**30:.1f} GiB, more than the KV budget "
+                         f"({budget_bytes / 2**30:.1f} GiB); lower them or raise --mem-fraction-static")
+    device = original(kvc, budget_bytes - index_reserve - cache_reserve, *args, **kwargs)
     plan = host_tier.HostTierPlan(device.max_total_num_tokens, host_tokens)
     host_tier.set_plan(plan)
     logger.info("asynctls host tier: %d KV tokens on the GPU + %d in %.1f GiB of pinned host memory (the host "
-                "slots' index takes %.2f GiB of the GPU's KV budget)", plan.device_tokens, plan.host_tokens,
-                host_tokens * configurator._cell_size / 2**30, index_reserve / 2**30)
+                "slots' index takes %.2f GiB of the GPU's KV budget, the host-row cache %.2f GiB)",
+                plan.device_tokens, plan.host_tokens, host_tokens * configurator._cell_size / 2**30,
+                index_reserve / 2**30, cache_reserve / 2**30)
     return configurator.calculate_pool_sizes_from_max_tokens(plan.total_tokens, kvc.page_size)
 
 

@@ -53,6 +53,11 @@ def add_asynctls_args(_result, parser: argparse.ArgumentParser) -> None:
                         "space after its own KV memory: more tokens fit, and those in host slots are read over PCIe "
                         "(only the selected tokens of long sequences decode sparsely). "
                         "Default: %(default)s (off).")
+    g.add_argument(FLAGS["host_cache_tokens"], type=int, default=_D.host_cache_tokens, metavar="R",
+                   help="With the host tier: keep up to R selected host-slot rows per request, layer and KV head in "
+                        "a GPU cache (8-way set-associative, LRU), so decode reads them from HBM on later steps "
+                        "instead of over PCIe. Needs --max-running-requests (the cache is sized by request rows). "
+                        "Default: %(default)s (off).")
 
 
 def config_from_namespace(args: argparse.Namespace) -> AsyncTLSConfig:

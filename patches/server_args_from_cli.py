@@ -77,6 +77,9 @@ def _check_host_tier(server_args, cfg) -> None:
     for flag, value in clashes.items():
         if value:
             raise AsyncTLSConfigError(f"{FLAGS['host_kv_gib']} cannot be combined with {flag} yet")
+    if cfg.host_cache_tokens and not server_args.max_running_requests:
+        raise AsyncTLSConfigError(f"{FLAGS['host_cache_tokens']} needs --max-running-requests: the cache keeps "
+                                  "rows for every request row, and SGLang's default is thousands of rows")
     # every scheduler process on this node maps its own host tier: TP x PP ranks, times DP replicas unless DP
     # attention spreads them over the same GPUs
     gpus = server_args.tp_size * getattr(server_args, "pp_size", 1)

@@ -77,6 +77,35 @@ def _check_request_rows_fit(request_rows, num_layers: int, k0) -> None:
                          f"--max-running-requests or --context-length, or use --page-size 64 (the default)")
 
 
+def _host_row_cache(cfg, pool, request_rows: int, k0):
+    """The host tier's read counters (exported at the decode log interval) and, with --asynctls-host-cache-tokens,
+    the device cache of host-slot rows (offload/host_cache.py), sized by the request pool; refused if it does not
+    fit in what the GPU has free."""
+    from sglang_asynctls.offload import host_stats
+    from sglang_asynctls.offload.host_cache import HostRowCache
+
+    v0 = pool.get_value_buffer(getattr(pool, "start_layer", 0) or 0)
+    v_is_k = v0.data_ptr() == k0.data_ptr()  # MLA: the latent row is key and value
+    k_dim, v_dim = k0.shape[2], v0.shape[2]
+    row_bytes = host_stats.row_bytes(k_dim, 0 if v_is_k else v_dim, k0.element_size())
+    stats = host_stats.HostReadStats(pool.layer_num, row_bytes, k0.device)
+    lines = cfg.host_cache_tokens
+    need = pool.layer_num * request_rows * k0.shape[1] * lines * row_bytes
+    if lines and k0.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(k0.device)
+        if need > free - (1 << 30):  # keep 1 GiB for activations and CUDA graphs
+            raise ValueError(f"asynctls: --asynctls-host-cache-tokens {lines} needs {need / 2**30:.1f} GiB for "
+                             f"{request_rows} request rows, {free / 2**30:.1f} GiB is free; lower it or "
+                             "--max-running-requests")
+    host_from = pool._asynctls_host_tier.device_tokens + pool.page_size  # first host row (after the padding page)
+    cache = HostRowCache(pool.layer_num, request_rows, k0.shape[1], lines, k_dim, v_dim, v_is_k, k0.dtype,
+                         k0.device, host_from, counters=stats.counters)
+    host_stats.register(stats)
+    logger.info("asynctls host tier: rows >= %d are host slots; host-row cache %d lines per request row, layer and "
+                "KV head (%.2f GiB for %d request rows)", host_from, lines, need / 2**30, request_rows)
+    return cache
+
+
 def create_asynctls_backend(model_runner):
     from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
 
@@ -128,6 +157,7 @@ class _AsyncTLSMixin:
                                k0.dtype, k0.device, channels, quantize=quantize, append=append,
                                request_rows=request_rows)
         self.sparse_fn, self.sparse_impl = _sparse_decode_fn()
+        self.host_cache = _host_row_cache(cfg, pool, self.req_to_token.shape[0], k0) if cfg.host_kv_gib > 0 else None
         # per decode step, computed at its first layer: [B, NB] page of every block, [B] sparse-path rows
         self._block_table = self._long_seq = self._decode_rows = None
         self.stats = {"index_pages_written": 0, "index_slots_labelled": 0}
@@ -155,6 +185,8 @@ class _AsyncTLSMixin:
             return super().init_forward_metadata(masked)
         super().init_forward_metadata(forward_batch)
         if forward_batch.forward_mode.is_extend():
+            if self.host_cache is not None:  # a prefilled row may hold a new request: its cached rows are stale
+                self.host_cache.reset_rows(forward_batch.req_pool_indices)
             self._extend_plan = plan_extend(self.req_to_token, forward_batch.req_pool_indices,
                                             list(forward_batch.extend_prefix_lens_cpu),
                                             forward_batch.seq_lens_cpu.tolist(), self.cfg.block_size,
@@ -174,6 +206,11 @@ class _AsyncTLSMixin:
             k_buffer = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
             self.index.write_extend(lid, k_buffer, forward_batch.out_cache_loc, self._extend_plan)
         return o
+
+    def _host_cache_kw(self, lid, rpi, seq_lens) -> dict:
+        if self.host_cache is None:
+            return {}
+        return {"host_cache": self.host_cache.for_layer(lid, rpi, seq_lens, self._long_seq)}
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, *args, **kwargs):
         o_dense = super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache, *args, **kwargs)
@@ -200,7 +237,7 @@ class _AsyncTLSMixin:
             ix.labels[lid], ix.label_scale[lid], ix.channels[lid], block_size=cfg.block_size,
             block_budget=block_budget, token_budget=token_budget, sink_tokens=cfg.sink_tokens,
             local_window=cfg.local_window, sm_scale=layer.scaling, bound_slack=cfg.bound_slack,
-            group_score=cfg.group_score, **kw)
+            group_score=cfg.group_score, **kw, **self._host_cache_kw(lid, rpi, seq_lens))
         if kw:
             return o_dense
         return torch.where(self._long_seq[:, None], o_sparse.reshape(o_dense.shape).to(o_dense.dtype), o_dense)

@@ -15,6 +15,7 @@ LABEL_BITS = 4  # INT4 labels: two channels per byte (kernels unpack nibbles)
 DEFAULT_LABEL_CHANNELS = {"gqa": 32, "mla": 128}  # d_c from the paper: 32 of 128 dims (GQA), 128 of 576 (MLA)
 AUTO = "auto"  # per-layer schedules: take the model's calibrated one (channel config JSON), if it has one
 GROUP_SCORES = ("sum", "max")  # how the coarse score combines a KV group's query heads (reference.block_scores)
+HOST_CACHE_WAYS = 8  # lines per set of the host-row cache (offload/host_cache.py)
 
 
 class AsyncTLSConfigError(ValueError):
@@ -38,6 +39,7 @@ FLAGS = {
     "dense_below": "--asynctls-dense-below",
     "offload": "--asynctls-offload",
     "host_kv_gib": "--asynctls-host-kv-gib",
+    "host_cache_tokens": "--asynctls-host-cache-tokens",
 }
 
 
@@ -84,6 +86,9 @@ class AsyncTLSConfig:
     offload:        keep full KV in pinned host memory, a resident block set on the GPU
     host_kv_gib:    GiB of pinned host memory per rank appended to the KV pool's address range (0 = none): slots
                     past the GPU's share live in host RAM and are read over PCIe (patches/kv_host_tier.py)
+    host_cache_tokens: with host_kv_gib, rows R of a device cache per request, layer and KV head that keeps
+                    selected host-slot rows for the next steps (HOST_CACHE_WAYS-way set-associative, LRU; 0 = none;
+                    offload/host_cache.py). Needs --max-running-requests: the cache is sized by request rows
     """
 
     enabled: bool = False
@@ -101,6 +106,7 @@ class AsyncTLSConfig:
     dense_below: int = 8192
     offload: bool = False
     host_kv_gib: float = 0.0
+    host_cache_tokens: int = 0
 
     def __post_init__(self):
         bs = self.block_size
@@ -119,6 +125,12 @@ class AsyncTLSConfig:
                   f" and at most block budget x block size = {cap}", self.token_budget)
         _check_float("bound_slack", self.bound_slack, 0.0, 1.0)
         _check_float("host_kv_gib", self.host_kv_gib, 0.0, 4096.0)
+        _check_int("host_cache_tokens", self.host_cache_tokens, 0, 1 << 20)
+        if self.host_cache_tokens % HOST_CACHE_WAYS:
+            _fail("host_cache_tokens", f"a multiple of {HOST_CACHE_WAYS} (the cache's ways)", self.host_cache_tokens)
+        if self.host_cache_tokens and not self.host_kv_gib:
+            _fail("host_cache_tokens", f"0 unless {FLAGS['host_kv_gib']} is set (it caches host-slot rows)",
+                  self.host_cache_tokens)
         if self.group_score not in GROUP_SCORES:
             _fail("group_score", f"one of {', '.join(GROUP_SCORES)}", self.group_score)
         for layer, scale in self.layer_scale().items():  # the listed layers now; all of them in layer_budgets

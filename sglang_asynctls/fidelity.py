@@ -222,9 +222,9 @@ def capture_slots():
     seen: List[torch.Tensor] = []
     inner = ref.sparse_decode
 
-    def spy(q, k_buffer, v_buffer, token_slots, sm_scale):
+    def spy(q, k_buffer, v_buffer, token_slots, sm_scale, **kwargs):
         seen.append(token_slots)
-        return inner(q, k_buffer, v_buffer, token_slots, sm_scale)
+        return inner(q, k_buffer, v_buffer, token_slots, sm_scale, **kwargs)
 
     ref.sparse_decode = spy
     try:

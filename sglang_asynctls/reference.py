@@ -289,10 +289,13 @@ def positions_to_slots(positions: torch.Tensor, req_to_token: torch.Tensor,
 
 
 def sparse_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, token_slots: torch.Tensor,
-                  sm_scale: float) -> torch.Tensor:
+                  sm_scale: float, cache: tuple = None) -> torch.Tensor:
     """Exact attention of each query head over its KV group's selected slots.
 
     q: [B, Hq, D]; k_buffer: [S, Hkv, D]; v_buffer: [S, Hkv, Dv]; token_slots: [B, Hkv, K] int (-1 = skip).
+    cache: (cache_k [N, D], cache_v [N, Dv], cache_ref [B, Hkv, K] from `offload.reference.host_cache_lookup`):
+    a row with cache_ref c >= 0 is read from cache row c; one with -(c + 2) is read from its slot and copied into
+    cache row c (when v_buffer is a view of k_buffer, cache_v is cache_k and only K rows are kept).
     Returns o: [B, Hq, Dv] in q's dtype (accumulated in float32).
     """
     b, hq, d = q.shape
@@ -301,13 +304,30 @@ def sparse_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tenso
     valid = token_slots >= 0
     slots = token_slots.long().clamp(min=0)
     heads = torch.arange(hkv, device=q.device)[None, :, None]
-    k = _f(k_buffer[slots, heads])  # [B, Hkv, K, D]
-    v = _f(v_buffer[slots, heads])  # [B, Hkv, K, Dv]
+    k_rows, v_rows = k_buffer[slots, heads], v_buffer[slots, heads]  # [B, Hkv, K, D], [B, Hkv, K, Dv]
+    if cache is not None:
+        v_is_k = v_buffer.data_ptr() == k_buffer.data_ptr()
+        k_rows, v_rows = _through_cache(k_rows, v_rows, valid, *cache, v_is_k=v_is_k)
+    k, v = _f(k_rows), _f(v_rows)
     logits = torch.einsum("bhgd,bhkd->bhgk", _f(q).view(b, hkv, g, d), k) * sm_scale
     logits = logits.masked_fill(~valid[:, :, None, :], NEG_INF)
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
     o = torch.einsum("bhgk,bhkv->bhgv", probs, v)
     return o.reshape(b, hq, -1).to(q.dtype)
+
+
+def _through_cache(k_rows, v_rows, valid, cache_k, cache_v, cache_ref, v_is_k: bool):
+    """K/V rows as the host-row cache serves them (hits from the cache, fills written into it)."""
+    hit = valid & (cache_ref >= 0)
+    fill = valid & (cache_ref <= -2)
+    line = torch.where(hit, cache_ref, -cache_ref - 2).long()
+    k_rows = torch.where(hit[..., None], cache_k[line.clamp(min=0)], k_rows)
+    cache_k[line[fill]] = k_rows[fill]
+    if v_is_k:
+        return k_rows, k_rows[..., :v_rows.shape[-1]]
+    v_rows = torch.where(hit[..., None], cache_v[line.clamp(min=0)], v_rows)
+    cache_v[line[fill]] = v_rows[fill]
+    return k_rows, v_rows
 
 
 def all_positions(seq_lens: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
@@ -345,9 +365,10 @@ def fine_select(q, labels, label_scale, channels, req_to_token, req_pool_indices
 def asynctls_decode(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, kmin, kmax, block_table,
                     labels, label_scale, channels, *, block_size, block_budget, token_budget, sink_tokens,
                     local_window, sm_scale, candidate_blocks: Optional[torch.Tensor] = None,
-                    bound_slack: float = 1.0, group_score: str = "sum") -> torch.Tensor:
+                    bound_slack: float = 1.0, group_score: str = "sum", host_cache=None) -> torch.Tensor:
     """Two-level sparse decode. candidate_blocks [B, Hkv, Kb] (e.g. the previous step's M_{t-1}, as the offload
-    engine uses) replaces this step's coarse selection when given; bound_slack, group_score: `block_scores`."""
+    engine uses) replaces this step's coarse selection when given; bound_slack, group_score: `block_scores`.
+    host_cache: slots -> `sparse_decode`'s cache tuple (offload/host_cache.py), for a KV pool with a host tier."""
     if candidate_blocks is None:
         candidate_blocks = coarse_select(q, kmin, kmax, block_table, seq_lens, block_size=block_size,
                                          block_budget=block_budget, sink_tokens=sink_tokens,
@@ -357,7 +378,8 @@ def asynctls_decode(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_l
     slots = fine_select(q, labels, label_scale, channels, req_to_token, req_pool_indices, seq_lens, positions,
                         token_budget=token_budget, sink_tokens=sink_tokens, local_window=local_window,
                         sm_scale=sm_scale)
-    return sparse_decode(q, k_buffer, v_buffer, slots, sm_scale)
+    cache = host_cache(slots) if host_cache is not None else None
+    return sparse_decode(q, k_buffer, v_buffer, slots, sm_scale, cache=cache)
 
 
 def quest_decode(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, kmin, kmax, block_table,

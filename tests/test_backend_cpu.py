@@ -239,3 +239,48 @@ def test_page_size_1_refuses_a_request_pool_whose_rows_do_not_fit(monkeypatch):
     backend._check_request_rows_fit((16, 640), 36, k0)  # 16 rows x 40k tokens of Qwen3-8B: 1.4 GiB, fits
     with pytest.raises(ValueError, match="--max-running-requests"):
         backend._check_request_rows_fit((2048, 640), 36, k0)  # SGLang's default pool: 180 GiB
+
+
+def test_host_tier_decode_counts_host_reads_and_serves_repeats_from_the_cache():
+    """With a host tier and the host-row cache, decode equals the uncached reference step after step, the cache
+    serves rows read before, and a prefill of the row drops its lines."""
+    from sglang_asynctls.offload import host_stats
+    from sglang_asynctls.offload.host_stats import Column
+    from sglang_asynctls.offload.host_tier import HostTierPlan
+
+    mr, g = model_runner()
+    mr.server_args = SimpleNamespace(_asynctls_config=AsyncTLSConfig(
+        **{**CFG.__dict__, "host_kv_gib": 1.0, "host_cache_tokens": 16}))
+    pool = mr.token_to_kv_pool
+    pool._asynctls_host_tier, pool.page_size = HostTierPlan(device_tokens=19 * BS, host_tokens=44 * BS), BS
+    Backend.extend_attention_fwd = staticmethod(lambda *a, **k: None)  # wrapped by the staged-prefix gather
+    be = Backend(mr)
+    assert host_stats.current() is not None and be.host_cache.host_from == 20 * BS
+    rpi, r2t = torch.tensor([1]), mr.req_to_token_pool.req_to_token
+    fb = SimpleNamespace(forward_mode=mode(False), spec_info=None, req_pool_indices=rpi, seq_lens=torch.tensor([300]),
+                         seq_lens_cpu=torch.tensor([300]), extend_prefix_lens_cpu=[0], out_cache_loc=r2t[1, :300].long())
+    be.init_forward_metadata(fb)
+    for i in range(LAYERS):
+        kv = torch.randn(300, HKV * D, generator=g)
+        be.forward_extend(torch.randn(300, HQ * D, generator=g), kv, kv.flip(0), layer(i), fb)
+    q = torch.randn(1, HQ * D, generator=g)
+    for t in range(3):  # the same query each step: the selection repeats, so steps 2 and 3 hit
+        new = torch.tensor([301 + t])
+        dfb = SimpleNamespace(forward_mode=mode(True), spec_info=None, req_pool_indices=rpi, seq_lens=new,
+                              seq_lens_cpu=new, seq_lens_sum=int(new.sum()), out_cache_loc=r2t[1, 300 + t:301 + t].long())
+        be.init_forward_metadata(dfb)
+        out = be.forward_decode(q, torch.randn(1, HKV * D, generator=g), torch.randn(1, HKV * D, generator=g),
+                                layer(1), dfb)
+        kb, vb = pool.k[1], pool.v[1]
+        ix = R.build_index(kb, r2t, rpi, new, be.index.channels[1], BS)
+        sparse = R.asynctls_decode(q.view(1, HQ, D), kb, vb, r2t, rpi, new, *ix, be.index.channels[1],
+                                   block_size=BS, block_budget=6, token_budget=40, sink_tokens=4, local_window=8,
+                                   sm_scale=D ** -0.5)
+        torch.testing.assert_close(out.view(HQ, D), sparse[0])
+    c = be.host_cache.counters[1]
+    assert c[Column.STEPS] == 3 and c[Column.ROWS] == 3 * HKV * 40 and 0 < c[Column.HOST_ROWS] < c[Column.ROWS]
+    assert c[Column.CACHE_HITS] > 0 and c[Column.CACHE_FILLS] > 0
+    assert (be.host_cache.tags[:, 1] >= 0).any()
+    be.init_forward_metadata(fb)  # the row is prefilled again (a new request): its lines go
+    assert (be.host_cache.tags[:, 1] == -1).all()
+    host_stats.register(None)

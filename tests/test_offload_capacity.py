@@ -30,3 +30,17 @@ def test_parse_log_reads_capacity_concurrency_and_throughput():
 def test_parse_log_of_a_server_that_never_decoded():
     got = offload_capacity.parse_log("max_total_num_tokens=362810\n")
     assert got["max_running_decode"] == 0 and got["gen_tok_s_at_max_running"] is None and got["host_tokens"] == 0
+
+
+def test_parse_log_pairs_host_read_telemetry_with_the_decode_line_before_it():
+    from sglang_asynctls.offload.host_stats import ReadCounts
+
+    def line(mb_rows):  # the exact line the export hook logs
+        return "[x] " + ReadCounts(rows=mb_rows * 40, host_rows=mb_rows * 20, cache_hits=mb_rows * 10,
+                                   cache_fills=0, steps=40, bytes_per_row=512).summary_line() + "\n"
+    text = LOG.replace("#queue-req: 0,\n[2026-11-24 09:01:11]", "#queue-req: 0,\n" + line(1000) + "[2026-11-24 09:01:11]")
+    text += line(3000)
+    got = offload_capacity.parse_log(text)
+    (h,) = got["host_reads_at_max_running"]  # the batch-11 line's telemetry is not at the max batch
+    assert h == {"rows_per_step": 3000, "host_share": 0.5, "cache_hit": 0.5, "pcie_mb_per_step": 0.38, "steps": 40}
+    assert offload_capacity._median_pcie_bytes(got) == 0.38e6

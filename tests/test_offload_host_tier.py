@@ -123,6 +123,28 @@ def test_sizing_adds_host_slots_and_pays_their_index_from_the_gpu_budget(monkeyp
     assert out.max_total_num_tokens == plan.total_tokens
 
 
+def test_sizing_pays_the_host_row_cache_from_the_gpu_budget(monkeypatch):
+    args = _server_args(monkeypatch, host_kv_gib=10.0, host_cache_tokens=2048)
+    args.max_running_requests = 11
+    kvc, config_cls = _kvc(monkeypatch, server_args=args)
+    seen = []
+    kv_host_tier.config_from_budget_with_host_tier(
+        lambda k, b: seen.append(b) or config_cls(max_total_num_tokens=b // QWEN3_8B_CELL // 64 * 64), kvc, 40 << 30)
+    host = host_tier.plan_host_tokens(10 * 2**30, QWEN3_8B_CELL, 64)
+    reserve = int(host * QWEN3_8B_CELL * 24 / 512)
+    assert seen == [(40 << 30) - reserve - 12 * 2048 * QWEN3_8B_CELL]  # 11 + 1 request rows x 2048 lines
+
+
+def test_launch_refuses_the_host_row_cache_without_max_running_requests():
+    from sglang_asynctls.patches import server_args_from_cli as hook
+
+    cfg = AsyncTLSConfig(enabled=True, host_kv_gib=8.0, host_cache_tokens=1024)
+    args = SimpleNamespace(enable_hierarchical_cache=False, enable_memory_saver=False, speculative_algorithm=None,
+                           tp_size=1, pp_size=1, nnodes=1, max_running_requests=None)
+    with pytest.raises(AsyncTLSConfigError, match="--asynctls-host-cache-tokens needs --max-running-requests"):
+        hook._check_host_tier(args, cfg)
+
+
 def test_sizing_is_untouched_without_the_flag(monkeypatch):
     kvc, config_cls = _kvc(monkeypatch, server_args=_server_args(monkeypatch))
     marker = config_cls(max_total_num_tokens=128)

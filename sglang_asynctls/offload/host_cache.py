@@ -1,0 +1,83 @@
+"""The host-row cache (`--asynctls-host-cache-tokens R`): selected host-slot rows kept on the GPU for later steps.
+
+With the KV host tier, decode reads each long request's k_t selected rows per KV head from wherever their slots
+are; rows in host slots cross PCIe every step. Consecutive steps select mostly the same tokens (on SmolLM2 the
+selections overlap heavily, `offload_token_locality_smollm2.json`), so each (request row, layer, KV head) keeps R
+lines in HBM: R / W sets of W ways, LRU within a set. `host_cache_lookup` (one launch a layer) marks which selected
+host rows are cached and which miss takes which line; `sparse_decode` then reads hits from the cache and writes
+each filled miss into its line as it reads it, so filling costs no extra pass. The attention is exact either way:
+a line holds a copy of its slot's K/V, and a request row's lines are dropped whenever the row is prefilled (a new
+request, or a chunk), the only time a row's slots can change owner.
+
+The lookup also counts the layer's rows, host rows, hits and fills into `HostReadStats.counters` (host_stats.py).
+With R = 0 it only counts.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, List, Optional
+
+import torch
+
+from sglang_asynctls.config import HOST_CACHE_WAYS
+
+
+def _lookup_impl(device: torch.device) -> Callable:
+    if device.type == "cuda" and os.environ.get("SGLANG_ASYNCTLS_DECODE_IMPL", "triton") == "triton":
+        from sglang_asynctls.kernels.host_cache import host_cache_lookup
+    else:
+        from sglang_asynctls.offload.reference import host_cache_lookup
+    return host_cache_lookup
+
+
+def cache_bytes(request_rows: int, lines: int, cell_bytes: int) -> int:
+    """HBM the cache takes: every request row holds `lines` rows of every layer's K/V (cell_bytes a token, all
+    layers and KV heads: SGLang's KV cell size)."""
+    return request_rows * lines * cell_bytes
+
+
+class HostRowCache:
+    """Per layer: tags / stamps / claims [NR, Hkv, R] int32 and the cached rows, K [NR * Hkv * R, D] and V
+    [NR * Hkv * R, Dv] (V is K's first Dv columns when v_is_k: MLA's latent row is both)."""
+
+    def __init__(self, num_layers: int, request_rows: int, kv_heads: int, lines: int, k_dim: int, v_dim: int,
+                 v_is_k: bool, dtype: torch.dtype, device, host_from: int,
+                 counters: Optional[torch.Tensor] = None):
+        if lines % HOST_CACHE_WAYS:
+            raise ValueError(f"host-row cache: {lines} lines is not a multiple of {HOST_CACHE_WAYS} ways")
+        self.lines, self.host_from, self.counters, self.v_is_k = lines, host_from, counters, v_is_k
+        shape = (num_layers, request_rows, kv_heads, lines)
+        self.tags = torch.full(shape, -1, dtype=torch.int32, device=device)
+        self.stamps = torch.full(shape, -1, dtype=torch.int32, device=device)
+        self.claims = torch.full(shape, -1, dtype=torch.int32, device=device)  # lookup scratch, -1 between steps
+        n = request_rows * kv_heads * lines
+        self.k: List[torch.Tensor] = [torch.zeros(n, k_dim, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v: List[torch.Tensor] = (self.k if v_is_k else
+                                      [torch.zeros(n, v_dim, dtype=dtype, device=device) for _ in range(num_layers)])
+        self._lookup = _lookup_impl(torch.device(device))
+
+    def nbytes(self) -> int:
+        rows = sum(t.numel() * t.element_size() for t in self.k)
+        if not self.v_is_k:
+            rows += sum(t.numel() * t.element_size() for t in self.v)
+        return rows + 3 * self.tags.numel() * 4
+
+    def reset_rows(self, rows: torch.Tensor) -> None:
+        """Drop every line of these request rows (all layers): called for each prefill batch's rows."""
+        if self.lines:
+            r = rows.long()
+            self.tags[:, r] = -1
+            self.stamps[:, r] = -1
+
+    def for_layer(self, layer: int, rows: torch.Tensor, seq_lens: torch.Tensor,
+                  active: torch.Tensor) -> Callable[[torch.Tensor], Optional[tuple]]:
+        """slots [B, Hkv, K] -> sparse_decode's cache tuple for this layer (None with R = 0: counting only)."""
+        counters = self.counters[layer] if self.counters is not None else None
+
+        def lookup(slots: torch.Tensor) -> Optional[tuple]:
+            ref = self._lookup(slots, rows, seq_lens, active, self.tags[layer], self.stamps[layer],
+                               self.claims[layer], self.host_from, counters)
+            return (self.k[layer], self.v[layer], ref) if self.lines else None
+
+        return lookup
