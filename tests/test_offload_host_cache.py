@@ -137,3 +137,21 @@ def test_config_checks_the_cache_flag():
         AsyncTLSConfig(host_kv_gib=8, host_cache_tokens=100)
     with pytest.raises(AsyncTLSConfigError, match="--asynctls-host-kv-gib"):
         AsyncTLSConfig(host_cache_tokens=2048)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bf16_cached_decode_is_bit_identical_to_uncached_at_qwen3_size():
+    b, hkv, grp, d, k, lines, nr = 4, 8, 4, 128, 1024, 2048, 6
+    g = torch.Generator().manual_seed(3)
+    k_buf, v_buf = _kv(40000, hkv, d, d, torch.bfloat16, False, g)
+    rows, active, walk = _walk(b, hkv, k, nr, lines, 15000, 40000, steps=4, seed=5)
+    cache = HostRowCache(1, nr, hkv, lines, d, d, False, torch.bfloat16, DEV, 15000)
+    hits = 0
+    for t, sel in enumerate(walk):
+        q = torch.randn(b, hkv * grp, d, generator=g).to(torch.bfloat16).to(DEV)
+        tup = cache.for_layer(0, rows, torch.full((b,), 90000 + t, dtype=torch.int32, device=DEV), active)(sel)
+        hits += int((tup[2] >= 0).sum())
+        got = kernel_sparse_decode(q, k_buf, v_buf, sel, d ** -0.5, cache=tup)
+        assert torch.equal(got, kernel_sparse_decode(q, k_buf, v_buf, sel, d ** -0.5)), f"step {t}"
+    assert hits > 0
