@@ -1,6 +1,7 @@
 """What reading selected KV rows from the host tier costs a decode step (GPU only; PYTHONPATH = repo root).
 
     python3 benchmarks/gpu/host_read_cost.py --out $OUT/host_read_cost_h100.json
+    python benchmarks/gpu/host_read_cost.py --plot benchmarks/results/host_read_cost_h100.json  # PNG beside it, no GPU
 
 K and V buffers are SplitRanges (offload/vmm.py) as the server builds them with --asynctls-host-kv-gib: device
 rows, then pinned host rows. `sparse_decode` attends k_t selected slots per (request, KV head) of a Qwen3-8B-shaped
@@ -17,9 +18,6 @@ import time
 
 import torch
 import triton
-
-from sglang_asynctls.kernels.sparse_decode import sparse_decode
-from sglang_asynctls.offload.vmm import SplitRange
 
 HKV, G, D = 8, 4, 128  # Qwen3-8B: 8 KV heads, 32 query heads, head dim 128
 
@@ -51,8 +49,35 @@ def time_graph(fn, iters: int) -> float:
     return (time.perf_counter() - t) / iters
 
 
+def plot(rec: dict, path: str) -> None:
+    """us per layer against the host share, one line per batch, each point labelled with its implied host GB/s."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for batch in sorted({r["batch"] for r in rec["rows"]}):
+        rows = sorted((r for r in rec["rows"] if r["batch"] == batch), key=lambda r: r["host_share"])
+        xs, ys = [r["host_share"] for r in rows], [r["us_per_layer"] for r in rows]
+        ax.plot(xs, ys, "o-", label=f"batch {batch}")
+        for r in rows:
+            if r["host_GBps"]:
+                ax.annotate(f"{r['host_GBps']:g} GB/s", (r["host_share"], r["us_per_layer"]), fontsize=7,
+                            textcoords="offset points", xytext=(-8, 6), ha="right")
+    ax.set_yscale("log")
+    ax.set_xlabel(f"share of the {rec['rows'][0]['token_budget']} selected rows read from pinned host memory")
+    ax.set_ylabel("us per layer (CUDA-graph replay / layers)")
+    ax.set_title(f"{rec['gpu']}: sparse_decode, SplitRange K/V; labels: host GB/s", fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--plot", metavar="JSON", help="only write JSON's PNG beside it (no GPU needed)")
     ap.add_argument("--device-rows", type=int, default=262144)
     ap.add_argument("--host-rows", type=int, default=524288)
     ap.add_argument("--batches", default="1,9")
@@ -60,11 +85,20 @@ def main() -> None:
     ap.add_argument("--host-shares", default="0,0.25,0.5,0.75,1")
     ap.add_argument("--layers", type=int, default=36)
     ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out")
     a = ap.parse_args()
+    if a.plot:
+        with open(a.plot) as f:
+            plot(json.load(f), a.plot.rsplit(".", 1)[0] + ".png")
+        return
+    if not a.out:
+        ap.error("--out is required unless --plot")
+    from sglang_asynctls.kernels.sparse_decode import sparse_decode
+    from sglang_asynctls.offload.vmm import SplitRange
+
     rec = {"benchmark": "host_read_cost",
            "command": "python3 benchmarks/gpu/host_read_cost.py " + " ".join(
-               f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items()),
+               f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items() if k != "plot"),
            "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
            "shape": {"kv_heads": HKV, "group": G, "head_dim": D, "dtype": "bfloat16"}, "rows": []}
@@ -97,6 +131,7 @@ def main() -> None:
         r.close()
     with open(a.out, "w") as f:
         json.dump(rec, f, indent=1)
+    plot(rec, a.out.rsplit(".", 1)[0] + ".png")
 
 
 if __name__ == "__main__":
