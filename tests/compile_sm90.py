@@ -9,6 +9,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from sglang_asynctls.kernels.gather_blocks import _gather_blocks_kernel
+from sglang_asynctls.kernels.host_cache import _host_cache_lookup_kernel
 from sglang_asynctls.kernels.block_scores import _block_scores_kernel
 from sglang_asynctls.kernels.index_append import _append_decode_index_kernel
 from sglang_asynctls.kernels.resident_candidates import _resident_candidates_kernel
@@ -153,18 +154,30 @@ def token_scores_recompute(g, half_dc):
                   BS=64, NSPLIT=64, BLOCK_C=128, USE_DOT=True, PDL=g == 20), 4)
 
 
-def sparse_decode(d1, d2, dv, g, ndv=1):
+def sparse_decode(d1, d2, dv, g, ndv=1, cached=False):
     _compile(_sparse_decode_kernel,
              [("q", "*bf16"), ("k_buffer", "*bf16"), ("v_buffer", "*bf16"), ("token_slots", "*i32"),
               ("mid_o", "*fp32"), ("mid_lse", "*fp32"), ("sm_scale", "fp32"), ("K", "i32")]
              + _i32("stride_qb", "stride_qh", "stride_ks", "stride_kh", "stride_vs", "stride_vh", "stride_tb",
                     "stride_th", "stride_mb", "stride_mh", "stride_ms", "stride_lb", "stride_lh")
+             + [("cache_k", "*bf16"), ("cache_v", "*bf16"), ("cache_ref", "*i32")]
              + [(n, None) for n in ("HKV", "G", "NHB", "BLOCK_H", "D1", "D2", "DV", "V_IS_K", "SPLIT_K", "BLOCK_N",
-                                    "NDV", "PDL")],
+                                    "NDV", "PDL", "CACHED")],
              dict(HKV=8 if g == 4 else 1, G=g, NHB=1, BLOCK_H=max(16, triton.next_power_of_2(g)), D1=d1, D2=d2,
                   DV=dv // ndv, V_IS_K=d2 > 0 and ndv == 1, SPLIT_K=128, BLOCK_N=32 if d2 else 64, NDV=ndv,
-                  PDL=g == 20),
+                  PDL=g == 20, CACHED=cached),
              8 if d2 else 4)
+
+
+def host_cache_lookup(lines, block_k):
+    _compile(_host_cache_lookup_kernel,
+             [("token_slots", "*i32"), ("rows", "*i64"), ("seq_lens", "*i64"), ("active", "*i1"), ("tags", "*i32"),
+              ("stamps", "*i32"), ("claims", "*i32"), ("cache_ref", "*i32"), ("counters", "*i64")]
+             + _i32("host_from", "K", "stride_tb", "stride_th", "stride_ob", "stride_oh")
+             + [(n, None) for n in ("HKV", "R", "W", "BLOCK_K", "COUNT", "COLS", "C_ROWS", "C_HOST", "C_HITS",
+                                    "C_FILLS", "C_STEPS")],
+             dict(HKV=8, R=lines, W=8, BLOCK_K=block_k, COUNT=True, COLS=5, C_ROWS=0, C_HOST=1, C_HITS=2, C_FILLS=3,
+                  C_STEPS=4), 4)
 
 
 def splitk_combine(dv, has_rows):
@@ -182,8 +195,9 @@ def attention_kernels():
             print(f"token_logits (G={g}, store_logits={store_logits}): compiled for sm_90")
         token_scores_recompute(g, half_dc)
         print(f"token_scores_recompute (G={g}): compiled for sm_90")
-        sparse_decode(d1, d2, dv, g)
-        print(f"sparse_decode (D={d1}+{d2}, G={g}): compiled for sm_90")
+        for cached in (False, True):
+            sparse_decode(d1, d2, dv, g, cached=cached)
+            print(f"sparse_decode (D={d1}+{d2}, G={g}, host-row cache={cached}): compiled for sm_90")
         if d2:
             sparse_decode(d1, d2, dv, g, ndv=4)
             print(f"sparse_decode (D={d1}+{d2}, G={g}, dv_chunks=4): compiled for sm_90")
@@ -204,4 +218,7 @@ if __name__ == "__main__":
         append_decode_index(d, half_dc, has_rows=d == 128)  # rows: page size 1 (per-request block rows)
         print(f"append_decode_index (D={d}): compiled for sm_90")
     attention_kernels()
+    for lines in (0, 2048):
+        host_cache_lookup(lines, 1024)
+        print(f"host_cache_lookup (R={lines}, K=1024): compiled for sm_90")
     offload_kernels()
