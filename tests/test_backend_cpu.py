@@ -7,6 +7,7 @@ over an index that prefill + decode maintained, and radix-shared pages are not r
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from sglang_asynctls import reference as R
@@ -16,6 +17,13 @@ from sglang_asynctls.config import AsyncTLSConfig
 HQ, HKV, D, BS, LAYERS = 4, 2, 16, 16, 2
 CFG = AsyncTLSConfig(enabled=True, block_size=BS, block_budget=6, token_budget=40, sink_tokens=4, local_window=8,
                      dense_below=200, label_channels=8)
+
+
+@pytest.fixture(autouse=True)
+def _torch_reference_kernels(monkeypatch):
+    """The stand-in pool is on the CPU: on a GPU host the backend would pick the Triton kernels, which refuse it."""
+    monkeypatch.setenv("SGLANG_ASYNCTLS_DECODE_IMPL", "reference")
+    monkeypatch.setenv("SGLANG_ASYNCTLS_FUSED_INDEX", "0")
 
 
 class FakeTriton:

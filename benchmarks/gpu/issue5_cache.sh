@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu/issue5_cache.sh cache      # 10 x 96k dummy Qwen3-8B, host tier + cache (R = 2048)
 #   bash benchmarks/gpu/issue5_cache.sh nocache    # the same without the cache
 #   bash benchmarks/gpu/issue5_cache.sh stock      # stock SGLang (FlashInfer) with the same prompts
+#   bash benchmarks/gpu/issue5_cache.sh cache_n N GIB  # N x 96k, GIB of host tier, cache on, N + 1 request rows
 # A fresh machine compiles the asynctls Triton kernels during CUDA-graph capture: servers get 600 s to be ready.
 set -u
 source /root/stage/p2/scripts/env.sh
@@ -37,5 +38,7 @@ case ${1:-} in
   cache) cap asynctls_host_cache 10 "${HOST[@]}" --asynctls-host-cache-tokens 2048 ;;
   nocache) cap asynctls_host_nocache 10 "${HOST[@]}" ;;
   stock) cap stock_flashinfer 4 --attention-backend flashinfer ;;
-  *) echo "usage: $0 tests|parity|cache|nocache|stock"; exit 2 ;;
+  cache_n) cap "asynctls_host_cache_${2}req" "$2" --enable-asynctls --asynctls-host-kv-gib "$3" \
+    --max-running-requests $(($2 + 1)) --asynctls-host-cache-tokens 2048 ;;
+  *) echo "usage: $0 tests|parity|cache|nocache|stock|cache_n N GIB"; exit 2 ;;
 esac
