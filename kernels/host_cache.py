@@ -21,7 +21,7 @@ from sglang_asynctls.offload.host_stats import Column as Col
 def _host_cache_lookup_kernel(token_slots, rows, seq_lens, active, tags, stamps, claims, cache_ref, counters,
                               host_from, K, stride_tb, stride_th, stride_ob, stride_oh,
                               HKV: tl.constexpr, R: tl.constexpr, W: tl.constexpr, BLOCK_K: tl.constexpr,
-                              COUNT: tl.constexpr, COLS: tl.constexpr, C_ROWS: tl.constexpr,
+                              COUNT: tl.constexpr, C_ROWS: tl.constexpr,
                               C_HOST: tl.constexpr, C_HITS: tl.constexpr, C_FILLS: tl.constexpr,
                               C_STEPS: tl.constexpr):
     pid = tl.program_id(0)
@@ -96,6 +96,6 @@ def host_cache_lookup(token_slots: torch.Tensor, rows: torch.Tensor, seq_lens: t
         token_slots, rows, seq_lens, active, tags, stamps, claims, cache_ref,
         counters if counters is not None else cache_ref, host_from, k, token_slots.stride(0), token_slots.stride(1),
         cache_ref.stride(0), cache_ref.stride(1), HKV=hkv, R=r, W=W, BLOCK_K=triton.next_power_of_2(k),
-        COUNT=counters is not None, COLS=len(Col), C_ROWS=int(Col.ROWS), C_HOST=int(Col.HOST_ROWS),
+        COUNT=counters is not None, C_ROWS=int(Col.ROWS), C_HOST=int(Col.HOST_ROWS),
         C_HITS=int(Col.CACHE_HITS), C_FILLS=int(Col.CACHE_FILLS), C_STEPS=int(Col.STEPS), num_warps=4)
     return cache_ref

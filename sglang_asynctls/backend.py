@@ -77,7 +77,7 @@ def _check_request_rows_fit(request_rows, num_layers: int, k0) -> None:
                          f"--max-running-requests or --context-length, or use --page-size 64 (the default)")
 
 
-def _host_row_cache(cfg, pool, request_rows: int, k0):
+def _host_row_cache(cfg, pool, request_rows: int, k0, impl: str):
     """The host tier's read counters (exported at the decode log interval) and, with --asynctls-host-cache-tokens,
     the device cache of host-slot rows (offload/host_cache.py), sized by the request pool; refused if it does not
     fit in what the GPU has free."""
@@ -99,7 +99,7 @@ def _host_row_cache(cfg, pool, request_rows: int, k0):
                              "--max-running-requests")
     host_from = pool._asynctls_host_tier.device_tokens + pool.page_size  # first host row (after the padding page)
     cache = HostRowCache(pool.layer_num, request_rows, k0.shape[1], lines, k_dim, v_dim, v_is_k, k0.dtype,
-                         k0.device, host_from, counters=stats.counters)
+                         k0.device, host_from, counters=stats.counters, impl=impl)
     host_stats.register(stats)
     logger.info("asynctls host tier: rows >= %d are host slots; host-row cache %d lines per request row, layer and "
                 "KV head (%.2f GiB for %d request rows)", host_from, lines, need / 2**30, request_rows)
@@ -157,7 +157,8 @@ class _AsyncTLSMixin:
                                k0.dtype, k0.device, channels, quantize=quantize, append=append,
                                request_rows=request_rows)
         self.sparse_fn, self.sparse_impl = _sparse_decode_fn()
-        self.host_cache = _host_row_cache(cfg, pool, self.req_to_token.shape[0], k0) if cfg.host_kv_gib > 0 else None
+        self.host_cache = (_host_row_cache(cfg, pool, self.req_to_token.shape[0], k0, self.sparse_impl)
+                           if cfg.host_kv_gib > 0 else None)
         # per decode step, computed at its first layer: [B, NB] page of every block, [B] sparse-path rows
         self._block_table = self._long_seq = self._decode_rows = None
         self.stats = {"index_pages_written": 0, "index_slots_labelled": 0}

@@ -174,9 +174,9 @@ def host_cache_lookup(lines, block_k):
              [("token_slots", "*i32"), ("rows", "*i64"), ("seq_lens", "*i64"), ("active", "*i1"), ("tags", "*i32"),
               ("stamps", "*i32"), ("claims", "*i32"), ("cache_ref", "*i32"), ("counters", "*i64")]
              + _i32("host_from", "K", "stride_tb", "stride_th", "stride_ob", "stride_oh")
-             + [(n, None) for n in ("HKV", "R", "W", "BLOCK_K", "COUNT", "COLS", "C_ROWS", "C_HOST", "C_HITS",
+             + [(n, None) for n in ("HKV", "R", "W", "BLOCK_K", "COUNT", "C_ROWS", "C_HOST", "C_HITS",
                                     "C_FILLS", "C_STEPS")],
-             dict(HKV=8, R=lines, W=8, BLOCK_K=block_k, COUNT=True, COLS=5, C_ROWS=0, C_HOST=1, C_HITS=2, C_FILLS=3,
+             dict(HKV=8, R=lines, W=8, BLOCK_K=block_k, COUNT=True, C_ROWS=0, C_HOST=1, C_HITS=2, C_FILLS=3,
                   C_STEPS=4), 4)
 
 

@@ -1,5 +1,5 @@
 """Host-tier read telemetry (offload/host_stats.py) and its decode-log export (patches/host_read_stats.py), on the CPU.
-The GPU counting is the attention kernels' (tested against count_reads where they count)."""
+The GPU counting is host_cache_lookup's, tested against its reference, which counts with count_reads."""
 
 import logging
 from types import SimpleNamespace

@@ -92,9 +92,9 @@ def test_cached_sparse_decode_attends_exactly_and_fills_copies(dtype, shape):
     g = torch.Generator().manual_seed(7)
     k_buf, v_buf = _kv(160, hkv, d, dv, dtype, mla, g)
     rows, active, walk = _walk(b, hkv, k, nr, lines, host_from, 160, steps=4, seed=1)
-    caches = [HostRowCache(1, nr, hkv, lines, d, dv, mla, dtype, DEV, host_from) for _ in range(2)]
-    for cache in caches:  # the reference cache looks up with the reference, the kernel one with the kernel
-        cache._lookup = OR.host_cache_lookup if cache is caches[0] else kernel_lookup
+    # the reference cache looks up with the reference, the kernel one with the kernel
+    caches = [HostRowCache(1, nr, hkv, lines, d, dv, mla, dtype, DEV, host_from, impl=impl)
+              for impl in ("reference", "triton")]
     tol = dict(atol=2e-3, rtol=2e-3) if dtype == torch.float16 else dict(atol=1e-5, rtol=1e-5)
     for t, sel in enumerate(walk):
         q = torch.randn(b, hkv * grp, d, generator=g).to(dtype).to(DEV)
@@ -146,7 +146,7 @@ def test_bf16_cached_decode_is_bit_identical_to_uncached_at_qwen3_size():
     g = torch.Generator().manual_seed(3)
     k_buf, v_buf = _kv(40000, hkv, d, d, torch.bfloat16, False, g)
     rows, active, walk = _walk(b, hkv, k, nr, lines, 15000, 40000, steps=4, seed=5)
-    cache = HostRowCache(1, nr, hkv, lines, d, d, False, torch.bfloat16, DEV, 15000)
+    cache = HostRowCache(1, nr, hkv, lines, d, d, False, torch.bfloat16, DEV, 15000, impl="triton")
     hits = 0
     for t, sel in enumerate(walk):
         q = torch.randn(b, hkv * grp, d, generator=g).to(torch.bfloat16).to(DEV)

@@ -15,7 +15,6 @@ With R = 0 it only counts.
 
 from __future__ import annotations
 
-import os
 from typing import Callable, List, Optional
 
 import torch
@@ -23,8 +22,8 @@ import torch
 from sglang_asynctls.config import HOST_CACHE_WAYS
 
 
-def _lookup_impl(device: torch.device) -> Callable:
-    if device.type == "cuda" and os.environ.get("SGLANG_ASYNCTLS_DECODE_IMPL", "triton") == "triton":
+def _lookup_fn(impl: str) -> Callable:
+    if impl == "triton":
         from sglang_asynctls.kernels.host_cache import host_cache_lookup
     else:
         from sglang_asynctls.offload.reference import host_cache_lookup
@@ -43,7 +42,7 @@ class HostRowCache:
 
     def __init__(self, num_layers: int, request_rows: int, kv_heads: int, lines: int, k_dim: int, v_dim: int,
                  v_is_k: bool, dtype: torch.dtype, device, host_from: int,
-                 counters: Optional[torch.Tensor] = None):
+                 counters: Optional[torch.Tensor] = None, impl: str = "reference"):
         if lines % HOST_CACHE_WAYS:
             raise ValueError(f"host-row cache: {lines} lines is not a multiple of {HOST_CACHE_WAYS} ways")
         self.lines, self.host_from, self.counters, self.v_is_k = lines, host_from, counters, v_is_k
@@ -55,7 +54,7 @@ class HostRowCache:
         self.k: List[torch.Tensor] = [torch.zeros(n, k_dim, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v: List[torch.Tensor] = (self.k if v_is_k else
                                       [torch.zeros(n, v_dim, dtype=dtype, device=device) for _ in range(num_layers)])
-        self._lookup = _lookup_impl(torch.device(device))
+        self._lookup = _lookup_fn(impl)  # "triton" or "reference", as the backend's decode path
 
     def nbytes(self) -> int:
         rows = sum(t.numel() * t.element_size() for t in self.k)

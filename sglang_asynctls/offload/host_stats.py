@@ -3,10 +3,9 @@ interval: selected token rows read, how many of them sit in host slots (read ove
 device-side hot-token cache served, rows written into that cache, and decode steps.
 
 With `--asynctls-host-kv-gib` a layer's KV buffer is one address range, GPU rows [0, gpu_rows) then host rows; a
-selected slot >= gpu_rows is a host read unless the cache serves it. The attention kernels add into `counters`
-inline (atomics, no op of their own, CUDA-graph safe: the tensor is allocated once and never replaced);
-`count_reads` is the same counting in torch ops, the reference the kernels are tested against and the fallback for
-paths without an inline counter. `snapshot()` is the only host sync; patches/host_read_stats.py calls it at the
+selected slot >= gpu_rows is a host read unless the cache serves it. The Triton `host_cache_lookup` adds into
+`counters` inline (atomics, no op of its own, CUDA-graph safe: the tensor is allocated once and never replaced);
+`count_reads` is the same counting in torch ops, which its reference (offload/reference.py) counts with. `snapshot()` is the only host sync; patches/host_read_stats.py calls it at the
 decode log interval and exports the interval's figures to the log and to Prometheus.
 
 The backend registers the live stats object of its scheduler process with `register(stats)` (one per process, like
@@ -99,7 +98,7 @@ class HostReadSnapshot:
 class HostReadStats:
     """counters [num_layers, len(Column)] int64 on `device`; kernels add into it, `snapshot()` reads it.
 
-    Example (CPU; on the GPU the attention kernels do the counting)::
+    Example (CPU; on the GPU `host_cache_lookup` does the counting)::
 
         stats = HostReadStats(num_layers=2, bytes_per_row=row_bytes(128, 128, 2), device="cpu")
         slots = torch.tensor([[[3, 900, -1]]])  # [B=1, Hkv=1, K=3]; -1 = not selected

@@ -170,9 +170,7 @@ def host_cache_lookup(token_slots: torch.Tensor, rows: torch.Tensor, seq_lens: t
     b, hkv, k = token_slots.shape
     r = tags.shape[2]
     ref = torch.full_like(token_slots, -1)
-    valid = (token_slots >= 0) & active.bool()[:, None, None]
-    host = valid & (token_slots >= host_from)
-    hits = fills = 0
+    host = (token_slots >= host_from) & active.bool()[:, None, None]
     for i in range(b if r else 0):
         if not bool(active[i]):
             continue
@@ -190,7 +188,6 @@ def host_cache_lookup(token_slots: torch.Tensor, rows: torch.Tensor, seq_lens: t
                     line = first + int(held[0])
                     st[line] = now
                     ref[i, h, j] = base + line
-                    hits += 1
                 else:
                     misses.setdefault(first, []).append(j)
             for first, js in misses.items():
@@ -201,11 +198,10 @@ def host_cache_lookup(token_slots: torch.Tensor, rows: torch.Tensor, seq_lens: t
                 j = max(js)
                 t[line], st[line] = token_slots[i, h, j], now
                 ref[i, h, j] = -(base + line) - 2
-                fills += 1
-    if counters is not None:
-        from sglang_asynctls.offload.host_stats import Column
+    if counters is not None:  # the counting spec is host_stats.count_reads; fills are the cache's own column
+        from sglang_asynctls.offload.host_stats import Column, count_reads
 
-        for col, n in ((Column.ROWS, valid.sum()), (Column.HOST_ROWS, host.sum()), (Column.CACHE_HITS, hits),
-                       (Column.CACHE_FILLS, fills), (Column.STEPS, 1)):
-            counters[col] += int(n)
+        seen = torch.where(active.bool()[:, None, None], token_slots, torch.full_like(token_slots, -1))
+        count_reads(seen, host_from, ref >= 0, counters=counters[None], layer=0)
+        counters[Column.CACHE_FILLS] += int((ref <= -2).sum())
     return ref
