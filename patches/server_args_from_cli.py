@@ -5,12 +5,13 @@ SGLang:  0.5.17
 Reason:  `from_cli_args` keeps only dataclass fields, so our flags would be dropped. Around it we validate the
          flags (before the model is touched), route the attention backend to `asynctls`, and after SGLang has
          resolved the model config, check that the model is GQA/MHA or MLA and that its heads split over the
-         attention tensor-parallel ranks. Any error ends the launch in the launcher process with one line naming
+         attention tensor-parallel ranks, and resolve the inner stock backend (`auto`: stock's own choice). Any error ends the launch in the launcher process with one line naming
          the flag — no scheduler process starts half-configured.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 
@@ -27,20 +28,22 @@ def _route_backend(args) -> None:
     clash = {flag: v for flag, v in chosen.items() if v not in (None, BACKEND_NAME)}
     if clash:
         flag, value = next(iter(clash.items()))
-        raise AsyncTLSConfigError(f"{FLAGS['enabled']} selects the '{BACKEND_NAME}' attention backend itself "
-                                  f"(it runs prefill through SGLang's dense kernels); drop {flag} {value}")
+        raise AsyncTLSConfigError(f"{FLAGS['enabled']} selects the '{BACKEND_NAME}' attention backend itself; "
+                                  f"choose the stock backend it runs prefill and short requests with by "
+                                  f"{FLAGS['dense_backend']} {value} instead of {flag} {value}")
     args.attention_backend = BACKEND_NAME
 
 
 def _match_page_size(args, cfg) -> None:
-    # by default a KV page is exactly one block, so a block's Kmin/Kmax row is addressed by page id and
-    # radix-shared pages share their index; --page-size 1 keeps block rows per request (sglang_asynctls/index.py)
-    if getattr(args, "page_size", None) in (None, cfg.block_size):
+    # by default a KV page is exactly one block; any multiple of the block size keeps each block in contiguous,
+    # block-aligned slots, so a block's Kmin/Kmax row is addressed by slot // block_size and radix-shared pages share
+    # their index; --page-size 1 keeps block rows per request (sglang_asynctls/index.py)
+    if getattr(args, "page_size", None) is None:
         args.page_size = cfg.block_size
         return
-    if args.page_size == 1:
+    if args.page_size == 1 or args.page_size % cfg.block_size == 0:
         return
-    raise AsyncTLSConfigError(f"{FLAGS['enabled']} needs --page-size 1 or equal to {FLAGS['block_size']} "
+    raise AsyncTLSConfigError(f"{FLAGS['enabled']} needs --page-size 1 or a multiple of {FLAGS['block_size']} "
                               f"({cfg.block_size}); got --page-size {args.page_size}")
 
 
@@ -54,9 +57,6 @@ def _check_kv_dtype(args) -> None:
 def _check_model(server_args, cfg) -> None:
     from sglang_asynctls.model_spec import check_attention_tp, check_config_for_model, from_sglang_model_config
 
-    if cfg.offload:
-        # the offload engine is its own piece of work; refusing beats silently serving without it
-        raise AsyncTLSConfigError(f"{FLAGS['offload']} is not available in this version of sglang-asynctls")
     if cfg.host_kv_gib > 0:
         _check_host_tier(server_args, cfg)
     if server_args.model_path.lower() in ("none", "dummy"):
@@ -97,14 +97,27 @@ def _attn_tp_size(server_args) -> int:
                                            server_args.dp_size, getattr(server_args, "attn_cp_size", 1) or 1)[1]
 
 
+def _check_before_sglang(cfg) -> None:
+    """What can be refused from the flags alone, before SGLang resolves anything (and prints its own errors)."""
+    if cfg.offload:
+        # the offload engine is its own piece of work; refusing beats silently serving without it
+        raise AsyncTLSConfigError(f"{FLAGS['offload']} is not available in this version of sglang-asynctls")
+    if cfg.channel_config is not None:
+        from sglang_asynctls.model_spec import read_channel_json
+
+        read_channel_json(cfg.channel_config)
+
+
 def from_cli_args_with_asynctls(original, cls, args):
+    from sglang_asynctls import dense_backend
     from sglang_asynctls.patches.server_args_cli import config_from_namespace
 
     try:
         cfg = config_from_namespace(args)
         if getattr(args, "attention_backend", None) == BACKEND_NAME and not cfg.enabled:
-            cfg = type(cfg)(**{**cfg.__dict__, "enabled": True})
+            cfg = dataclasses.replace(cfg, enabled=True)
         if cfg.enabled:
+            _check_before_sglang(cfg)
             _route_backend(args)
             _match_page_size(args, cfg)
             # the index plan of a prefill batch is built on the host per batch; a captured prefill graph would
@@ -114,6 +127,7 @@ def from_cli_args_with_asynctls(original, cls, args):
         server_args = original(cls, args)
         if cfg.enabled:
             _check_model(server_args, cfg)
+            cfg = dataclasses.replace(cfg, dense_backend=dense_backend.resolve(cfg, server_args))
             attach_config(server_args, cfg)
             logger.info("AsyncTLS enabled: %s", cfg)
     except AsyncTLSConfigError as e:

@@ -16,15 +16,23 @@ DEFAULT_LABEL_CHANNELS = {"gqa": 32, "mla": 128}  # d_c from the paper: 32 of 12
 AUTO = "auto"  # per-layer schedules: take the model's calibrated one (channel config JSON), if it has one
 GROUP_SCORES = ("sum", "max")  # how the coarse score combines a KV group's query heads (reference.block_scores)
 HOST_CACHE_WAYS = 8  # lines per set of the host-row cache (offload/host_cache.py)
+# the stock backend that runs prefill and short decode (dense_backend.py); torch_native is SGLang's CPU backend,
+# there for the CPU tests
+DENSE_BACKENDS = (AUTO, "fa3", "flashinfer", "triton", "torch_native")
 
 
 class AsyncTLSConfigError(ValueError):
     """A configuration value is out of range; the message names the flag."""
 
 
+class LayerBudgetError(AsyncTLSConfigError):
+    """A per-layer schedule leaves some layer budgets that cannot work (too few tokens or blocks)."""
+
+
 # field name -> command-line flag; the single source for both the parser and the error messages
 FLAGS = {
     "enabled": "--enable-asynctls",
+    "dense_backend": "--asynctls-dense-backend",
     "block_size": "--asynctls-block-size",
     "block_budget": "--asynctls-block-budget",
     "token_budget": "--asynctls-token-budget",
@@ -86,12 +94,15 @@ class AsyncTLSConfig:
     offload:        keep full KV in pinned host memory, a resident block set on the GPU
     host_kv_gib:    GiB of pinned host memory per rank appended to the KV pool's address range (0 = none): slots
                     past the GPU's share live in host RAM and are read over PCIe (patches/kv_host_tier.py)
+    dense_backend:  the stock SGLang backend for prefill and short-sequence decode: "auto" (what stock SGLang picks
+                    for the model and GPU, resolved in the launcher), "fa3", "flashinfer" or "triton"
     host_cache_tokens: with host_kv_gib, rows R of a device cache per request, layer and KV head that keeps
                     selected host-slot rows for the next steps (HOST_CACHE_WAYS-way set-associative, LRU; 0 = none;
                     offload/host_cache.py). Needs --max-running-requests: the cache is sized by request rows
     """
 
     enabled: bool = False
+    dense_backend: str = AUTO
     block_size: int = 64
     block_budget: int = 128
     token_budget: int = 1024
@@ -131,6 +142,8 @@ class AsyncTLSConfig:
         if self.host_cache_tokens and not self.host_kv_gib:
             _fail("host_cache_tokens", f"0 unless {FLAGS['host_kv_gib']} is set (it caches host-slot rows)",
                   self.host_cache_tokens)
+        if self.dense_backend not in DENSE_BACKENDS:
+            _fail("dense_backend", f"one of {', '.join(DENSE_BACKENDS[:4])}", self.dense_backend)
         if self.group_score not in GROUP_SCORES:
             _fail("group_score", f"one of {', '.join(GROUP_SCORES)}", self.group_score)
         for layer, scale in self.layer_scale().items():  # the listed layers now; all of them in layer_budgets
@@ -189,9 +202,10 @@ class AsyncTLSConfig:
         """Every (k_t, k_b) must attend more than sink + window, keep the forced blocks and fit its candidates."""
         always = self.sink_tokens + self.local_window
         if any(not (always < kt <= kb * self.block_size and self.forced_blocks <= kb <= 1 << 16) for kt, kb in pairs):
-            _fail("layer_budget_scale", f"a schedule that leaves every layer more than sink + window = {always} "
-                  f"tokens, {self.forced_blocks} to 65536 blocks and tokens <= blocks x block size "
-                  f"((k_t, k_b): {pairs})", self.layer_budget_scale)
+            raise LayerBudgetError(
+                f"{FLAGS['layer_budget_scale']} must be a schedule that leaves every layer more than sink + window "
+                f"= {always} tokens, {self.forced_blocks} to 65536 blocks and tokens <= blocks x block size "
+                f"((k_t, k_b): {pairs}) (got {self.layer_budget_scale!r})")
 
     def with_layer_schedule(self, calibration: Optional[dict]) -> "AsyncTLSConfig":
         """This config with each "auto" schedule replaced by the calibration JSON's (`calibrate` / channel config:

@@ -21,6 +21,7 @@ import torch
 
 from sglang_asynctls import reference as R
 
+LABEL_SCALE_BYTES = 4  # one fp32 label scale per slot and KV head
 MIN_RANKING_TOKENS = 256  # without a calibration file, rank channels from the first prefill at least this long
 
 

@@ -7,13 +7,16 @@ config in the fidelity tools; both go through `check_model`, so every entry poin
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from sglang_asynctls.config import FLAGS, AsyncTLSConfig, AsyncTLSConfigError
+from sglang_asynctls.config import FLAGS, AsyncTLSConfig, AsyncTLSConfigError, LayerBudgetError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -133,7 +136,26 @@ def resolved_layer_schedule(cfg: AsyncTLSConfig, model: ModelAttention) -> Async
     if path is not None:
         with open(path) as f:
             meta = json.load(f)
-    return cfg.with_layer_schedule(meta)
+    uniform = cfg.with_layer_schedule(None)
+    if meta is None or uniform == cfg:  # nothing calibrated, or the user gave both schedules: checked as given
+        return cfg.with_layer_schedule(meta)
+    try:
+        scheduled = cfg.with_layer_schedule(meta)
+        scheduled.layer_budgets(model.num_layers)
+    except LayerBudgetError as e:
+        # the calibrated schedule is the default, not something the user asked for: the budgets they gave win
+        logger.warning("asynctls: the calibrated per-layer schedule does not fit k_t %d / k_b %d (%s); every layer "
+                       "gets the same budgets", cfg.token_budget, cfg.block_budget, e)
+        return uniform
+    return scheduled
+    try:
+        scheduled.layer_budgets(model.num_layers)
+    except LayerBudgetError as e:
+        # the calibrated schedule is the default, not something the user asked for: the budgets they gave win
+        logger.warning("asynctls: the calibrated per-layer schedule does not fit k_t %d / k_b %d (%s); every layer "
+                       "gets the same budgets", cfg.token_budget, cfg.block_budget, e)
+        return cfg.with_layer_schedule(None)
+    return scheduled
 
 
 def packaged_channel_config(model: ModelAttention) -> Optional[str]:
@@ -149,16 +171,22 @@ def packaged_channel_config(model: ModelAttention) -> Optional[str]:
     return None
 
 
-def load_channel_config(path: str, model: ModelAttention, label_channels: int) -> torch.Tensor:
-    """Load `calibrate`'s JSON: {"channels": [layer][kv_head][d_c] ints, ...}. One clear error per problem."""
-    flag = FLAGS["channel_config"]
+def read_channel_json(path: str) -> torch.Tensor:
+    """The "channels" table of `calibrate`'s JSON as int64, or one error naming the flag (no model needed: the
+    launcher checks this before SGLang starts)."""
     try:
         with open(path) as f:
             data = json.load(f)
-        channels = torch.tensor(data["channels"], dtype=torch.int64)
+        return torch.tensor(data["channels"], dtype=torch.int64)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise AsyncTLSConfigError(f"{flag} must be a readable channel JSON from sglang_asynctls.calibrate "
-                                  f"(got {path!r}: {type(e).__name__}: {e})") from None
+        raise AsyncTLSConfigError(f"{FLAGS['channel_config']} must be a readable channel JSON from "
+                                  f"sglang_asynctls.calibrate (got {path!r}: {type(e).__name__}: {e})") from None
+
+
+def load_channel_config(path: str, model: ModelAttention, label_channels: int) -> torch.Tensor:
+    """Load `calibrate`'s JSON: {"channels": [layer][kv_head][d_c] ints, ...}. One clear error per problem."""
+    flag = FLAGS["channel_config"]
+    channels = read_channel_json(path)
     want = (model.num_layers, model.num_kv_heads)
     if channels.dim() != 3 or tuple(channels.shape[:2]) != want:
         raise AsyncTLSConfigError(f"{flag} must hold channels for {want[0]} layers x {want[1]} KV heads of this "

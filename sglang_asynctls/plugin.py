@@ -29,7 +29,8 @@ def register() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
     from sglang.srt.server_args import ATTENTION_BACKEND_CHOICES, add_attention_backend_choices
 
-    from sglang_asynctls.patches import host_read_stats, kv_host_tier, server_args_cli, server_args_from_cli
+    from sglang_asynctls.patches import (host_read_stats, kv_host_tier, kv_sizing, server_args_cli,
+                                         server_args_from_cli)
 
     if BACKEND_NAME not in ATTENTION_BACKEND_CHOICES:
         add_attention_backend_choices([BACKEND_NAME])
@@ -37,8 +38,9 @@ def register() -> None:
     HookRegistry.register(server_args_cli.TARGET, server_args_cli.add_asynctls_args, HookType.AFTER)
     HookRegistry.register(server_args_from_cli.TARGET, server_args_from_cli.from_cli_args_with_asynctls,
                           HookType.AROUND)
+    # the index (and the host tier's slots) inside SGLang's KV budget; a no-op without --enable-asynctls
+    HookRegistry.register(kv_sizing.TARGET, kv_sizing.config_from_budget_with_index, HookType.AROUND)
     # no-ops unless --asynctls-host-kv-gib is set
-    HookRegistry.register(kv_host_tier.SIZING_TARGET, kv_host_tier.config_from_budget_with_host_tier, HookType.AROUND)
     HookRegistry.register(kv_host_tier.BUFFERS_TARGET, kv_host_tier.create_buffers_with_host_tier, HookType.AROUND)
     HookRegistry.register(kv_host_tier.MLA_BUFFERS_TARGET, kv_host_tier.create_mla_buffers_with_host_tier,
                           HookType.AROUND)

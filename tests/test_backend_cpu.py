@@ -1,6 +1,6 @@
-"""The backend's decode/prefill logic on CPU, with SGLang's Triton backend replaced by a small torch stand-in.
+"""The backend's decode/prefill logic on CPU, with the inner stock backend replaced by a small torch stand-in.
 
-Checks what the server relies on: long requests are hidden from the dense kernel (zero length in its metadata),
+Checks what the server relies on: long requests are hidden from the dense kernel (one token long in its metadata),
 short requests take the dense output unchanged, long requests get exactly the reference two-level sparse decode
 over an index that prefill + decode maintained, and radix-shared pages are not re-indexed.
 """
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sglang_asynctls import reference as R
-from sglang_asynctls.backend import _AsyncTLSMixin
+from sglang_asynctls.backend import AsyncTLSBackend
 from sglang_asynctls.config import AsyncTLSConfig
 
 HQ, HKV, D, BS, LAYERS = 4, 2, 16, 16, 2
@@ -19,15 +19,8 @@ CFG = AsyncTLSConfig(enabled=True, block_size=BS, block_budget=6, token_budget=4
                      dense_below=200, label_channels=8)
 
 
-@pytest.fixture(autouse=True)
-def _torch_reference_kernels(monkeypatch):
-    """The stand-in pool is on the CPU: on a GPU host the backend would pick the Triton kernels, which refuse it."""
-    monkeypatch.setenv("SGLANG_ASYNCTLS_DECODE_IMPL", "reference")
-    monkeypatch.setenv("SGLANG_ASYNCTLS_FUSED_INDEX", "0")
-
-
-class FakeTriton:
-    """Stand-in for TritonAttnBackend: writes KV like SGLang and attends densely over the lengths it was given."""
+class FakeInner:
+    """Stand-in for a stock backend: writes KV like SGLang and attends densely over the lengths it was given."""
 
     def __init__(self, mr):
         self.req_to_token = mr.req_to_token_pool.req_to_token
@@ -47,14 +40,14 @@ class FakeTriton:
 
     def forward_decode(self, q, k, v, layer, fb, save_kv_cache=True):
         self._write(k, v, layer, fb)
-        lens = self.lens.clamp(min=1)  # zero-length requests give garbage in the real kernel; any value will do
+        lens = self.lens
         kb, vb = self.token_to_kv_pool.k[layer.layer_id], self.token_to_kv_pool.v[layer.layer_id]
         return R.dense_decode(q.view(-1, HQ, D), kb, vb, self.req_to_token, fb.req_pool_indices, lens,
                               layer.scaling).reshape(q.shape)
 
 
-class Backend(_AsyncTLSMixin, FakeTriton):
-    pass
+def Backend(mr, inner=None):
+    return AsyncTLSBackend(mr, inner or FakeInner(mr))
 
 
 def model_runner(slots=64 * BS):
@@ -99,7 +92,7 @@ def test_decode_mixes_dense_short_and_sparse_long_requests():
                           seq_lens_cpu=new, seq_lens_sum=int(new.sum()),
                           out_cache_loc=torch.stack([r2t[1, 300], r2t[3, 90]]).long())
     be.init_forward_metadata(dfb)
-    assert be.lens.tolist() == [0, 91]  # the long request is hidden from the dense kernel
+    assert be.inner.lens.tolist() == [1, 91]  # the long request is hidden from the dense kernel
     q = torch.randn(2, HQ * D, generator=g)
     out = be.forward_decode(q, torch.randn(2, HKV * D, generator=g), torch.randn(2, HKV * D, generator=g),
                             layer(1), dfb)
@@ -240,13 +233,13 @@ def test_page_size_1_refuses_a_request_pool_whose_rows_do_not_fit(monkeypatch):
     in the free device memory fails with the flags to change, before anything is allocated."""
     import pytest
 
-    import sglang_asynctls.backend as backend
+    from sglang_asynctls import kernel_choice
 
     k0 = SimpleNamespace(shape=(0, 8, 128), element_size=lambda: 2, device=SimpleNamespace(type="cuda"))
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (4 << 30, 80 << 30))
-    backend._check_request_rows_fit((16, 640), 36, k0)  # 16 rows x 40k tokens of Qwen3-8B: 1.4 GiB, fits
+    kernel_choice.check_request_rows_fit((16, 640), 36, k0)  # 16 rows x 40k tokens of Qwen3-8B: 1.4 GiB, fits
     with pytest.raises(ValueError, match="--max-running-requests"):
-        backend._check_request_rows_fit((2048, 640), 36, k0)  # SGLang's default pool: 180 GiB
+        kernel_choice.check_request_rows_fit((2048, 640), 36, k0)  # SGLang's default pool: 180 GiB
 
 
 def test_host_tier_decode_counts_host_reads_and_serves_repeats_from_the_cache():
@@ -261,8 +254,9 @@ def test_host_tier_decode_counts_host_reads_and_serves_repeats_from_the_cache():
         **{**CFG.__dict__, "host_kv_gib": 1.0, "host_cache_tokens": 16}))
     pool = mr.token_to_kv_pool
     pool._asynctls_host_tier, pool.page_size = HostTierPlan(device_tokens=19 * BS, host_tokens=44 * BS), BS
-    Backend.extend_attention_fwd = staticmethod(lambda *a, **k: None)  # wrapped by the staged-prefix gather
-    be = Backend(mr)
+    inner = FakeInner(mr)
+    inner.extend_attention_fwd = lambda *a, **k: None  # wrapped by the staged-prefix gather
+    be = Backend(mr, inner)
     assert host_stats.current() is not None and be.host_cache.host_from == 20 * BS
     rpi, r2t = torch.tensor([1]), mr.req_to_token_pool.req_to_token
     fb = SimpleNamespace(forward_mode=mode(False), spec_info=None, req_pool_indices=rpi, seq_lens=torch.tensor([300]),

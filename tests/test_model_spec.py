@@ -96,3 +96,20 @@ def test_auto_layer_schedule_comes_from_the_channel_config(tmp_path):
     path.write_text(json.dumps({"channels": ranked(4, 8, 128), "layer_budget_scale": "0:2,4:1"}))
     with pytest.raises(AsyncTLSConfigError, match="layer-budget-scale must be layers < 4"):
         check_config_for_model(AsyncTLSConfig(channel_config=str(path)), ModelAttention("gqa", 4, 32, 8, 128, 128))
+
+
+def test_explicit_budgets_win_over_the_calibrated_schedule(caplog):
+    """SmolLM2's packaged schedule gives layers 0.75x k_t: at k_t 256 with sink + window 192 a layer would be left
+    with 192. The schedule was never asked for, so it yields (one warning) and every layer gets k_t 256, k_b 16."""
+    from sglang_asynctls.model_spec import resolved_layer_schedule
+
+    smollm2 = ModelAttention("gqa", 30, 9, 3, 64, 64)
+    cfg = AsyncTLSConfig(token_budget=256, block_budget=16)
+    with caplog.at_level("WARNING"):
+        resolved = resolved_layer_schedule(cfg, smollm2)
+    assert resolved.layer_budgets(30) == [(256, 16)] * 30
+    assert "calibrated per-layer schedule does not fit" in caplog.text
+    check_config_for_model(cfg, smollm2)  # and the launch check passes
+    with pytest.raises(AsyncTLSConfigError, match="layer-budget-scale must be a schedule"):
+        check_config_for_model(AsyncTLSConfig(token_budget=256, block_budget=16, layer_budget_scale="0:0.5"),
+                               smollm2)  # a schedule the user gave is checked as given

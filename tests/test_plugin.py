@@ -16,7 +16,7 @@ HERE = os.path.dirname(__file__)
 FLAGS = ["--enable-asynctls", "--asynctls-block-size", "--asynctls-block-budget", "--asynctls-token-budget",
          "--asynctls-label-channels", "--asynctls-channel-config", "--asynctls-sink-tokens",
          "--asynctls-local-window", "--asynctls-dense-below", "--asynctls-offload", "--asynctls-bound-slack",
-         "--asynctls-group-score"]
+         "--asynctls-group-score", "--asynctls-dense-backend"]
 
 
 @pytest.fixture(scope="module")
@@ -64,9 +64,55 @@ def test_enable_routes_to_asynctls_backend_and_carries_config(parse, models):
 
 
 def test_page_size_1_is_kept_and_64_is_the_default(parse, models):
-    """--page-size 1 keeps block bounds per request row (index.py); without the flag a page is one block."""
+    """--page-size 1 keeps block bounds per request row (index.py); without the flag a page is one block; a page of
+    several whole blocks keeps each block contiguous and aligned, so it is kept too."""
     assert parse(models["tiny_llama"], "--enable-asynctls", "--page-size", "1").page_size == 1
     assert parse(models["tiny_llama"], "--enable-asynctls").page_size == 64
+    assert parse(models["tiny_llama"], "--enable-asynctls", "--page-size", "128").page_size == 128
+
+
+def test_dense_backend_auto_is_what_stock_sglang_picks(parse, models):
+    """auto resolves in the launcher to stock's own choice for this model and machine (here, a CPU: SGLang's
+    pick is not fa3), and an explicit choice is kept; the schedulers get the concrete name."""
+    stock = parse(models["tiny_llama"])
+    from sglang_asynctls.dense_backend import stock_default
+
+    want = stock_default(stock)  # SGLang's own default rule (arg_groups/overrides.py: _attention_backend_default)
+    assert stock.attention_backend == ("torch_native" if stock.device == "cpu" else want)  # CPU devices: set earlier
+    cfg = parse(models["tiny_llama"], "--enable-asynctls")._asynctls_config
+    assert cfg.dense_backend == (want if want in ("fa3", "flashinfer", "triton") else "triton")
+    assert parse(models["tiny_llama"], "--enable-asynctls", "--asynctls-dense-backend", "triton"
+                 )._asynctls_config.dense_backend == "triton"
+
+
+def test_dense_backend_for_mla_and_the_host_tier_is_triton():
+    """The MLA sparse path and the host tier's prefix gather are built on Triton's layouts: auto picks it, an
+    explicit other backend is refused naming the flag."""
+    from sglang_asynctls.config import AsyncTLSConfig, AsyncTLSConfigError
+    from sglang_asynctls.dense_backend import resolve
+
+    gqa, mla = SimpleNamespace(use_mla_backend=lambda: False), SimpleNamespace(use_mla_backend=lambda: True)
+    auto = AsyncTLSConfig(enabled=True)
+    assert resolve(auto, gqa, default="fa3") == "fa3"
+    assert resolve(auto, mla, default="fa3") == "triton"
+    assert resolve(AsyncTLSConfig(enabled=True, host_kv_gib=8.0), gqa, default="fa3") == "triton"
+    assert resolve(AsyncTLSConfig(enabled=True, dense_backend="flashinfer"), gqa, default="fa3") == "flashinfer"
+    with pytest.raises(AsyncTLSConfigError, match="--asynctls-dense-backend must be one of auto, triton"):
+        resolve(AsyncTLSConfig(enabled=True, dense_backend="fa3"), mla, default="fa3")
+    with pytest.raises(AsyncTLSConfigError, match="--asynctls-dense-backend .* with --asynctls-host-kv-gib"):
+        resolve(AsyncTLSConfig(enabled=True, dense_backend="fa3", host_kv_gib=8.0), gqa, default="fa3")
+
+
+def test_flag_errors_come_before_sglangs_own_setup(parse, models, capsys, monkeypatch):
+    """--asynctls-offload and an unreadable --asynctls-channel-config are refused from the flags alone: SGLang's
+    ServerArgs is never built, so none of its output or errors come first."""
+    built = []
+    monkeypatch.setattr(sglang_server_args.ServerArgs, "__post_init__", lambda self: built.append(1))
+    for argv in (["--asynctls-offload"], ["--asynctls-channel-config", "/nonexistent.json"]):
+        with pytest.raises(SystemExit):
+            parse(models["tiny_llama"], "--enable-asynctls", *argv)
+        assert "sglang-asynctls: error:" in capsys.readouterr().err
+    assert built == []
 
 
 def test_without_the_flag_nothing_changes(parse, models):
@@ -99,6 +145,7 @@ def test_mla_model_is_accepted_as_mqa_over_the_latent(parse, models):
     (["--decode-attention-backend", "triton"], "--decode-attention-backend"),
     (["--asynctls-offload"], "--asynctls-offload"),
     (["--page-size", "16"], "--page-size"),
+    (["--page-size", "96"], "--page-size"),
     (["--kv-cache-dtype", "fp8_e4m3"], "--kv-cache-dtype"),
 ])
 def test_bad_values_fail_at_launch_naming_the_flag(parse, models, capsys, argv, flag):
