@@ -21,6 +21,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 METHOD_ARGS = {
     "flashinfer": ["--attention-backend", "flashinfer"],
     "triton": ["--attention-backend", "triton"],
+    "fa3": ["--attention-backend", "fa3"],
     "asynctls": ["--enable-asynctls"],
 }
 COMMON = ["--load-format", "dummy", "--mem-fraction-static", "0.6", "--output-len", "32", "--cuda-graph-max-bs", "8"]

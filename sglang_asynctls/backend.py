@@ -45,7 +45,10 @@ def _attn_tp() -> tuple:
 
 def create_asynctls_backend(model_runner):
     cfg = config_of(model_runner.server_args)
-    return AsyncTLSBackend(model_runner, dense_backend.build(model_runner, cfg.dense_backend))
+    # the launcher resolved "auto"; a program that built ServerArgs itself (sgl.Engine) resolves it here
+    name = dense_backend.resolve(cfg, model_runner.server_args)
+    logger.info("asynctls: prefill and short decode run SGLang's %s backend", name)
+    return AsyncTLSBackend(model_runner, dense_backend.build(model_runner, name))
 
 
 class AsyncTLSBackend(AttentionBackend):

@@ -65,7 +65,6 @@ def build(model_runner, name: str):
     """The stock backend `name`, built exactly as SGLang builds it (its registry's factory)."""
     from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
 
-    if name == AUTO or name not in ATTENTION_BACKENDS:
-        raise AsyncTLSConfigError(f"{FLAGS['dense_backend']}: no SGLang attention backend named {name!r} "
-                                  "(the launcher resolves 'auto' before the schedulers start)")
+    if name not in ATTENTION_BACKENDS:
+        raise AsyncTLSConfigError(f"{FLAGS['dense_backend']}: no SGLang attention backend named {name!r}")
     return ATTENTION_BACKENDS[name](model_runner)
