@@ -21,7 +21,7 @@ import torch
 from sglang_asynctls.config import FLAGS
 from sglang_asynctls.offload import host_tier
 from sglang_asynctls.offload.host_cache import cache_bytes
-from sglang_asynctls.runtime_config import config_of
+from sglang_asynctls.runtime_config import config_if_enabled
 
 TARGET = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator.config_from_budget"
 logger = logging.getLogger(__name__)
@@ -39,8 +39,8 @@ def index_fraction_of(kvc, cfg) -> float:
 
 
 def config_from_budget_with_index(original, kvc, budget_bytes, *args, **kwargs):
-    cfg = config_of(kvc.server_args)
-    if not cfg.enabled or kvc.is_draft_worker:
+    cfg = config_if_enabled(kvc.server_args)
+    if cfg is None or kvc.is_draft_worker:
         return original(kvc, budget_bytes, *args, **kwargs)
     fraction = index_fraction_of(kvc, cfg)
     if cfg.host_kv_gib <= 0:

@@ -159,9 +159,17 @@ def test_sizing_without_the_host_tier_pays_the_index_from_the_budget(monkeypatch
 
 
 def test_sizing_is_untouched_without_asynctls(monkeypatch):
-    args = _server_args(monkeypatch)
-    attach_config(args, AsyncTLSConfig(enabled=False))
-    kvc, config_cls = _kvc(monkeypatch, server_args=args)
+    """A stock server (no config attached, another backend) passes through with SGLang's own budget: on the H200 a
+    fallback to the default config once charged the index on the stock fa3 server too."""
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    for args in (SimpleNamespace(attention_backend="fa3"), SimpleNamespace()):
+        kvc, config_cls = _kvc(monkeypatch, server_args=args)
+        seen = []
+        kv_sizing.config_from_budget_with_index(lambda k, b: seen.append(b), kvc, 2**30)
+        assert seen == [2**30]
+    disabled = _server_args(monkeypatch)
+    attach_config(disabled, AsyncTLSConfig(enabled=False))
+    kvc, _ = _kvc(monkeypatch, server_args=disabled)
     seen = []
     kv_sizing.config_from_budget_with_index(lambda k, b: seen.append(b), kvc, 2**30)
     assert seen == [2**30]
