@@ -171,7 +171,9 @@ def main():
     s.add_argument("--baseline", required=True)
     s.add_argument("--ours", default="asynctls")
     s.add_argument("--json", required=True)
-    s.add_argument("--one-batch", default=None, help="bench_one_batch JSON of serve_bench_report.one_batch")
+    s.add_argument("--one-batch", default=None, help="e2e_throughput.py rows (jsonl) with 2 x 98,304 points")
+    s.add_argument("--memory-dir", default=None, help="runs whose free memory at ready the summary reports")
+    s.add_argument("--note", default="", help="what a reader must know about these runs")
     args = p.parse_args()
     if args.cmd == "summarize":
         from serve_bench_report import summarize

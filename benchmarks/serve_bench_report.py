@@ -63,13 +63,15 @@ def summarize(args) -> None:
     tok_s = {w: _ratio(_metric(ours, w, "output_throughput"), _metric(base, w, "output_throughput"))
              for w in WORKLOADS}
     prefill, one_batch_rows = _prefill_ratio(args.one_batch, args.ours, args.baseline)
-    free = {label: run.get("gpu_free_gib_at_ready") for label, run in runs.items()}
+    # free memory at ready: from the runs, or from servers started again in --memory-dir (after a sizing fix)
+    memory_runs = _runs(args.memory_dir) if args.memory_dir else runs
+    free = {label: run.get("gpu_free_gib_at_ready") for label, run in memory_runs.items()}
     summary = {"baseline_backend": args.baseline,
                **{f"{w}_e2e_ratio": e2e[w] for w in WORKLOADS},
                "ttft_ratio_max": max((t for t in ttft if t is not None), default=None),
                "w2_output_tok_s_ratio": tok_s["w2"], "w3_output_tok_s_ratio": tok_s["w3"],
                "w1_output_tok_s_ratio": tok_s["w1"], "prefill_ratio_96k_b2": prefill,
-               "gpu_free_gib_at_ready": free,
+               "gpu_free_gib_at_ready": free, "gpu_free_source": args.memory_dir or args.dir,
                "free_mem_gap_gib": (round(free[args.baseline] - free[args.ours], 2)
                                     if free.get(args.baseline) is not None and free.get(args.ours) is not None
                                     else None),
@@ -80,7 +82,8 @@ def summarize(args) -> None:
               "config": {"workloads": {w: dict(zip(("requests", "input_len", "output_len", "concurrency"), v))
                                        for w, v in WORKLOADS.items()},
                          "server_cmds": {label: run["server_cmd"] for label, run in runs.items()}},
-              "rows": rows, "summary": summary, "runs": runs, "one_batch_rows": one_batch_rows}
+              "rows": rows, "summary": summary, "runs": runs, "one_batch_rows": one_batch_rows,
+              "memory_runs": memory_runs if args.memory_dir else None, "note": args.note}
     json.dump(result, open(args.json, "w"), indent=1)
     _plot(rows, os.path.splitext(args.json)[0] + ".png", result.get("gpu") or "?")
     print(json.dumps(summary, indent=1))
@@ -103,7 +106,8 @@ def _plot(rows, path: str, gpu: str) -> None:
             ys = [y / 1000 for y in ys] if key.endswith("_ms") else ys
             ax.bar([j + i * 0.8 / len(methods) for j in range(len(WORKLOADS))], ys, 0.8 / len(methods), label=m)
         ax.set_xticks([j + 0.4 - 0.4 / len(methods) for j in range(len(WORKLOADS))])
-        ax.set_xticklabels([f"{w}\n{n}x{il // 1024}k->{ol}, c{c}" for w, (n, il, ol, c) in WORKLOADS.items()])
+        ax.set_xticklabels([f"{w}: {n} x {il // 1024}k\n-> {ol}, c {c}" for w, (n, il, ol, c) in WORKLOADS.items()],
+                           fontsize=8)
         ax.set_title(title)
     axes[0].legend()
     fig.suptitle(f"sglang.bench_serving, dummy Qwen3-8B, {gpu}")
