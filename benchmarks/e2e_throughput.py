@@ -9,15 +9,16 @@ same dummy-weight Qwen3-8B, same flags except the attention path (../shared/BENC
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import subprocess
 import sys
 import time
+from collections import defaultdict
 
-from host_env import version
+from server_parity import version
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 METHOD_ARGS = {
     "flashinfer": ["--attention-backend", "flashinfer"],
     "triton": ["--attention-backend", "triton"],
@@ -33,7 +34,7 @@ PROFILE_STEPS = 3
 def one_batch_cmd(method: str, batch: int, input_len: int, model: str, raw: str, extra, common=()) -> list:
     """extra: flags for the asynctls method only; common: flags for every method (e.g. --tp-size), after COMMON
     so they override it."""
-    return [sys.executable, os.path.join(HERE, "one_batch.py"), "--model-path", model, *COMMON, *common,
+    return [sys.executable, os.path.abspath(__file__), "one-batch", "--model-path", model, *COMMON, *common,
             "--batch-size", str(batch), "--input-len", str(input_len), "--result-filename", raw,
             "--run-name", method, *METHOD_ARGS[method], *(extra if method == "asynctls" else [])]
 
@@ -65,8 +66,6 @@ def run_point(method: str, batch: int, input_len: int, model: str, raw: str, tim
         row["tail"] = (proc.stdout + proc.stderr)[-3000:]
     if prefix and proc.returncode == 0:
         import glob
-
-        from step_profile import breakdown
 
         traces = sorted(glob.glob(prefix + "*decode*.trace.json*"))
         row["step_breakdown"] = breakdown(traces[-1], PROFILE_STEPS) if traces else {"error": "no trace written"}
@@ -145,7 +144,69 @@ def _plot(rows, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+# ------------------------------------------------------------------------------ where a decode step's GPU time goes
+# Kernel times from a torch-profiler chrome trace (bench_one_batch --profile --profile-stage decode
+# --profile-activities GPU), per step, grouped by what they do. Kernels inside CUDA-graph replays are recorded by
+# CUPTI like any other; `idle_us_per_step` is the step's span minus the sum of its kernels (launch gaps, host waits).
+# first match wins; names are Triton/CUDA kernel names as the profiler reports them
+GROUPS = [
+    ("asynctls_index_append", ("_append_decode_index_kernel", "_quantize_labels_kernel")),
+    ("asynctls_coarse", ("_block_scores_kernel", "_select_blocks_kernel")),
+    ("asynctls_fine", ("_token_logits_kernel", "_token_scores_kernel", "_select_tokens_kernel",
+                       "_candidate_slots_kernel")),
+    ("asynctls_attention", ("_sparse_decode_kernel", "_splitk_combine_kernel")),
+    ("dense_attention", ("_fwd_kernel_stage", "_fwd_grouped_kernel_stage", "BatchDecode", "BatchPrefill",
+                         "MergeStates", "create_flashinfer_kv_indices")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "splitKreduce")),
+    ("norm_rope_act", ("rmsnorm", "qknorm", "rope", "act_and_mul", "fused_add")),
+    ("kv_store", ("store_kvcache", "set_kv", "write_req_to_token")),
+]
+
+
+def group_of(name: str) -> str:
+    low = name.lower()
+    for group, keys in GROUPS:
+        if any(k.lower() in low for k in keys):
+            return group
+    return "other"
+
+
+def breakdown(path: str, steps: int) -> dict:
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt") as f:
+        events = json.load(f)["traceEvents"]
+    kernels = [e for e in events if e.get("cat") == "kernel" and "dur" in e]
+    if not kernels:
+        raise SystemExit(f"{path}: no GPU kernel events (was --profile-activities GPU given?)")
+    by_name, by_group = defaultdict(float), defaultdict(float)
+    for e in kernels:
+        by_name[e["name"]] += e["dur"]
+        by_group[group_of(e["name"])] += e["dur"]
+    span = max(e["ts"] + e["dur"] for e in kernels) - min(e["ts"] for e in kernels)
+    busy = sum(by_group.values())
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:25]
+    return {"steps": steps, "kernel_launches_per_step": round(len(kernels) / steps, 1),
+            "kernel_us_per_step": round(busy / steps, 1), "span_us_per_step": round(span / steps, 1),
+            "idle_us_per_step": round((span - busy) / steps, 1),
+            "groups_us_per_step": {g: round(t / steps, 1) for g, t in sorted(by_group.items(), key=lambda kv: -kv[1])},
+            "top_kernels_us_per_step": {n[:90]: round(t / steps, 1) for n, t in top}}
+
+
+def one_batch(argv) -> None:
+    """`python -m sglang.bench_one_batch ARGV` with SGLang's plugins loaded first (the stock module does not load
+    them), so `--enable-asynctls` and the `--asynctls-*` flags parse."""
+    from sglang.srt.plugins import load_plugins
+
+    load_plugins()
+    from sglang.benchmark.one_batch import cli_main
+
+    sys.argv = [sys.argv[0], *argv]
+    cli_main()
+
+
 def main():
+    if sys.argv[1:2] == ["one-batch"]:
+        return one_batch(sys.argv[2:])
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
@@ -162,8 +223,14 @@ def main():
     s.add_argument("--model", default=os.environ.get("MODEL", "/root/qwen3_8b_dummy"))
     s.add_argument("--json", required=True)
     s.add_argument("--soak", default="", help="soak.py's JSON: adds the soak_* summary keys")
+    t = sub.add_parser("profile", help="the kernel-time breakdown of a decode trace")
+    t.add_argument("trace")
+    t.add_argument("--steps", type=int, required=True)
     args = p.parse_args()
-    cmd_run(args) if args.cmd == "run" else cmd_summarize(args)
+    if args.cmd == "profile":
+        print(json.dumps(breakdown(args.trace, args.steps), indent=1))
+    else:
+        cmd_run(args) if args.cmd == "run" else cmd_summarize(args)
 
 
 if __name__ == "__main__":

@@ -182,7 +182,7 @@ def versions() -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The harness's flags (also read by benchmarks/offload_locality.py, which builds a Runner the same way)."""
+    """The harness's flags."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="CI subset (2k context only)")
     p.add_argument("--plan", default=None, choices=sorted(PLANS), help="sample plan (default: full, or quick)")

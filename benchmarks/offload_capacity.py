@@ -27,8 +27,8 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-from host_env import environment
-from server_parity import PORT, add_run_command, server_flags, stop_server, wait_ready  # as the parity runs
+# the same port, launch flags and readiness probe as the parity runs
+from server_parity import PORT, add_run_command, environment, server_flags, stop_server, wait_ready
 
 COMMON = ["--load-format", "dummy", "--skip-tokenizer-init", "--host", "127.0.0.1", "--port", str(PORT),
           "--context-length", "131072", "--cuda-graph-max-bs", "16"]
@@ -127,7 +127,6 @@ def cmd_summarize(a) -> None:
     stock, ours = json.load(open(a.stock)), json.load(open(a.ours))
     extra = {os.path.basename(p): json.load(open(p)) for p in a.extra}
     cmp = _versus(stock, ours)
-    locality = json.load(open(a.locality))["summary"] if a.locality else {}
     out = {"benchmark": "offload_capacity", "command": " ".join(sys.argv),
            "runs": {"stock": stock, "asynctls": ours, **extra},
            "versus_stock": [cmp] + [_versus(stock, r) for r in extra.values()],
@@ -135,13 +134,11 @@ def cmd_summarize(a) -> None:
                        "max_concurrent_96k_asynctls": ours["max_running_decode"],
                        "concurrency_ratio_96k": cmp["concurrency_ratio"],
                        "aggregate_tok_s_ratio_96k": cmp["aggregate_tok_s_ratio"],
-                       "stall_share": None, "mean_block_overlap": locality.get("mean_block_overlap_selective_layers"),
+                       "stall_share": None,
                        "pcie_bytes_per_step": cmp["pcie_bytes_per_step"]},
            "notes": {"stall_share": "not applicable to the served path: nothing is copied ahead and waited for; the "
                                     "attention kernel reads the rows the host-row cache does not hold straight from "
-                                    "host memory, so PCIe time is inside the decode step the tok/s figures measure. "
-                                    "The standalone offload engine's stall is in offload_engine_smollm2_trace_h100.json",
-                     "mean_block_overlap": f"SmolLM2 real weights, selective layers ({a.locality})",
+                                    "host memory, so PCIe time is inside the decode step the tok/s figures measure.",
                      "pcie_bytes_per_step": "the server's own count (host-read telemetry): K+V bytes of the selected "
                                             "host-slot rows the cache did not serve, per decode step, median of the "
                                             "log intervals at the largest batch"}}
@@ -191,7 +188,6 @@ def main() -> None:
     s.add_argument("stock")
     s.add_argument("ours")
     s.add_argument("--json", required=True)
-    s.add_argument("--locality", default="", help="offload_locality.py's JSON: its measured block overlap")
     s.add_argument("--extra", action="append", default=[], help="more `run` JSONs, compared with stock too")
     a = p.parse_args()
     if a.cmd == "run":

@@ -3,7 +3,6 @@
 
     python3 benchmarks/op_latency.py --out benchmarks/results            # full sweep
     python3 benchmarks/op_latency.py --contexts 98304 --batches 8 --token-budgets 1024  # headline shape + stages
-    SGLANG_ASYNCTLS_PDL=1 python3 benchmarks/op_latency.py ...   # fine and attention kernels with PDL (kernels/pdl.py)
 
 Every step is captured in a CUDA graph (as SGLang decodes) and replayed; L2 is flushed before each timed replay
 (a decode step of one layer follows 35 other layers' traffic). Times are CUDA-event medians of >= 20 replays.
@@ -14,7 +13,6 @@ import datetime
 import importlib
 import importlib.util
 import json
-import math
 import os
 import sys
 import types
@@ -24,20 +22,17 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from sglang_asynctls import reference as R  # noqa: E402
-from sglang_asynctls.kernels import asynctls_decode as K  # noqa: E402
-from sglang_asynctls.kernels.block_minmax import block_minmax  # noqa: E402
+from sglang_asynctls import decode_step as K  # noqa: E402
 from sglang_asynctls.kernels.block_scores import block_scores  # noqa: E402
-from sglang_asynctls.kernels import fine_select as FS  # noqa: E402
-from sglang_asynctls.kernels import pdl as PDL  # noqa: E402
-from sglang_asynctls.kernels.fine_select import fine_select_candidates  # noqa: E402
+from sglang_asynctls import decode_step as FS  # noqa: E402
+from sglang_asynctls.decode_step import fine_select_candidates  # noqa: E402
 from sglang_asynctls.kernels.index_append import append_decode_index  # noqa: E402
 from sglang_asynctls.kernels.quantize_labels import quantize_labels  # noqa: E402
 from sglang_asynctls.kernels.select_blocks import select_blocks  # noqa: E402
 from sglang_asynctls.kernels.select_tokens import select_token_slots, select_tokens  # noqa: E402
 from sglang_asynctls.kernels.sparse_decode import sparse_decode  # noqa: E402
-from sglang_asynctls.kernels.token_logits import token_logit_stats, token_logits  # noqa: E402
+from sglang_asynctls.kernels.token_logits import token_logits  # noqa: E402
 from sglang_asynctls.kernels.token_scores import candidate_scores  # noqa: E402
-from sglang_asynctls.kernels.token_scores_recompute import token_scores_recompute  # noqa: E402
 
 MODELS = {"gqa": dict(hq=32, hkv=8, d=128, dv=128, dc=32, mla=False),
           "mla": dict(hq=20, hkv=1, d=576, dv=512, dc=128, mla=True)}
@@ -126,7 +121,7 @@ def make_case(model, ctx, batch, dev="cuda", seed=0):
     nb = ctx // BS
     table = torch.arange(batch * nb, dtype=torch.int32, device=dev).view(batch, nb)
     blk_slots = r2t.view(batch * nb, BS)
-    kmin, kmax = block_minmax(k, blk_slots)
+    kmin, kmax = R.block_minmax(k, blk_slots)  # setup, not timed
     # head-major label pool ([Hkv, S, ...] storage, passed as the [S, Hkv, ...] view the API takes): the
     # candidates of one KV group then read consecutive label rows instead of one 32-byte sector per 4-20 bytes
     labels = torch.empty(hkv, slots_total, m["dc"] // 2, dtype=torch.uint8, device=dev).permute(1, 0, 2)
@@ -301,13 +296,10 @@ def stage_breakdown(c, timer, kt, sgl, tune):
 
 def fine_rows(out, c, timer, q, lab, blocks, fsel):
     """The fine stage (3-5) with each way of forming the group-mean softmax (fine_select.COMBINES), and the default
-    (fold for G <= FOLD_COMBINE_MAX_GROUP, else WIDE_GROUP_COMBINE); the two passes of "recompute" alone."""
-    out["3r_token_logit_stats"] = timer(lambda: token_logit_stats(q, *lab, blocks, c["sm_scale"], block_size=BS))
-    out["3+4r_token_scores_recompute"] = timer(lambda: token_scores_recompute(q, *lab, blocks, c["sm_scale"],
-                                                                             block_size=BS))
+    (fold for G <= FOLD_COMBINE_MAX_GROUP, else its own launch)."""
     kw = dict(block_size=BS, token_budget=fsel["token_budget"], sink_tokens=SINK, local_window=WINDOW,
               sm_scale=c["sm_scale"])
-    names = {"fold": "3-5_fine_folded", "logits": "3-5_fine_logits_combine", "recompute": "3-5_fine_recompute"}
+    names = {"fold": "3-5_fine_folded", "logits": "3-5_fine_logits_combine"}
     for combine in (None,) + FS.COMBINES:
         out[names.get(combine, "3-5_fine_default")] = timer(
             lambda: fine_select_candidates(q, *lab, blocks, combine=combine, **kw))
@@ -315,13 +307,8 @@ def fine_rows(out, c, timer, q, lab, blocks, fsel):
 
 def tune_rows(out, c, timer, q, lens, lab, blocks, scores, tscores, slots, fsel):
     for ns in (16, 32, 64):
-        out[f"tune_token_logit_stats_splits{ns}"] = timer(
-            lambda: token_logit_stats(q, *lab, blocks, c["sm_scale"], block_size=BS, num_splits=ns))
-        out[f"tune_token_scores_recompute_splits{ns}"] = timer(
-            lambda: token_scores_recompute(q, *lab, blocks, c["sm_scale"], block_size=BS, num_splits=ns))
-    for bc, nw in ((64, 4), (128, 4), (128, 8), (256, 8)):
-        out[f"tune_token_scores_recompute_c{bc}_warps{nw}"] = timer(lambda: token_scores_recompute(
-            q, *lab, blocks, c["sm_scale"], block_size=BS, block_c=bc, num_warps=nw))
+        out[f"tune_token_logits_splits{ns}"] = timer(
+            lambda: token_logits(q, *lab, blocks, c["sm_scale"], block_size=BS, num_splits=ns))
     for st in (1, 2, 3):
         out[f"tune_token_logits_stages{st}"] = timer(
             lambda: token_logits(q, *lab, blocks, c["sm_scale"], block_size=BS, num_stages=st))
@@ -357,11 +344,6 @@ def alternatives(out, c, timer, q, lens, kt, scores, blocks, slots, tscores, sgl
     out["alt_select_token_slots_31bit"] = timer(lambda: select_token_slots(
         tscores, blocks, c["r2t"], c["rows"], lens, block_size=BS, token_budget=kt, sink_tokens=SINK,
         local_window=WINDOW, key_bits=31))
-    # every candidate's slot read before the threshold search instead of the kept ones after it (off by default:
-    # no gain measured, results/issue3_ab_h100.json)
-    out["alt_select_token_slots_prefetch_slots"] = timer(lambda: select_token_slots(
-        tscores, blocks, c["r2t"], c["rows"], lens, block_size=BS, token_budget=kt, sink_tokens=SINK,
-        local_window=WINDOW, prefetch_slots=True))
     # decode-time index append of one layer (the backend runs it once per layer and step): fused vs torch ops
     loc = c["r2t"][c["rows"], lens - 1]
     idx = (c["k"], loc, lens, c["channels"], c["labels"], c["scale"], c["kmin"], c["kmax"], BS)
@@ -467,33 +449,6 @@ def plot(rows, path):
     fig.savefig(path, dpi=120)
 
 
-# the switches of kernel paths A/B-timed in results/issue3_ab_h100.json (only NARROW_BITS is on by default); anything
-# else is refused so a typo cannot pass for an A/B
-KERNEL_OPTIONS = ("block_scores.WIDE_PERSISTENT", "select_blocks.NARROW_BITS", "select_tokens.PREFETCH_SLOTS",
-                  "fine_select.WIDE_GROUP_COMBINE")
-
-
-def apply_kernel_options(specs) -> dict:
-    import ast
-
-    applied = {}
-    for spec in specs:
-        name, _, value = spec.partition("=")
-        if name not in KERNEL_OPTIONS or not value:
-            raise SystemExit(f"--kernel-option {spec!r}: expected one of {', '.join(KERNEL_OPTIONS)} with =VALUE")
-        module, attr = name.split(".")
-        mod = importlib.import_module(f"sglang_asynctls.kernels.{module}")
-        setattr(mod, attr, ast.literal_eval(value))
-        applied[name] = getattr(mod, attr)
-    return applied
-
-
-def kernel_switches() -> dict:
-    """The value every switch of KERNEL_OPTIONS has now (defaults, or as --kernel-option set them)."""
-    return {name: getattr(importlib.import_module(f"sglang_asynctls.kernels.{name.split('.')[0]}"),
-                          name.split(".")[1]) for name in KERNEL_OPTIONS}
-
-
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--models", default="gqa,mla")
@@ -505,15 +460,7 @@ def main():
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     p.add_argument("--name", default="op_latency_h100")
     p.add_argument("--breakdown-all", action="store_true", help="stage breakdown at every shape, not only 96k b8")
-    p.add_argument("--wide-group-combine", choices=FS.COMBINES, default=FS.WIDE_GROUP_COMBINE,
-                   help="A/B: fine_select.WIDE_GROUP_COMBINE for groups wider than FOLD_COMBINE_MAX_GROUP (MLA)")
-    p.add_argument("--kernel-option", action="append", default=[], metavar="MODULE.NAME=VALUE",
-                   help="A/B: set a kernel module's switch before timing, e.g. block_scores.WIDE_PERSISTENT=True, "
-                        "select_blocks.NARROW_BITS=0 (on, 8, by default), select_tokens.PREFETCH_SLOTS=True "
-                        "(repeatable)")
     a = p.parse_args()
-    FS.WIDE_GROUP_COMBINE = a.wide_group_combine  # read at each call; the whole-step rows follow it
-    options = apply_kernel_options(a.kernel_option)
     os.makedirs(a.out, exist_ok=True)
     timer = Timer(a.iters, a.warmup)
     try:
@@ -533,9 +480,6 @@ def main():
                               hbm_bandwidth_bytes_per_s=bandwidth, hbm_copy=bw_t,
                               pool="16-token chunks of all requests shuffled",
                               label_layout="head-major storage ([Hkv, S, Dc/2] / [Hkv, S]) viewed as [S, Hkv, ...]",
-                              wide_group_combine=a.wide_group_combine, kernel_options=options,
-                              kernel_switches=kernel_switches(),  # every switch's value in this run
-                              programmatic_dependent_launch=PDL.ENABLED,  # SGLANG_ASYNCTLS_PDL=1, fine + attention
                               skipped=[]),
                   rows=[], summary={})
     out_json = os.path.join(a.out, a.name + ".json")

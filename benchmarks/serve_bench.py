@@ -7,17 +7,18 @@ GPU host, one call each so no single command outlives the device's per-command l
     python3 benchmarks/serve_bench.py parity --label fa3 --dir /root/sb
     python3 benchmarks/serve_bench.py workload --label fa3 --dir /root/sb --name w1      # w2, w3
     python3 benchmarks/serve_bench.py stop --label fa3 --dir /root/sb
-then, anywhere:
+then, anywhere (ratios only between runs of one lease, the files of one --dir):
     python3 benchmarks/serve_bench.py summarize --dir DIR --baseline fa3 --ours asynctls \\
         --json benchmarks/results/serve_bench_h200.json
 `start` detaches the server (its own session), so it outlives the call that started it; every step appends to
 DIR/LABEL.json. Prompts are random token ids (`--dataset-name random-ids --tokenize-prompt`) over the dummy model's
-full vocabulary (benchmarks/gpu/qwen3_dummy_dir.py), so no two share a prefix by accident.
+full vocabulary (`benchmarks/gpu/model_dirs.py qwen3`), so no two share a prefix by accident.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import re
@@ -27,7 +28,7 @@ import sys
 import time
 import urllib.request
 
-from host_env import environment
+from server_parity import environment
 
 PORT = 31300
 MODEL = os.environ.get("SERVE_BENCH_MODEL", "/root/qwen3_8b_fullvocab")
@@ -115,8 +116,7 @@ def workload(args) -> None:
     out_file = os.path.join(args.dir, f"{args.label}_{args.name}.jsonl")
     if os.path.exists(out_file):
         os.remove(out_file)
-    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_serving_offline.py"),
-           "--backend", "sglang", "--host", "127.0.0.1", "--port",
+    cmd = [sys.executable, os.path.abspath(__file__), "drive", "--backend", "sglang", "--host", "127.0.0.1", "--port",
            str(PORT), "--model", args.model, "--tokenizer", args.model, "--dataset-name", "random-ids",
            "--tokenize-prompt", "--random-input-len", str(il), "--random-output-len", str(ol),
            "--random-range-ratio", "1", "--num-prompts", str(n), "--max-concurrency", str(conc),
@@ -152,7 +152,133 @@ def stop(args) -> None:
     print(f"{args.label} stopped")
 
 
+def drive(argv) -> None:
+    """`python -m sglang.bench_serving ARGV` on hosts without Hugging Face `datasets`: SGLang 0.5.17's bench_serving
+    imports `datasets.load_dataset` at import time for its MMMU loader alone, which the random datasets never call;
+    where `datasets` is missing, a module whose load_dataset refuses with a clear message stands in."""
+    import types
+
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        missing = types.ModuleType("datasets")
+
+        def load_dataset(*args, **kwargs):
+            raise RuntimeError("Hugging Face `datasets` is not installed on this host; use a random dataset")
+
+        missing.load_dataset = load_dataset
+        sys.modules["datasets"] = missing
+    from sglang.benchmark.serving import cli_main
+
+    sys.argv = [sys.argv[0], *argv]
+    cli_main()
+
+
+# ---------------------------------------------------------------------------------------------------- the summary
+def _runs(directory: str) -> dict:
+    runs = {}
+    for path in sorted(glob.glob(os.path.join(directory, "*.json"))):
+        state = json.load(open(path))
+        if "label" in state and "server_cmd" in state:
+            runs[state["label"]] = state
+    return runs
+
+
+def _metric(run: dict, workload: str, key: str):
+    row = (run or {}).get("workloads", {}).get(workload, {})
+    return row.get(key) if row.get("returncode") == 0 else None
+
+
+def _ratio(a, b):
+    return round(a / b, 4) if a is not None and b else None
+
+
+def _prefill_ratio(one_batch_path, ours: str, baseline: str):
+    """bench_one_batch prefill of 2 x 98,304 tokens, ours / baseline (e2e_throughput.py rows)."""
+    if not one_batch_path or not os.path.exists(one_batch_path):
+        return None, []
+    rows = [json.loads(line) for line in open(one_batch_path) if line.strip()]
+    pick = lambda m: next((r.get("prefill_latency_s") for r in reversed(rows)  # noqa: E731
+                           if r["method"] == m and r["batch"] == 2 and r["input_len"] == 98304), None)
+    return _ratio(pick(ours), pick(baseline)), rows
+
+
+def _parity(ours: dict, base: dict) -> dict:
+    a, b = (ours or {}).get("parity"), (base or {}).get("parity")
+    if not a or not b:
+        return {"short_identical": None}
+    same = [x == y for x, y in zip(a["short"], b["short"])]
+    return {"short_identical": sum(same), "short_total": len(same), "long_identical": a["long"] == b["long"],
+            "long_first_diverging_token": next((i for i, (x, y) in enumerate(zip(a["long"], b["long"])) if x != y),
+                                               None)}
+
+
+def summarize(args) -> None:
+    runs = _runs(args.dir)
+    ours, base = runs.get(args.ours), runs.get(args.baseline)
+    rows = [{"method": label, "workload": w, **{k: _metric(run, w, k) for k in METRICS}}
+            for label, run in runs.items() for w in WORKLOADS if w in run.get("workloads", {})]
+    e2e = {w: _ratio(_metric(ours, w, "median_e2e_latency_ms"), _metric(base, w, "median_e2e_latency_ms"))
+           for w in WORKLOADS}
+    ttft = [_ratio(_metric(ours, w, "median_ttft_ms"), _metric(base, w, "median_ttft_ms")) for w in WORKLOADS]
+    tok_s = {w: _ratio(_metric(ours, w, "output_throughput"), _metric(base, w, "output_throughput"))
+             for w in WORKLOADS}
+    prefill, one_batch_rows = _prefill_ratio(args.one_batch, args.ours, args.baseline)
+    # free memory at ready: from the runs, or from servers started again in --memory-dir (after a sizing fix)
+    memory_runs = _runs(args.memory_dir) if args.memory_dir else runs
+    free = {label: run.get("gpu_free_gib_at_ready") for label, run in memory_runs.items()}
+    summary = {"baseline_backend": args.baseline,
+               **{f"{w}_e2e_ratio": e2e[w] for w in WORKLOADS},
+               "ttft_ratio_max": max((t for t in ttft if t is not None), default=None),
+               "w2_output_tok_s_ratio": tok_s["w2"], "w3_output_tok_s_ratio": tok_s["w3"],
+               "w1_output_tok_s_ratio": tok_s["w1"], "prefill_ratio_96k_b2": prefill,
+               "gpu_free_gib_at_ready": free, "gpu_free_source": args.memory_dir or args.dir,
+               "free_mem_gap_gib": (round(free[args.baseline] - free[args.ours], 2)
+                                    if free.get(args.baseline) is not None and free.get(args.ours) is not None
+                                    else None),
+               "parity_vs_baseline": _parity(ours, base)}
+    any_run = next(iter(runs.values()), {})
+    result = {"benchmark": "serve_bench", "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"),
+              **{k: any_run.get(k) for k in ("gpu", "gpu_count", "torch", "triton", "sglang", "sglang-asynctls")},
+              "config": {"workloads": {w: dict(zip(("requests", "input_len", "output_len", "concurrency"), v))
+                                       for w, v in WORKLOADS.items()},
+                         "server_cmds": {label: run["server_cmd"] for label, run in runs.items()}},
+              "rows": rows, "summary": summary, "runs": runs, "one_batch_rows": one_batch_rows,
+              "memory_runs": memory_runs if args.memory_dir else None, "note": args.note}
+    json.dump(result, open(args.json, "w"), indent=1)
+    _plot(rows, os.path.splitext(args.json)[0] + ".png", result.get("gpu") or "?")
+    print(json.dumps(summary, indent=1))
+
+
+def _plot(rows, path: str, gpu: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = sorted({r["method"] for r in rows})
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for ax, (key, title) in zip(axes, [("median_e2e_latency_ms", "median E2E latency (s)"),
+                                       ("median_ttft_ms", "median TTFT (s)"),
+                                       ("output_throughput", "output tok/s")]):
+        for i, m in enumerate(methods):
+            ys = [next((r[key] for r in rows if r["method"] == m and r["workload"] == w), None) or 0
+                  for w in WORKLOADS]
+            ys = [y / 1000 for y in ys] if key.endswith("_ms") else ys
+            ax.bar([j + i * 0.8 / len(methods) for j in range(len(WORKLOADS))], ys, 0.8 / len(methods), label=m)
+        ax.set_xticks([j + 0.4 - 0.4 / len(methods) for j in range(len(WORKLOADS))])
+        ax.set_xticklabels([f"{w}: {n} x {il // 1024}k\n-> {ol}, c {c}" for w, (n, il, ol, c) in WORKLOADS.items()],
+                           fontsize=8)
+        ax.set_title(title)
+    axes[0].legend()
+    fig.suptitle(f"sglang.bench_serving, dummy Qwen3-8B, {gpu}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main():
+    if sys.argv[1:2] == ["drive"]:  # bench_serving's own CLI, run by `workload`
+        return drive(sys.argv[2:])
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
     for name in ("start", "parity", "workload", "stop"):
@@ -176,8 +302,6 @@ def main():
     s.add_argument("--note", default="", help="what a reader must know about these runs")
     args = p.parse_args()
     if args.cmd == "summarize":
-        from serve_bench_report import summarize
-
         summarize(args)
     else:
         {"start": start, "parity": parity, "workload": workload, "stop": stop}[args.cmd](args)

@@ -7,6 +7,8 @@ Run once per server configuration, then compare:
 Short prompts (below --asynctls-dense-below) must give exactly the stock greedy output; the long passkey prompt
 must give the same answer; a second turn sharing the first turn's prefix must do no index work for that prefix
 (read from the server log's "asynctls index:" lines).
+Also home of `environment()`: what every result file records about the host (GPU, torch / triton / SGLang / this
+package's versions).
 """
 
 from __future__ import annotations
@@ -21,7 +23,23 @@ import sys
 import time
 import urllib.request
 
-from host_env import environment  # noqa: F401  (soak.py and frontend_check.py import it from here)
+
+def version(pkg: str) -> str:
+    import importlib.metadata as md
+
+    try:
+        return md.version(pkg)
+    except md.PackageNotFoundError:
+        return "absent"
+
+
+def environment() -> dict:
+    import torch
+
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return {"gpu": gpus[0] if gpus else "none", "gpu_count": len(gpus), "torch": torch.__version__,
+            **{pkg: version(pkg) for pkg in ("triton", "sglang", "sglang-asynctls")}}
+
 
 PORT = 31234
 SHORT = ["The capital of France is", "def fibonacci(n):", "List three colors:", "Water boils at",

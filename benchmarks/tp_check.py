@@ -43,8 +43,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import e2e_throughput as e2e  # noqa: E402
-from host_env import environment  # noqa: E402
 import server_parity as parity  # noqa: E402
+from server_parity import environment  # noqa: E402
 
 ROOT = os.path.dirname(HERE)
 PARITY_FLAGS = {
@@ -97,7 +97,7 @@ def pad_channels(table: dict, num_kv_heads: int) -> dict:
 
 
 def write_padded_model(src: str, dst: str, tp: int) -> dict:
-    """Padded copy of the SmolLM2 safetensors dir (benchmarks/gpu/smollm2_dir.py) with its channel table."""
+    """Padded copy of the SmolLM2 safetensors dir (`benchmarks/gpu/model_dirs.py smollm2`) with its channel table."""
     from safetensors.torch import load_file, save_file
 
     record_path = os.path.join(dst, PAD_RECORD)

@@ -3,13 +3,13 @@
 
 Notations for shapes: see `sglang_asynctls/reference.py` (B, Hq, Hkv, G, D, Dv, S, BS, NB, Kb, Kt, Dc).
 
-    index build   block_minmax, quantize_labels
-    coarse        block_scores -> select_blocks                       (asynctls_decode.coarse_select)
+    index build   quantize_labels, append_decode_index
+    coarse        block_scores -> select_blocks
     fine          token_logits -> token_scores (combine) -> select_tokens / select_token_slots
-                  wide groups: token_logit_stats -> token_scores_recompute -> select_token_slots
-                                                                      (fine_select, fine_select_candidates)
     attention     sparse_decode (split-K) -> splitk_combine
-    whole step    asynctls_decode.{asynctls_decode, quest_decode, token_only_decode, dense_method}; METHODS
+    whole steps   composed outside this package: sglang_asynctls/decode_step.py (asynctls_decode and the baselines)
+
+Kernels are leaves: they import torch and triton only, and take every count and layout as an argument.
 
 Selections (`select_blocks`, `select_tokens`, `fine_select`) return the reference's *set*, with priorities compared
 at bfloat16 resolution (`_topk.KEY_BITS`; ties within 2^-7 relative go to the lower index)

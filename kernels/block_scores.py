@@ -7,10 +7,6 @@ import torch
 import triton
 import triton.language as tl
 
-from sglang_asynctls.config import GROUP_SCORES
-
-from .pdl import use_pdl, wait_for_inputs
-
 
 @triton.jit
 def _bound_part(q_row, kmin_row, kmax_row, mask_g, complete, offs_d, slack, GROUP_MAX: tl.constexpr):
@@ -31,38 +27,13 @@ def _bound_part(q_row, kmin_row, kmax_row, mask_g, complete, offs_d, slack, GROU
 
 
 @triton.jit
-def _group_sum_q(q_row, mask_g, offs_d, slack):
-    """The "sum" score's query: sum over the group's heads of (q +- s|q|) / 2, two [D] fp32 vectors."""
-    qg = tl.load(q_row + offs_d[None, :], mask=mask_g[:, None], other=0.0).to(tl.float32)
-    return tl.sum((qg + slack * tl.abs(qg)) * 0.5, axis=0), tl.sum((qg - slack * tl.abs(qg)) * 0.5, axis=0)
-
-
-@triton.jit
-def _gemv(k_hi, k_lo, q_pos, q_neg):
-    return tl.sum(k_hi.to(tl.float32) * q_pos[None, :] + k_lo.to(tl.float32) * q_neg[None, :], axis=1)
-
-
-@triton.jit
-def _tile_scores(q_row, kmin_row, kmax_row, mask_g, complete, slack, q_pos, q_neg, q_pos2, q_neg2,
-                 D1: tl.constexpr, D2: tl.constexpr, DCH: tl.constexpr, GROUP_MAX: tl.constexpr,
-                 HOIST_Q: tl.constexpr):
-    """[BLOCK_N] bounds of one tile; with HOIST_Q ("sum" only) from the program's q+- of chunk 0 and the tail."""
+def _tile_scores(q_row, kmin_row, kmax_row, mask_g, complete, slack, D1: tl.constexpr, D2: tl.constexpr,
+                 DCH: tl.constexpr, GROUP_MAX: tl.constexpr):
+    """[BLOCK_N] bounds of one tile of blocks, q loaded with each channel chunk."""
     offs_c = tl.arange(0, DCH)
-    if HOIST_Q:  # every part's rows requested before the first is used
-        k_hi = tl.load(kmax_row + offs_c[None, :], mask=complete[:, None], other=0.0)
-        k_lo = tl.load(kmin_row + offs_c[None, :], mask=complete[:, None], other=0.0)
-        if D2 > 0:
-            offs_t = D1 + tl.arange(0, D2)
-            k_hi2 = tl.load(kmax_row + offs_t[None, :], mask=complete[:, None], other=0.0)
-            k_lo2 = tl.load(kmin_row + offs_t[None, :], mask=complete[:, None], other=0.0)
-            acc = _gemv(k_hi, k_lo, q_pos, q_neg) + _gemv(k_hi2, k_lo2, q_pos2, q_neg2)
-        else:
-            acc = _gemv(k_hi, k_lo, q_pos, q_neg)
-    else:  # q loaded with each chunk: one tile per program (GQA), or "max"
-        acc = _bound_part(q_row, kmin_row, kmax_row, mask_g, complete, offs_c, slack, GROUP_MAX)
-        if D2 > 0:  # keys of 2^a + 2^b channels (MLA latent 576 = 512 + 64): parts add before a max over heads
-            acc += _bound_part(q_row, kmin_row, kmax_row, mask_g, complete, D1 + tl.arange(0, D2), slack,
-                               GROUP_MAX)
+    acc = _bound_part(q_row, kmin_row, kmax_row, mask_g, complete, offs_c, slack, GROUP_MAX)
+    if D2 > 0:  # keys of 2^a + 2^b channels (MLA latent 576 = 512 + 64): parts add before a max over heads
+        acc += _bound_part(q_row, kmin_row, kmax_row, mask_g, complete, D1 + tl.arange(0, D2), slack, GROUP_MAX)
     # more chunks only for tiles too wide for the registers (a [64, 512] fp32 tile spills at 4 warps)
     for c in tl.static_range(1, D1 // DCH):
         acc += _bound_part(q_row, kmin_row, kmax_row, mask_g, complete, c * DCH + offs_c, slack, GROUP_MAX)
@@ -72,87 +43,45 @@ def _tile_scores(q_row, kmin_row, kmax_row, mask_g, complete, slack, q_pos, q_ne
 
 
 @triton.jit
-def _block_scores_kernel(q, kmin, kmax, block_table, seq_lens, scores, NB, NSPLIT, slack,
-                         stride_qb, stride_qh, stride_ke, stride_kh, stride_tb, stride_sb, stride_sh,
+def _block_scores_kernel(q, kmin, kmax, block_table, seq_lens, scores, NB,
+                         stride_qb, stride_qh, stride_ke, stride_kh, stride_tb, stride_sb, stride_sh, slack,
                          HKV: tl.constexpr, G: tl.constexpr, BS: tl.constexpr, GP: tl.constexpr,
                          D1: tl.constexpr, D2: tl.constexpr, DCH: tl.constexpr, BLOCK_N: tl.constexpr,
-                         GROUP_MAX: tl.constexpr, PERSISTENT: tl.constexpr, PDL: tl.constexpr):
+                         GROUP_MAX: tl.constexpr):
+    # one tile of BLOCK_N blocks of one KV group per program (GQA: many programs stream; a loop over tiles would
+    # cost registers, sm_90: 96 vs 64)
     pid = tl.program_id(0)
     b = pid // HKV
     h = pid % HKV
     offs_g = tl.arange(0, GP)
-    n_complete = tl.load(seq_lens + b) // BS  # index rows of incomplete blocks are never read
-    table = block_table + b * stride_tb
-    out = scores + b * stride_sb + h * stride_sh
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    entry = tl.zeros([BLOCK_N], dtype=tl.int32)
-    if not PDL:  # not behind seq_lens (one round trip less), and ahead of the q math (ptxas keeps it there)
-        entry = tl.load(table + offs_n, mask=offs_n < NB, other=0)
+    # the table load is not behind seq_lens (one round trip less) and ahead of the q math (ptxas keeps it there)
+    entry = tl.load(block_table + b * stride_tb + offs_n, mask=offs_n < NB, other=0)
+    complete = offs_n < tl.load(seq_lens + b) // BS  # index rows of incomplete blocks are never read
     q_row = q + b * stride_qb + (h * G + offs_g)[:, None] * stride_qh
-    hoist: tl.constexpr = PERSISTENT and not GROUP_MAX  # several tiles per program: q+- once, before the wait
-    q_pos, q_neg, q_pos2, q_neg2 = 0.0, 0.0, 0.0, 0.0
-    if hoist:
-        # no complete block leaves q+- unused; the dependency keeps ptxas from issuing the seq_lens load
-        # only after the q math (sm_90 SASS), one round trip more before the first tile's rows
-        s_q = tl.where(n_complete > 0, slack, 0.0)
-        q_pos, q_neg = _group_sum_q(q_row, offs_g < G, tl.arange(0, DCH), s_q)
-        if D2 > 0:
-            q_pos2, q_neg2 = _group_sum_q(q_row, offs_g < G, D1 + tl.arange(0, D2), s_q)
-    wait_for_inputs(PDL)  # the block table and the index may come from the kernels before
-    if PDL:
-        entry = tl.load(table + offs_n, mask=offs_n < NB, other=0)
-    if PERSISTENT:  # tiles t, t + NSPLIT, ...: fewer programs than tiles, SMs balanced, q+- reused
-        for t in tl.range(tl.program_id(1), tl.cdiv(NB, BLOCK_N), NSPLIT):
-            offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
-            complete = offs_n < n_complete
-            row = tl.maximum(entry, 0).to(tl.int64)[:, None] * stride_ke + h * stride_kh
-            nxt = offs_n + NSPLIT * BLOCK_N  # the next tile's entries load while this tile's rows do
-            entry = tl.load(table + nxt, mask=nxt < n_complete, other=0)
-            acc = _tile_scores(q_row, kmin + row, kmax + row, offs_g < G, complete, slack, q_pos, q_neg, q_pos2,
-                               q_neg2, D1, D2, DCH, GROUP_MAX, hoist)
-            tl.store(out + offs_n, acc, mask=offs_n < NB)
-    else:  # one tile per program (GQA: many programs stream; the loop would cost registers, sm_90: 96 vs 64)
-        complete = offs_n < n_complete
-        row = tl.maximum(entry, 0).to(tl.int64)[:, None] * stride_ke + h * stride_kh
-        acc = _tile_scores(q_row, kmin + row, kmax + row, offs_g < G, complete, slack, 0.0, 0.0, 0.0, 0.0,
-                           D1, D2, DCH, GROUP_MAX, False)
-        tl.store(out + offs_n, acc, mask=offs_n < NB)
+    row = tl.maximum(entry, 0).to(tl.int64)[:, None] * stride_ke + h * stride_kh
+    acc = _tile_scores(q_row, kmin + row, kmax + row, offs_g < G, complete, slack, D1, D2, DCH, GROUP_MAX)
+    tl.store(scores + b * stride_sb + h * stride_sh + offs_n, acc, mask=offs_n < NB)
 
 
-# wide keys (MLA) in persistent programs (below); off: slower on the H100 at MLA 96k x 8, 27.1 us against 21.3 for
-# the default launch (one 64-block tile per program in 128-channel chunks, 4 warps; issue3_ab_h100.json)
-WIDE_PERSISTENT = False
-
-
-def _launch_shape(d: int, nb: int, groups: int, block_n: int, num_warps: int, num_splits: int, device):
-    """(BLOCK_N, DCH, num_warps, NSPLIT). GQA (d <= 256): one 64-block tile per program, 8 warps (H100, 96k x 8:
-    22.0 vs 25.0 us at 4). Wider keys (MLA 576): one 64-block tile per program at 4 warps (28.6 us at 8), or with
-    WIDE_PERSISTENT 16-block tiles of all channels at 8 warps (32 values per thread and tensor, as GQA's
-    [64, 128]) and about two programs per SM (sm_90: 109 registers at 8 warps, two fit), each looping over its
-    tiles with one q+-."""
-    wide = d > 256 and WIDE_PERSISTENT
-    block_n = block_n or (16 if wide else 64)
-    num_warps = num_warps or (4 if d > 256 and not wide else 8)
+def _launch_shape(d: int, block_n: int, num_warps: int):
+    """(BLOCK_N, DCH, num_warps): one 64-block tile per program. GQA (d <= 256) at 8 warps (H100, 96k x 8: 22.0 vs
+    25.0 us at 4); wider keys (MLA 576) at 4 warps (28.6 us at 8) in 128-channel chunks."""
+    block_n = block_n or 64
+    num_warps = num_warps or (4 if d > 256 else 8)
     d1 = 1 << (d.bit_length() - 1)
-    dch = min(d1, max(128, 8192 // block_n))  # <= 64 fp32 values per thread and tensor at 4 warps
-    tiles = triton.cdiv(nb, block_n)
-    if not num_splits:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-        num_splits = triton.cdiv(2 * sms, groups) if wide else tiles
-    return block_n, dch, num_warps, max(1, min(num_splits, tiles))
+    return block_n, min(d1, max(128, 8192 // block_n)), num_warps  # <= 64 fp32 values per thread and tensor
 
 
 def block_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, block_table: torch.Tensor,
                  seq_lens: torch.Tensor, block_size: int, bound_slack: float = 1.0, group_score: str = "sum",
-                 out: Optional[torch.Tensor] = None, *, block_n: int = 0, num_warps: int = 0,
-                 num_splits: int = 0) -> torch.Tensor:
+                 out: Optional[torch.Tensor] = None, *, block_n: int = 0, num_warps: int = 0) -> torch.Tensor:
     """Upper-bound scores of complete blocks (see `reference.block_scores`).
 
     q: [B, Hq, D]; kmin, kmax: [E, Hkv, D]; block_table: [B, NB] int index entry of each block; seq_lens: [B].
     Returns [B, Hkv, NB] float32, -inf where the block is incomplete.
 
-    A program scores tiles of BLOCK_N blocks of one KV group (num_splits programs per group, 0 = chosen from
-    the shape): a memory-bound GEMV over Kmin/Kmax rows, so tl.dot (16-row minimum, one useful row) would not
+    A program scores one tile of BLOCK_N blocks of one KV group: a memory-bound GEMV over Kmin/Kmax rows, so tl.dot (16-row minimum, one useful row) would not
     pay; entries of incomplete blocks are never read. group_score "max" needs one dot per head: tl.dot against
     the group's heads padded to 16 (same bytes, G x the math).
     """
@@ -164,18 +93,17 @@ def block_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, block_
     if out is None:
         out = torch.empty(b, hkv, nb, dtype=torch.float32, device=q.device)
     assert out.shape == (b, hkv, nb) and out.dtype == torch.float32 and out.stride(2) == 1
-    assert group_score in GROUP_SCORES and 0.0 <= bound_slack <= 1.0
+    assert group_score in ("sum", "max") and 0.0 <= bound_slack <= 1.0
     g = hq // hkv
     group_max = group_score == "max"
     gp = max(16, triton.next_power_of_2(g)) if group_max else triton.next_power_of_2(g)
     d1 = 1 << (d.bit_length() - 1)
     d2 = d - d1
     assert d2 & (d2 - 1) == 0, "head dim must be 2^a or 2^a + 2^b (e.g. 576 = 512 + 64)"
-    block_n, dch, num_warps, nsplit = _launch_shape(d, nb, b * hkv, block_n, num_warps, num_splits, q.device)
-    pdl = use_pdl(q.device)
-    _block_scores_kernel[(b * hkv, nsplit)](
-        q, kmin, kmax, block_table, seq_lens, out, nb, nsplit, float(bound_slack), q.stride(0), q.stride(1),
-        kmin.stride(0), kmin.stride(1), block_table.stride(0), out.stride(0), out.stride(1),
+    block_n, dch, num_warps = _launch_shape(d, block_n, num_warps)
+    _block_scores_kernel[(b * hkv, triton.cdiv(nb, block_n))](
+        q, kmin, kmax, block_table, seq_lens, out, nb, q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1),
+        block_table.stride(0), out.stride(0), out.stride(1), float(bound_slack),
         HKV=hkv, G=g, BS=block_size, GP=gp, D1=d1, D2=d2, DCH=dch, BLOCK_N=block_n, GROUP_MAX=group_max,
-        PERSISTENT=nsplit < triton.cdiv(nb, block_n), PDL=pdl, num_warps=num_warps, launch_pdl=pdl)
+        num_warps=num_warps)
     return out

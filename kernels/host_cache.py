@@ -8,13 +8,12 @@ the result does not depend on program timing). Other misses of that set read ove
 Spec: `offload/reference.py::host_cache_lookup`.
 """
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from sglang_asynctls.offload.host_stats import Column as Col
 
 
 @triton.jit
@@ -78,24 +77,24 @@ def _host_cache_lookup_kernel(token_slots, rows, seq_lens, active, tags, stamps,
 
 def host_cache_lookup(token_slots: torch.Tensor, rows: torch.Tensor, seq_lens: torch.Tensor, active: torch.Tensor,
                       tags: torch.Tensor, stamps: torch.Tensor, claims: torch.Tensor, host_from: int,
-                      counters: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """See `sglang_asynctls.offload.reference.host_cache_lookup`. counters: this layer's row of
-    `HostReadStats.counters` ([len(Col)] int64), added to in-kernel (no host sync)."""
+                      counters: Optional[torch.Tensor] = None, *, ways: int,
+                      columns: Tuple[int, int, int, int, int] = (0, 1, 2, 3, 4)) -> torch.Tensor:
+    """See `sglang_asynctls.offload.reference.host_cache_lookup`. ways: lines per set. counters: an int64 vector
+    added to in-kernel (no host sync); columns: where in it the valid rows, host rows, hits, fills and steps go."""
     b, hkv, k = token_slots.shape
     nr, hkv2, r = tags.shape
     assert hkv2 == hkv and stamps.shape == claims.shape == tags.shape and tags.is_contiguous()
     assert stamps.is_contiguous() and claims.is_contiguous() and token_slots.stride(2) == 1
     assert tags.dtype == stamps.dtype == claims.dtype == token_slots.dtype == torch.int32
-    from sglang_asynctls.config import HOST_CACHE_WAYS as W
-
+    W = ways
     assert r % W == 0 and rows.shape == seq_lens.shape == active.shape == (b,)
     cache_ref = torch.empty(b, hkv, k, dtype=torch.int32, device=token_slots.device)
     if counters is not None:
-        assert counters.shape == (len(Col),) and counters.dtype == torch.int64 and counters.is_contiguous()
+        assert counters.dim() == 1 and counters.dtype == torch.int64 and counters.is_contiguous()
     _host_cache_lookup_kernel[(b * hkv,)](
         token_slots, rows, seq_lens, active, tags, stamps, claims, cache_ref,
         counters if counters is not None else cache_ref, host_from, k, token_slots.stride(0), token_slots.stride(1),
         cache_ref.stride(0), cache_ref.stride(1), HKV=hkv, R=r, W=W, BLOCK_K=triton.next_power_of_2(k),
-        COUNT=counters is not None, C_ROWS=int(Col.ROWS), C_HOST=int(Col.HOST_ROWS),
-        C_HITS=int(Col.CACHE_HITS), C_FILLS=int(Col.CACHE_FILLS), C_STEPS=int(Col.STEPS), num_warps=4)
+        COUNT=counters is not None, C_ROWS=int(columns[0]), C_HOST=int(columns[1]), C_HITS=int(columns[2]),
+        C_FILLS=int(columns[3]), C_STEPS=int(columns[4]), num_warps=4)
     return cache_ref

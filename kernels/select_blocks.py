@@ -7,7 +7,6 @@ import triton
 import triton.language as tl
 
 from ._topk import INVALID, KEY_BITS, MAX_ENTRIES, ordered_key, topk_compact
-from .pdl import use_pdl, wait_for_inputs
 
 
 # a row whose non-forced scores span fewer than 2^NARROW_BITS - 1 key steps (at the compared resolution; 256 steps
@@ -33,13 +32,12 @@ def _full_search(s, forced, scored, KB: tl.constexpr, NBP: tl.constexpr, KEY_BIT
 def _select_blocks_kernel(scores, seq_lens, block_ids, NB, sink_tokens, local_window,
                           stride_sb, stride_sh, stride_ob, stride_oh,
                           HKV: tl.constexpr, BS: tl.constexpr, KB: tl.constexpr, NBP: tl.constexpr,
-                          KBP: tl.constexpr, KEY_BITS: tl.constexpr, NARROW: tl.constexpr, PDL: tl.constexpr):
+                          KBP: tl.constexpr, KEY_BITS: tl.constexpr, NARROW: tl.constexpr):
     pid = tl.program_id(0)
     b = pid // HKV
     h = pid % HKV
     j = tl.arange(0, NBP)
     seq_len = tl.load(seq_lens + b)
-    wait_for_inputs(PDL)  # the scores come from the kernel before
     s = tl.load(scores + b * stride_sb + h * stride_sh + j, mask=j < NB, other=float("-inf"))
     start = j * BS
     forced = (j < NB) & (start < seq_len) & ((start < sink_tokens) | (start + BS > seq_len - local_window))
@@ -77,10 +75,9 @@ def select_blocks(scores: torch.Tensor, seq_lens: torch.Tensor, block_size: int,
     assert out.shape == (b, hkv, block_budget) and out.dtype == torch.int32 and out.stride(2) == 1
     nbp = triton.next_power_of_2(nb)
     assert nbp <= MAX_ENTRIES, "more blocks than one program selects from"
-    pdl = use_pdl(scores.device)
     _select_blocks_kernel[(b * hkv,)](
         scores, seq_lens, out, nb, sink_tokens, local_window, scores.stride(0), scores.stride(1),
         out.stride(0), out.stride(1), HKV=hkv, BS=block_size, KB=block_budget, NBP=nbp,
-        KBP=triton.next_power_of_2(block_budget), KEY_BITS=key_bits, NARROW=min(NARROW_BITS, key_bits), PDL=pdl,
-        num_warps=num_warps or (4 if nbp <= 2048 else 8), launch_pdl=pdl)
+        KBP=triton.next_power_of_2(block_budget), KEY_BITS=key_bits, NARROW=min(NARROW_BITS, key_bits),
+        num_warps=num_warps or (4 if nbp <= 2048 else 8))
     return out

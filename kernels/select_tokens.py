@@ -6,20 +6,13 @@ import torch
 import triton
 import triton.language as tl
 
-from sglang_asynctls import reference
-
-from .pdl import use_pdl, wait_for_inputs
 from ._topk import INVALID, KEY_BITS, MAX_ENTRIES, ordered_key, topk_compact
 from .token_scores import group_mean_softmax
 
-# Candidates one program selects from in registers (8,192 = Kb 128 blocks of 64 is 32 KiB of fp32 scores); longer
-# lists (token-only over a whole context) go through torch.topk.
+# Candidates one program selects from in registers (8,192 = Kb 128 blocks of 64 is 32 KiB of fp32 scores); callers
+# with longer lists (token-only over a whole context) select with torch.topk (sglang_asynctls/decode_step.py).
 MAX_FUSED_CANDIDATES = MAX_ENTRIES
 
-
-# select_token_slots reads every candidate's slot before the search; off: no gain on the H100 at 96k x 8 (the
-# step within 0.7 us of the default on MLA and GQA, issue3_ab_h100.json)
-PREFETCH_SLOTS = False
 
 @triton.jit
 def _select_tokens_kernel(scores, cand, req_to_token, req_pool_indices, seq_lens, out, C, sink_tokens,
@@ -27,14 +20,12 @@ def _select_tokens_kernel(scores, cand, req_to_token, req_pool_indices, seq_lens
                           stats, stride_sg, stride_tb, stride_th,
                           HKV: tl.constexpr, FROM_BLOCKS: tl.constexpr, BS: tl.constexpr, TO_SLOTS: tl.constexpr,
                           KT: tl.constexpr, CP: tl.constexpr, KTP: tl.constexpr, KEY_BITS: tl.constexpr,
-                          G: tl.constexpr, GP: tl.constexpr, NSPLIT: tl.constexpr, PREFETCH: tl.constexpr,
-                          PDL: tl.constexpr):
+                          G: tl.constexpr, GP: tl.constexpr, NSPLIT: tl.constexpr):
     pid = tl.program_id(0)
     b = pid // HKV
     h = pid % HKV
     offs = tl.arange(0, CP)
     seq_len = tl.load(seq_lens + b).to(tl.int32)
-    wait_for_inputs(PDL)  # scores (and candidates) come from the kernels before
     if FROM_BLOCKS:  # cand: [B, Hkv, Kb] block ids; candidate c is position blk[c // BS] * BS + c % BS
         blk = tl.load(cand + b * stride_cb + h * stride_ch + offs // BS, mask=offs < C, other=-1)
         pos = blk * BS + offs % BS
@@ -49,16 +40,13 @@ def _select_tokens_kernel(scores, cand, req_to_token, req_pool_indices, seq_lens
     valid = pos >= 0
     if TO_SLOTS:
         req = tl.load(req_pool_indices + b).to(tl.int64)
-        if PREFETCH:  # every candidate's slot, issued before the search so its latency hides behind it
-            slot = tl.load(req_to_token + req * stride_rr + pos, mask=valid, other=-1)
     forced = valid & ((pos < sink_tokens) | (pos >= seq_len - local_window))
     key = tl.where(forced, ordered_key(tl.full([CP], float("inf"), tl.float32)), ordered_key(score))
     key = tl.where(forced | (valid & (score > float("-inf"))), key, INVALID)
     keep, rank, num_kept = topk_compact(key, KT, KEY_BITS)
     dst = out + b * stride_ob + h * stride_oh
     if TO_SLOTS:
-        if not PREFETCH:  # only the kept candidates' slots, after the search: a dependent load at the end
-            slot = tl.load(req_to_token + req * stride_rr + pos, mask=keep, other=-1)
+        slot = tl.load(req_to_token + req * stride_rr + pos, mask=keep, other=-1)  # the kept candidates' only
         tl.store(dst + rank, slot.to(dst.dtype.element_ty), mask=keep)
     else:
         tl.store(dst + rank, pos.to(dst.dtype.element_ty), mask=keep)
@@ -67,7 +55,7 @@ def _select_tokens_kernel(scores, cand, req_to_token, req_pool_indices, seq_lens
 
 
 def _launch(scores, cand, req_to_token, req_pool_indices, seq_lens, out, block_size, token_budget, sink_tokens,
-            local_window, to_slots, num_warps=0, key_bits=KEY_BITS, stats=None, prefetch=False):
+            local_window, to_slots, num_warps=0, key_bits=KEY_BITS, stats=None):
     """scores: [B, Hkv, C] group-mean softmax, or (stats given) logits [B, Hkv, G, C] from `token_logits`."""
     b, hkv, c = scores.shape[0], scores.shape[1], scores.shape[-1]
     assert scores.dtype == torch.float32 and scores.stride(-1) == 1 and cand.stride(2) == 1
@@ -81,7 +69,6 @@ def _launch(scores, cand, req_to_token, req_pool_indices, seq_lens, out, block_s
         assert scores.dim() == 4 and stats.shape[:2] == (b, hkv) and stats.shape[3:] == (g, 2)
         assert stats.is_contiguous()
     cp = triton.next_power_of_2(c)
-    pdl = use_pdl(scores.device)
     # H100, 8,192 candidates, 96k x 8: scores given, 32 warps 16.0 / 16.5 us (MLA / GQA) vs 16 warps 16.8 / 17.3;
     # with the combine folded (G heads' logits), 16 warps 64.3 / 20.3 vs 32 warps 71.7 / 20.5
     num_warps = num_warps or ((16 if g else 32) if cp >= 8192 else 8 if cp > 2048 else 4)
@@ -91,8 +78,8 @@ def _launch(scores, cand, req_to_token, req_pool_indices, seq_lens, out, block_s
         out.stride(0), out.stride(1), stats, stride_sg, stats.stride(0), stats.stride(1),
         HKV=hkv, FROM_BLOCKS=bool(block_size), BS=max(block_size, 1),
         TO_SLOTS=to_slots, KT=token_budget, CP=cp, KTP=triton.next_power_of_2(token_budget), KEY_BITS=key_bits,
-        G=g, GP=triton.next_power_of_2(max(g, 1)), NSPLIT=stats.shape[2] if g else 1, PREFETCH=prefetch,
-        PDL=pdl, num_warps=num_warps, launch_pdl=pdl)
+        G=g, GP=triton.next_power_of_2(max(g, 1)), NSPLIT=stats.shape[2] if g else 1,
+        num_warps=num_warps)
     return out
 
 
@@ -105,10 +92,7 @@ def select_tokens(scores: torch.Tensor, positions: torch.Tensor, seq_lens: torch
     set as the reference (ties to lower candidate index), listed in candidate order.
     """
     b, hkv, c = scores.shape
-    assert positions.shape == scores.shape
-    if c > MAX_FUSED_CANDIDATES:
-        res = reference.select_tokens(scores, positions, seq_lens, token_budget, sink_tokens, local_window)
-        return res if out is None else out.copy_(res)
+    assert positions.shape == scores.shape and c <= MAX_FUSED_CANDIDATES, "more candidates than one program holds"
     if out is None:
         out = torch.empty(b, hkv, token_budget, dtype=torch.int64, device=scores.device)
     assert out.dtype == torch.int64
@@ -120,18 +104,15 @@ def select_token_slots(scores: torch.Tensor, candidates: torch.Tensor, req_to_to
                        req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, *, block_size: int,
                        token_budget: int, sink_tokens: int, local_window: int, out: Optional[torch.Tensor] = None,
                        num_warps: int = 0, key_bits: int = KEY_BITS,
-                       stats: Optional[torch.Tensor] = None, prefetch_slots: Optional[bool] = None) -> torch.Tensor:
+                       stats: Optional[torch.Tensor] = None) -> torch.Tensor:
     """`select_tokens` then `positions_to_slots`, in one kernel, over candidates given as positions [B, Hkv, C]
     (block_size == 0) or block ids [B, Hkv, Kb] (C = Kb * block_size). Returns [B, Hkv, Kt] int32 KV slots.
     Scores are compared at key_bits + 1 bits (kernels/_topk.py). With `stats`, `scores` are `token_logits`'
-    (logits, stats) pair's logits and the group-mean softmax (`token_scores`) is computed here: one launch less.
-    prefetch_slots: read every candidate's slot (C x 4 B) before the threshold search rather than the Kt kept
-    ones after it, taking a dependent req_to_token load off the end of the kernel (None = PREFETCH_SLOTS)."""
+    (logits, stats) pair's logits and the group-mean softmax (`token_scores`) is computed here: one launch less."""
     b, hkv = scores.shape[:2]
     assert req_to_token.stride(1) == 1
     if out is None:
         out = torch.empty(b, hkv, token_budget, dtype=torch.int32, device=scores.device)
     assert out.dtype == torch.int32
     return _launch(scores, candidates, req_to_token, req_pool_indices, seq_lens, out, block_size, token_budget,
-                   sink_tokens, local_window, True, num_warps, key_bits, stats,
-                   PREFETCH_SLOTS if prefetch_slots is None else prefetch_slots)
+                   sink_tokens, local_window, True, num_warps, key_bits, stats)

@@ -13,7 +13,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .pdl import use_pdl, wait_for_inputs
 from .splitk_combine import splitk_combine
 
 
@@ -34,7 +33,7 @@ def _sparse_decode_kernel(q, k_buffer, v_buffer, token_slots, mid_o, mid_lse, sm
                           HKV: tl.constexpr, G: tl.constexpr, NHB: tl.constexpr, BLOCK_H: tl.constexpr,
                           D1: tl.constexpr, D2: tl.constexpr, DV: tl.constexpr, V_IS_K: tl.constexpr,
                           SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, NDV: tl.constexpr,
-                          PDL: tl.constexpr, CACHED: tl.constexpr):
+                          CACHED: tl.constexpr):
     pid = tl.program_id(0)
     split = tl.program_id(1)
     vc = pid % NDV  # this program's DV-wide column chunk of the output (of NDV); the scores are recomputed per chunk
@@ -50,7 +49,6 @@ def _sparse_decode_kernel(q, k_buffer, v_buffer, token_slots, mid_o, mid_lse, sm
         offs_d2 = D1 + tl.arange(0, D2)
         q2 = tl.load(qh + offs_d2[None, :], mask=mask_h[:, None], other=0.0)
     offs_dv = vc * DV + tl.arange(0, DV)
-    wait_for_inputs(PDL)  # the slots come from the kernel before
     scale = sm_scale * 1.4426950408889634  # exp -> exp2
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
@@ -166,7 +164,6 @@ def sparse_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tenso
     split_k = triton.cdiv(triton.cdiv(kk, splits), block_n) * block_n
     mid_o = torch.empty(b, hq, splits, dv, dtype=torch.float32, device=q.device)
     mid_lse = torch.empty(b, hq, splits, dtype=torch.float32, device=q.device)
-    pdl = use_pdl(q.device)
     cache_k = cache_v = cache_ref = token_slots  # unused unless cache is given
     if cache is not None:
         cache_k, cache_v, cache_ref = cache
@@ -179,6 +176,6 @@ def sparse_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tenso
         k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1), token_slots.stride(0),
         token_slots.stride(1), mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0),
         mid_lse.stride(1), cache_k, cache_v, cache_ref, HKV=hkv, G=g, NHB=nhb, BLOCK_H=block_h, D1=d1, D2=d2,
-        DV=dv // ndv, V_IS_K=v_is_k, SPLIT_K=split_k, BLOCK_N=block_n, NDV=ndv, PDL=pdl, CACHED=cache is not None,
-        num_warps=num_warps, num_stages=2, launch_pdl=pdl)
+        DV=dv // ndv, V_IS_K=v_is_k, SPLIT_K=split_k, BLOCK_N=block_n, NDV=ndv, CACHED=cache is not None,
+        num_warps=num_warps, num_stages=2)
     return splitk_combine(mid_o, mid_lse, q.dtype, out=out, out_rows=out_rows)

@@ -6,14 +6,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .pdl import use_pdl, wait_for_inputs
 
 
 @triton.jit
 def _splitk_combine_kernel(mid_o, mid_lse, out, out_rows, NSPLIT, stride_mb, stride_mh, stride_ms, stride_lb,
                            stride_lh, stride_ob, stride_oh, HQ: tl.constexpr, DV: tl.constexpr, NSP: tl.constexpr,
-                           HAS_ROWS: tl.constexpr, PDL: tl.constexpr):
-    wait_for_inputs(PDL)  # the partials come from the kernel before
+                           HAS_ROWS: tl.constexpr):
     pid = tl.program_id(0)
     b = pid // HQ
     h = pid % HQ
@@ -43,10 +41,8 @@ def splitk_combine(mid_o: torch.Tensor, mid_lse: torch.Tensor, dtype: torch.dtyp
         out = torch.empty(b, hq, dv, dtype=dtype, device=mid_o.device)
     assert out.shape == (b, hq, dv) and out.dtype == dtype and out.stride(2) == 1
     assert out_rows is None or out_rows.shape == (b,)
-    pdl = use_pdl(mid_o.device)
     _splitk_combine_kernel[(b * hq,)](
         mid_o, mid_lse, out, out_rows if out_rows is not None else mid_lse, splits, mid_o.stride(0),
         mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1), out.stride(0), out.stride(1),
-        HQ=hq, DV=dv, NSP=triton.next_power_of_2(splits), HAS_ROWS=out_rows is not None, PDL=pdl, num_warps=4,
-        launch_pdl=pdl)
+        HQ=hq, DV=dv, NSP=triton.next_power_of_2(splits), HAS_ROWS=out_rows is not None, num_warps=4)
     return out

@@ -10,7 +10,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .pdl import use_pdl, wait_for_inputs
 
 
 @triton.jit
@@ -44,8 +43,7 @@ def tile_logits(q_lo, q_hi, labels, label_scale, req_to_token, cand_row, req, se
                 stride_ls, stride_lh, stride_ss, stride_sh, stride_rr, HDC: tl.constexpr,
                 FROM_BLOCKS: tl.constexpr, BS: tl.constexpr, USE_DOT: tl.constexpr):
     """Logits [GP, BLOCK_C] of candidates offs_c of one KV group (cand_row: its candidate list), -inf where
-    invalid. `token_logits` and the recomputing combine (`token_scores_recompute`) share it, so both passes see the
-    same logits."""
+    invalid."""
     offs_k = tl.arange(0, HDC)
     if FROM_BLOCKS:  # candidates = every position of the selected blocks (cand: [B, Hkv, Kb] block ids)
         blk = tl.load(cand_row + offs_c // BS, mask=offs_c < C, other=-1)
@@ -70,8 +68,7 @@ def _token_logits_kernel(q, labels, label_scale, channels, req_to_token, req_poo
                          stride_cb, stride_ch2, stride_ob, stride_oh, stride_og, stride_tb, stride_th, stride_ts,
                          HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, HDC: tl.constexpr,
                          FROM_BLOCKS: tl.constexpr, BS: tl.constexpr, SPLIT_C: tl.constexpr,
-                         BLOCK_C: tl.constexpr, USE_DOT: tl.constexpr, STORE_LOGITS: tl.constexpr,
-                         PDL: tl.constexpr):
+                         BLOCK_C: tl.constexpr, USE_DOT: tl.constexpr):
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // HKV
@@ -80,7 +77,6 @@ def _token_logits_kernel(q, labels, label_scale, channels, req_to_token, req_poo
     q_lo, q_hi = group_label_queries(q, channels, b, h, stride_qb, stride_qh, stride_ch, G, GP, HDC)
     req = tl.load(req_pool_indices + b).to(tl.int64)
     seq_len = tl.load(seq_lens + b) if FROM_BLOCKS else 0
-    wait_for_inputs(PDL)  # the candidates come from the kernel before
     m_run = tl.full([GP], float("-inf"), tl.float32)
     s_run = tl.zeros([GP], dtype=tl.float32)
     for c0 in tl.range(split * SPLIT_C, split * SPLIT_C + SPLIT_C, BLOCK_C):
@@ -88,9 +84,8 @@ def _token_logits_kernel(q, labels, label_scale, channels, req_to_token, req_poo
         logit = tile_logits(q_lo, q_hi, labels, label_scale, req_to_token, cand + b * stride_cb + h * stride_ch2,
                             req, seq_len, h, offs_c, C, sm_scale, stride_ls, stride_lh, stride_ss, stride_sh,
                             stride_rr, HDC, FROM_BLOCKS, BS, USE_DOT)
-        if STORE_LOGITS:  # off for the two-pass combine of wide groups (token_scores_recompute)
-            tl.store(logits + b * stride_ob + h * stride_oh + offs_g[:, None] * stride_og + offs_c[None, :],
-                     logit, mask=(offs_g < G)[:, None] & (offs_c < C)[None, :])
+        tl.store(logits + b * stride_ob + h * stride_oh + offs_g[:, None] * stride_og + offs_c[None, :],
+                 logit, mask=(offs_g < G)[:, None] & (offs_c < C)[None, :])
         m_new = tl.maximum(m_run, tl.max(logit, axis=1))
         m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
         s_run = s_run * tl.exp(m_run - m_safe) + tl.sum(tl.exp(logit - m_safe[:, None]), axis=1)
@@ -124,7 +119,6 @@ def _check_label_inputs(q, labels, label_scale, channels, req_to_token, seq_lens
 
 def _launch(q, labels, label_scale, channels, req_to_token, req_pool_indices, seq_lens, candidates, sm_scale,
             block_size, num_splits, logits, stats, num_stages):
-    """logits None: statistics only (the first pass of `token_scores_recompute`)."""
     b, hq, _ = q.shape
     hkv, dc = channels.shape
     g = hq // hkv
@@ -136,10 +130,8 @@ def _launch(q, labels, label_scale, channels, req_to_token, req_pool_indices, se
     if stats is None:
         stats = torch.empty(b, hkv, splits, g, 2, dtype=torch.float32, device=q.device)
     assert stats.shape == (b, hkv, splits, g, 2) and stats.is_contiguous() and splits & (splits - 1) == 0
-    if logits is not None:
-        assert logits.shape == (b, hkv, g, c) and logits.stride(3) == 1
-    lg = stats if logits is None else logits
-    pdl = use_pdl(q.device)
+    assert logits.shape == (b, hkv, g, c) and logits.stride(3) == 1
+    lg = logits
     _token_logits_kernel[(b * hkv, splits)](
         q, labels, label_scale, channels, req_to_token, req_pool_indices,
         req_pool_indices if seq_lens is None else seq_lens, candidates, lg, stats, sm_scale, c,
@@ -147,8 +139,7 @@ def _launch(q, labels, label_scale, channels, req_to_token, req_pool_indices, se
         channels.stride(0), req_to_token.stride(0), candidates.stride(0), candidates.stride(1),
         lg.stride(0), lg.stride(1), lg.stride(2), stats.stride(0), stats.stride(1), stats.stride(2),
         HKV=hkv, G=g, GP=group_rows(g), HDC=dc // 2, FROM_BLOCKS=bool(block_size), BS=max(block_size, 1),
-        SPLIT_C=split_c, BLOCK_C=block_c, USE_DOT=dc // 2 >= 16, STORE_LOGITS=logits is not None, PDL=pdl,
-        num_warps=4, num_stages=num_stages, launch_pdl=pdl)
+        SPLIT_C=split_c, BLOCK_C=block_c, USE_DOT=dc // 2 >= 16, num_warps=4, num_stages=num_stages)
     return stats
 
 
@@ -174,12 +165,3 @@ def token_logits(q: torch.Tensor, labels: torch.Tensor, label_scale: torch.Tenso
                     sm_scale, block_size, num_splits, out[0], out[1], num_stages)
     return out[0], stats
 
-
-def token_logit_stats(q: torch.Tensor, labels: torch.Tensor, label_scale: torch.Tensor, channels: torch.Tensor,
-                      req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: Optional[torch.Tensor],
-                      candidates: torch.Tensor, sm_scale: float, *, block_size: int = 0, num_splits: int = 0,
-                      out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """`token_logits`' stats [B, Hkv, splits, G, 2] alone: the logits are not written (wide groups recompute
-    them, see `token_scores_recompute`)."""
-    return _launch(q, labels, label_scale, channels, req_to_token, req_pool_indices, seq_lens, candidates,
-                   sm_scale, block_size, num_splits, None, out, 1)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 LABEL_BITS = 4  # INT4 labels: two channels per byte (kernels unpack nibbles)
 DEFAULT_LABEL_CHANNELS = {"gqa": 32, "mla": 128}  # d_c from the paper: 32 of 128 dims (GQA), 128 of 576 (MLA)
@@ -51,6 +51,27 @@ FLAGS = {
 }
 
 
+def layer_budgets(budget: int, num_layers: int, layer_scale: Mapping[int, float]) -> List[int]:
+    """One budget (k_t or k_b) per layer under a per-layer schedule with the same average.
+
+    A layer l in layer_scale gets floor(layer_scale[l] * budget); every other layer gets an equal share (floored)
+    of what is left of num_layers * budget, so the mean over layers is at most `budget`: what some layers gain is
+    taken from the others. An empty schedule is `budget` everywhere. AsyncTLS applies one schedule to both k_t and
+    k_b, so each layer keeps the candidate ratio k_b * block_size / k_t.
+    """
+    listed = {int(layer): int(scale * budget) for layer, scale in layer_scale.items()}
+    rest = num_layers - len(listed)
+    other = (num_layers * budget - sum(listed.values())) // rest if rest else 0
+    return [listed.get(layer, other) for layer in range(num_layers)]
+
+
+def layer_candidate_budgets(block_budgets: List[int], candidate_scale: Mapping[int, float]) -> List[int]:
+    """k_b per layer with extra candidates: a layer l in candidate_scale keeps floor(candidate_scale[l] * k_b_l)
+    blocks, taken from no other layer. Candidates are scored with the INT4 labels but not attended, so this moves
+    no attended tokens: it buys recall of the coarse stage with label-scoring work in the listed layers."""
+    return [int(candidate_scale.get(layer, 1.0) * kb) for layer, kb in enumerate(block_budgets)]
+
+
 def _fail(field: str, allowed: str, got) -> None:
     raise AsyncTLSConfigError(f"{FLAGS[field]} must be {allowed} (got {got!r})")
 
@@ -81,10 +102,10 @@ class AsyncTLSConfig:
     group_score:    "sum" or "max": how the coarse score combines the query heads of a KV group
     layer_budget_scale: per-layer budgets at the same average, "LAYER:SCALE,...": a listed layer gets SCALE x k_t
                     tokens and SCALE x k_b blocks, the other layers share what is left equally (means over layers
-                    <= k_t and k_b; `reference.layer_budgets`); "" = k_t and k_b in every layer; "auto" = the
+                    <= k_t and k_b; `layer_budgets`); "" = k_t and k_b in every layer; "auto" = the
                     model's calibrated schedule from its channel config (`with_layer_schedule`), else "".
     layer_candidate_scale: "LAYER:SCALE,...": the listed layers keep SCALE x their k_b candidate blocks, taken
-                    from no other layer (label-scoring work, no attended tokens; `reference.layer_candidate_budgets`);
+                    from no other layer (label-scoring work, no attended tokens; `layer_candidate_budgets`);
                     "" = none; "auto" as above.
     channel_config: JSON from `python -m sglang_asynctls.calibrate`; None = the packaged default for the model,
                     else channels ranked by |K| at prefill
@@ -184,10 +205,8 @@ class AsyncTLSConfig:
         return out
 
     def layer_budgets(self, num_layers: int) -> List[Tuple[int, int]]:
-        """(k_t, k_b) of each of the model's layers: `reference.layer_budgets` over k_t and k_b, then
-        `reference.layer_candidate_budgets`; checks the result (every layer, listed or not)."""
-        from sglang_asynctls.reference import layer_budgets, layer_candidate_budgets
-
+        """(k_t, k_b) of each of the model's layers: `layer_budgets` over k_t and k_b, then
+        `layer_candidate_budgets`; checks the result (every layer, listed or not)."""
         scale, cand = self.layer_scale(), self.layer_scale("layer_candidate_scale")
         for field, pairs in (("layer_budget_scale", scale), ("layer_candidate_scale", cand)):
             if any(layer >= num_layers for layer in pairs):
@@ -228,10 +247,3 @@ class AsyncTLSConfig:
             raise AsyncTLSConfigError(f"unknown AsyncTLS config keys: {sorted(unknown)}")
         return cls(**data)
 
-
-PRESETS = {
-    # the paper's operating points (Qwen3-8B): k_b = 128 blocks of 64, k_t from 512 to 2048
-    "paper-512": AsyncTLSConfig(enabled=True, token_budget=512),
-    "paper-1024": AsyncTLSConfig(enabled=True, token_budget=1024),
-    "paper-2048": AsyncTLSConfig(enabled=True, token_budget=2048),
-}

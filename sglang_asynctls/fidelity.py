@@ -24,6 +24,7 @@ from typing import Callable, FrozenSet, List, Mapping, Optional, Tuple
 import torch
 
 from sglang_asynctls import reference as ref
+from sglang_asynctls.config import layer_budgets, layer_candidate_budgets
 from sglang_asynctls.smollm2 import SmolLlama
 
 DEFAULT_SINK, DEFAULT_WINDOW = 64, 128  # AsyncTLSConfig defaults, sized for a 1,024-token budget
@@ -37,8 +38,8 @@ class Budget:
         tokens as whole blocks (token_budget // block_size blocks); token-only picks them from all tokens;
         AsyncTLS picks them from `block_budget` candidate blocks.
     bound_slack, group_score: AsyncTLS's coarse score (`reference.block_scores`); Quest keeps its own (1, sum).
-    layer_budgets: AsyncTLS's (k_t, k_b) per layer (`reference.layer_budgets`: means <= token_budget and
-        block_budget, then `reference.layer_candidate_budgets`); empty = the same in every layer. Other methods
+    layer_budgets: AsyncTLS's (k_t, k_b) per layer (`config.layer_budgets`: means <= token_budget and
+        block_budget, then `config.layer_candidate_budgets`); empty = the same in every layer. Other methods
         ignore it.
     """
 
@@ -59,14 +60,14 @@ class Budget:
         """k_t = context / fraction; k_b * block_size = candidate_ratio * k_t (the paper's 8,192 candidates for
         k_t = 2,048); sink and window shrink with k_t below 1,024 so forced tokens stay <= 3/16 of the budget.
         layer_scale (layer -> multiple) over num_layers layers: AsyncTLS's per-layer k_t and k_b, same means;
-        candidate_scale (layer -> multiple): extra candidate blocks on top (`reference.layer_candidate_budgets`)."""
+        candidate_scale (layer -> multiple): extra candidate blocks on top (`config.layer_candidate_budgets`)."""
         kt = context // fraction
         shrink = min(1.0, kt / 1024)
         kb = max(1, -(-candidate_ratio * kt // block_size))
         per_layer = ()
         if layer_scale or candidate_scale:
-            kbs = ref.layer_candidate_budgets(ref.layer_budgets(kb, num_layers, layer_scale), candidate_scale)
-            per_layer = tuple(zip(ref.layer_budgets(kt, num_layers, layer_scale), kbs))
+            kbs = layer_candidate_budgets(layer_budgets(kb, num_layers, layer_scale), candidate_scale)
+            per_layer = tuple(zip(layer_budgets(kt, num_layers, layer_scale), kbs))
         return cls(kt, kb, int(sink_tokens * shrink), int(local_window * shrink), block_size, bound_slack,
                    group_score, per_layer)
 

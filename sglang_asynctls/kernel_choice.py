@@ -29,7 +29,7 @@ def impl_for(buffer: torch.Tensor) -> str:
 def sparse_decode_fn(impl: str):
     """(asynctls_decode, impl): the fused Triton decode or the reference."""
     if impl == "triton":
-        from sglang_asynctls.kernels.asynctls_decode import asynctls_decode
+        from sglang_asynctls.decode_step import asynctls_decode
     else:
         from sglang_asynctls.reference import asynctls_decode
     return asynctls_decode, impl

@@ -28,11 +28,10 @@ Padding: selected block / position / slot lists are padded with -1; scores of in
 from __future__ import annotations
 
 import math
-from typing import List, Mapping, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
-from sglang_asynctls.config import GROUP_SCORES
 
 NEG_INF = float("-inf")
 POS_INF = float("inf")
@@ -120,29 +119,6 @@ def calibrate_channels(q_absmax: torch.Tensor, k_absmax: torch.Tensor, num_chann
     score = (q_absmax.float().view(hkv, hq // hkv, d) * k_absmax.float()[:, None]).mean(dim=1)
     return torch.topk(score, num_channels, dim=1).indices
 
-# ---------------------------------------------------------------------------------------------- per-layer budgets
-
-
-def layer_budgets(budget: int, num_layers: int, layer_scale: Mapping[int, float]) -> List[int]:
-    """One budget (k_t or k_b) per layer under a per-layer schedule with the same average.
-
-    A layer l in layer_scale gets floor(layer_scale[l] * budget); every other layer gets an equal share (floored)
-    of what is left of num_layers * budget, so the mean over layers is at most `budget`: what some layers gain is
-    taken from the others. An empty schedule is `budget` everywhere. AsyncTLS applies one schedule to both k_t and
-    k_b, so each layer keeps the candidate ratio k_b * block_size / k_t.
-    """
-    listed = {int(layer): int(scale * budget) for layer, scale in layer_scale.items()}
-    rest = num_layers - len(listed)
-    other = (num_layers * budget - sum(listed.values())) // rest if rest else 0
-    return [listed.get(layer, other) for layer in range(num_layers)]
-
-
-def layer_candidate_budgets(block_budgets: List[int], candidate_scale: Mapping[int, float]) -> List[int]:
-    """k_b per layer with extra candidates: a layer l in candidate_scale keeps floor(candidate_scale[l] * k_b_l)
-    blocks, taken from no other layer. Candidates are scored with the INT4 labels but not attended, so this moves
-    no attended tokens: it buys recall of the coarse stage with label-scoring work in the listed layers."""
-    return [int(candidate_scale.get(layer, 1.0) * kb) for layer, kb in enumerate(block_budgets)]
-
 # ---------------------------------------------------------------------------------------------- coarse level
 
 
@@ -176,7 +152,7 @@ def block_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, block_
         scores = (torch.einsum("bhgd,bnhd->bhgn", q_pos, kmax_b)
                   + torch.einsum("bhgd,bnhd->bhgn", q_neg, kmin_b)).amax(dim=2)
     else:
-        raise ValueError(f"group_score must be one of {GROUP_SCORES} (got {group_score!r})")
+        raise ValueError(f"group_score must be 'sum' or 'max' (got {group_score!r})")
     nb = block_table.shape[1]
     complete = torch.arange(nb, device=q.device)[None] < num_complete_blocks(seq_lens, block_size)[:, None]
     return scores.masked_fill(~complete[:, None, :], NEG_INF)

@@ -8,18 +8,14 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from sglang_asynctls.kernels.gather_blocks import _gather_blocks_kernel
 from sglang_asynctls.kernels.host_cache import _host_cache_lookup_kernel
 from sglang_asynctls.kernels.block_scores import _block_scores_kernel
 from sglang_asynctls.kernels.index_append import _append_decode_index_kernel
-from sglang_asynctls.kernels.resident_candidates import _resident_candidates_kernel
-from sglang_asynctls.kernels.resident_update import _resident_update_kernel
 from sglang_asynctls.kernels.select_blocks import _select_blocks_kernel
 from sglang_asynctls.kernels.select_tokens import _select_tokens_kernel
 from sglang_asynctls.kernels.sparse_decode import _sparse_decode_kernel
 from sglang_asynctls.kernels.splitk_combine import _splitk_combine_kernel
 from sglang_asynctls.kernels.token_logits import _token_logits_kernel
-from sglang_asynctls.kernels.token_scores_recompute import _token_scores_recompute_kernel
 
 SM90 = GPUTarget("cuda", 90, 32)
 
@@ -37,9 +33,9 @@ def selection_kernels(key_bits):
     _compile(_select_blocks_kernel,
              [("scores", "*fp32"), ("seq_lens", "*i64"), ("block_ids", "*i32")]
              + _i32("NB", "sink_tokens", "local_window", "stride_sb", "stride_sh", "stride_ob", "stride_oh")
-             + [(n, None) for n in ("HKV", "BS", "KB", "NBP", "KBP", "KEY_BITS", "NARROW", "PDL")],
-             dict(HKV=8, BS=64, KB=128, NBP=2048, KBP=128, KEY_BITS=key_bits, NARROW=8 if key_bits == 16 else 0,
-                  PDL=key_bits == 16), 8)  # NARROW 8: the default; 0: the full search only
+             + [(n, None) for n in ("HKV", "BS", "KB", "NBP", "KBP", "KEY_BITS", "NARROW")],
+             dict(HKV=8, BS=64, KB=128, NBP=2048, KBP=128, KEY_BITS=key_bits, NARROW=8 if key_bits == 16 else 0),
+             8)  # NARROW 8: the default; 0: the full search only
     for g in (0, 4, 20):  # scores given; logits of a GQA / MLA group with the combine folded in
         _compile(_select_tokens_kernel,
                  [("scores", "*fp32"), ("cand", "*i32"), ("req_to_token", "*i32"), ("req_pool_indices", "*i64"),
@@ -48,11 +44,10 @@ def selection_kernels(key_bits):
                         "stride_rr", "stride_ob", "stride_oh") + [("stats", "*fp32")]
                  + _i32("stride_sg", "stride_tb", "stride_th")
                  + [(n, None) for n in ("HKV", "FROM_BLOCKS", "BS", "TO_SLOTS", "KT", "CP", "KTP", "KEY_BITS", "G",
-                                        "GP", "NSPLIT", "PREFETCH", "PDL")],
+                                        "GP", "NSPLIT")],
                  dict(HKV=8, FROM_BLOCKS=True, BS=64, TO_SLOTS=True, KT=1024, CP=8192, KTP=1024, KEY_BITS=key_bits,
-                      G=g, GP=triton.next_power_of_2(max(g, 1)), NSPLIT=32 if g else 1,
-                      PREFETCH=key_bits == 16, PDL=g == 20),
-                 16 if g else 32)  # the launcher's warps; slot prefetch at 16 bits, the late load at 31
+                      G=g, GP=triton.next_power_of_2(max(g, 1)), NSPLIT=32 if g else 1),
+                 16 if g else 32)  # the launcher's warps
 
 
 def append_decode_index(d, half_dc, has_rows):
@@ -64,70 +59,20 @@ def append_decode_index(d, half_dc, has_rows):
              dict(D=d, BLOCK_D=triton.next_power_of_2(d), HALF_DC=half_dc, BS=64, HAS_ROWS=has_rows), 4)
 
 
-def resident_update(r, kb, num_warps, fused):
-    r_p2 = triton.next_power_of_2(r)
-    _compile(_resident_update_kernel,
-             [(n, "*i32") for n in ("tags", "last_used", "prev")] + [("rows", "*i64")]
-             + [(n, "*i32") for n in ("blocks", "step", "slots", "copy_src", "copy_dst", "overlap", "misses",
-                                      "prev_slots", "cache_pages", "page_table")]
-             + [(n, "*i64") for n in ("counters", "stamps")]
-             + _i32("stride_tr", "stride_th", "stride_pr", "stride_ph", "stride_bb", "stride_bh", "stride_cr",
-                    "stride_pt")
-             + [(n, None) for n in ("HKV", "R", "KB", "R_P2", "KB_P2", "RC", "KC", "FUSED", "RECORD_STALL")],
-             dict(HKV=8, R=r, KB=kb, R_P2=r_p2, KB_P2=triton.next_power_of_2(kb), RC=min(32, r_p2),
-                  KC=min(32, triton.next_power_of_2(kb)), FUSED=fused, RECORD_STALL=fused), num_warps)
-
-
-def resident_candidates(stamp):
-    _compile(_resident_candidates_kernel,
-             [(n, "*i32") for n in ("prev", "prev_slots", "cache_pages")] + [("rows", "*i64"), ("seq_lens", "*i64"),
-                                                                            ("positions", "*i64"),
-                                                                            ("token_slots", "*i32"),
-                                                                            ("stamps", "*i64")]
-             + _i32("C", "stride_pr", "stride_ph", "stride_cr", "stride_ob", "stride_oh")
-             + [(n, None) for n in ("HKV", "BS", "BLOCK_C", "STAMP")],
-             dict(HKV=8, BS=64, BLOCK_C=1024, STAMP=stamp), 4)
-
-
-def gather_blocks(copy_v, counts, stamp):
-    _compile(_gather_blocks_kernel,
-             [(n, "*bf16") for n in ("src_k", "src_v", "dst_k", "dst_v")] + [(n, "*i32") for n in ("src_blocks",
-                                                                                                   "dst_blocks")]
-             + _i32("K", "stride_sks", "stride_skh", "stride_svs", "stride_svh", "stride_dks", "stride_dkh",
-                    "stride_dvs", "stride_dvh", "stride_bb", "stride_bh")
-             + [("stamp", "*i64"), ("ticket", "*i32"), ("num_programs", "i32"), ("counts", "*i32")]
-             + [(n, None) for n in ("HKV", "BS", "D", "DV", "D_P2", "DV_P2", "ROWS", "COPY_V", "STAMP", "COUNTS")],
-             dict(HKV=8, BS=64, D=128, DV=128, D_P2=128, DV_P2=128, ROWS=64, COPY_V=copy_v, STAMP=stamp,
-                  COUNTS=counts), 4)
-
-
-def offload_kernels():
-    for r, kb, warps in ((128, 128, 4), (256, 128, 8), (12, 5, 4)):  # r = 1, 2 at k_b 128, and an odd shape
-        for fused in (False, True):
-            resident_update(r, kb, warps, fused)
-            print(f"resident_update (R={r}, Kb={kb}, fused={fused}): compiled for sm_90")
-    for stamp in (False, True):
-        resident_candidates(stamp)
-        print(f"resident_candidates (stamp={stamp}): compiled for sm_90")
-    for copy_v, counts, stamp in ((True, False, 0), (False, False, 0), (True, True, 1), (True, False, 2)):
-        gather_blocks(copy_v, counts, stamp)
-        print(f"gather_blocks (copy_v={copy_v}, counts={counts}, stamp={stamp}): compiled for sm_90")
-
-
 def block_scores(d1, d2, g, group_max):
-    wide = d1 + d2 > 256  # the launcher's defaults: GQA one 64-block tile per program, MLA looping over 16-block tiles
+    # the launcher's shapes: one 64-block tile per program, channels in chunks of 128
     _compile(_block_scores_kernel,
              [("q", "*bf16"), ("kmin", "*bf16"), ("kmax", "*bf16"), ("block_table", "*i32"), ("seq_lens", "*i64"),
-              ("scores", "*fp32"), ("NB", "i32"), ("NSPLIT", "i32"), ("slack", "fp32")]
+              ("scores", "*fp32"), ("NB", "i32")]
              + _i32("stride_qb", "stride_qh", "stride_ke", "stride_kh", "stride_tb", "stride_sb", "stride_sh")
-             + [(n, None) for n in ("HKV", "G", "BS", "GP", "D1", "D2", "DCH", "BLOCK_N", "GROUP_MAX", "PERSISTENT",
-                                    "PDL")],
+             + [("slack", "fp32")]
+             + [(n, None) for n in ("HKV", "G", "BS", "GP", "D1", "D2", "DCH", "BLOCK_N", "GROUP_MAX")],
              dict(HKV=8 if g == 4 else 1, G=g, BS=64, GP=max(16, triton.next_power_of_2(g)) if group_max
-                  else triton.next_power_of_2(g), D1=d1, D2=d2, DCH=d1 if wide else min(d1, 128),
-                  BLOCK_N=16 if wide else 64, GROUP_MAX=group_max, PERSISTENT=wide, PDL=wide), 8)
+                  else triton.next_power_of_2(g), D1=d1, D2=d2, DCH=min(d1, 128), BLOCK_N=64, GROUP_MAX=group_max),
+             8 if d2 == 0 else 4)
 
 
-def token_logits(g, half_dc, store_logits):
+def token_logits(g, half_dc):
     _compile(_token_logits_kernel,
              [("q", "*bf16"), ("labels", "*u8"), ("label_scale", "*fp32"), ("channels", "*i64"),
               ("req_to_token", "*i32"), ("req_pool_indices", "*i64"), ("seq_lens", "*i64"), ("cand", "*i32"),
@@ -135,23 +80,9 @@ def token_logits(g, half_dc, store_logits):
              + _i32("stride_qb", "stride_qh", "stride_ls", "stride_lh", "stride_ss", "stride_sh", "stride_ch",
                     "stride_rr", "stride_cb", "stride_ch2", "stride_ob", "stride_oh", "stride_og", "stride_tb",
                     "stride_th", "stride_ts")
-             + [(n, None) for n in ("HKV", "G", "GP", "HDC", "FROM_BLOCKS", "BS", "SPLIT_C", "BLOCK_C", "USE_DOT",
-                                    "STORE_LOGITS", "PDL")],
+             + [(n, None) for n in ("HKV", "G", "GP", "HDC", "FROM_BLOCKS", "BS", "SPLIT_C", "BLOCK_C", "USE_DOT")],
              dict(HKV=8 if g == 4 else 1, G=g, GP=max(16, triton.next_power_of_2(g)), HDC=half_dc, FROM_BLOCKS=True,
-                  BS=64, SPLIT_C=256, BLOCK_C=128, USE_DOT=True, STORE_LOGITS=store_logits, PDL=g == 20), 4)
-
-
-def token_scores_recompute(g, half_dc):
-    _compile(_token_scores_recompute_kernel,
-             [("q", "*bf16"), ("labels", "*u8"), ("label_scale", "*fp32"), ("channels", "*i64"),
-              ("req_to_token", "*i32"), ("req_pool_indices", "*i64"), ("seq_lens", "*i64"), ("cand", "*i32"),
-              ("stats", "*fp32"), ("scores", "*fp32"), ("sm_scale", "fp32"), ("C", "i32")]
-             + _i32("stride_qb", "stride_qh", "stride_ls", "stride_lh", "stride_ss", "stride_sh", "stride_ch",
-                    "stride_rr", "stride_cb", "stride_ch2", "stride_tb", "stride_th", "stride_ob", "stride_oh")
-             + [(n, None) for n in ("HKV", "G", "GP", "HDC", "FROM_BLOCKS", "BS", "NSPLIT", "BLOCK_C", "USE_DOT",
-                                    "PDL")],
-             dict(HKV=8 if g == 4 else 1, G=g, GP=max(16, triton.next_power_of_2(g)), HDC=half_dc, FROM_BLOCKS=True,
-                  BS=64, NSPLIT=64, BLOCK_C=128, USE_DOT=True, PDL=g == 20), 4)
+                  BS=64, SPLIT_C=256, BLOCK_C=128, USE_DOT=True), 4)
 
 
 def sparse_decode(d1, d2, dv, g, ndv=1, cached=False):
@@ -162,10 +93,10 @@ def sparse_decode(d1, d2, dv, g, ndv=1, cached=False):
                     "stride_th", "stride_mb", "stride_mh", "stride_ms", "stride_lb", "stride_lh")
              + [("cache_k", "*bf16"), ("cache_v", "*bf16"), ("cache_ref", "*i32")]
              + [(n, None) for n in ("HKV", "G", "NHB", "BLOCK_H", "D1", "D2", "DV", "V_IS_K", "SPLIT_K", "BLOCK_N",
-                                    "NDV", "PDL", "CACHED")],
+                                    "NDV", "CACHED")],
              dict(HKV=8 if g == 4 else 1, G=g, NHB=1, BLOCK_H=max(16, triton.next_power_of_2(g)), D1=d1, D2=d2,
                   DV=dv // ndv, V_IS_K=d2 > 0 and ndv == 1, SPLIT_K=128, BLOCK_N=32 if d2 else 64, NDV=ndv,
-                  PDL=g == 20, CACHED=cached),
+                  CACHED=cached),
              8 if d2 else 4)
 
 
@@ -184,17 +115,14 @@ def splitk_combine(dv, has_rows):
     _compile(_splitk_combine_kernel,
              [("mid_o", "*fp32"), ("mid_lse", "*fp32"), ("out", "*bf16"), ("out_rows", "*i1"), ("NSPLIT", "i32")]
              + _i32("stride_mb", "stride_mh", "stride_ms", "stride_lb", "stride_lh", "stride_ob", "stride_oh")
-             + [(n, None) for n in ("HQ", "DV", "NSP", "HAS_ROWS", "PDL")],
-             dict(HQ=32, DV=dv, NSP=16, HAS_ROWS=has_rows, PDL=has_rows), 4)
+             + [(n, None) for n in ("HQ", "DV", "NSP", "HAS_ROWS")],
+             dict(HQ=32, DV=dv, NSP=16, HAS_ROWS=has_rows), 4)
 
 
 def attention_kernels():
     for d1, d2, dv, g, half_dc in ((128, 0, 128, 4, 16), (512, 64, 512, 20, 64)):
-        for store_logits in (True, False):
-            token_logits(g, half_dc, store_logits)
-            print(f"token_logits (G={g}, store_logits={store_logits}): compiled for sm_90")
-        token_scores_recompute(g, half_dc)
-        print(f"token_scores_recompute (G={g}): compiled for sm_90")
+        token_logits(g, half_dc)
+        print(f"token_logits (G={g}): compiled for sm_90")
         for cached in (False, True):
             sparse_decode(d1, d2, dv, g, cached=cached)
             print(f"sparse_decode (D={d1}+{d2}, G={g}, host-row cache={cached}): compiled for sm_90")
@@ -221,4 +149,3 @@ if __name__ == "__main__":
     for lines in (0, 2048):
         host_cache_lookup(lines, 1024)
         print(f"host_cache_lookup (R={lines}, K=1024): compiled for sm_90")
-    offload_kernels()

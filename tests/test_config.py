@@ -2,7 +2,7 @@
 
 import pytest
 
-from sglang_asynctls.config import PRESETS, AsyncTLSConfig, AsyncTLSConfigError
+from sglang_asynctls.config import AsyncTLSConfig, AsyncTLSConfigError
 
 
 def test_defaults_are_valid_and_match_the_paper():
@@ -99,6 +99,3 @@ def test_config_is_frozen():
     with pytest.raises(Exception):
         AsyncTLSConfig().token_budget = 5
 
-
-def test_presets_are_the_paper_budgets():
-    assert [p.token_budget for p in PRESETS.values()] == [512, 1024, 2048]

@@ -1,6 +1,6 @@
 """docs/examples/multiturn_frontend.py's OpenAI-compatible chat call, against a stand-in HTTP server: the request it
-sends is a valid chat-completions request and the answer is read back (the real server run is
-benchmarks/frontend_check.py on a GPU host)."""
+sends is a valid chat-completions request and the answer is read back (on a GPU host, run the example against a
+real server: results/frontend_asynctls_h100.json)."""
 
 import importlib.util
 import json

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sglang_asynctls import reference as R
-from sglang_asynctls.kernels import asynctls_decode as K
+from sglang_asynctls import decode_step as K
 from sglang_asynctls.kernels.candidate_slots import candidate_slots
 
 from kernel_cases import GPU_SHAPES, SHAPES, TOL, assert_topk_set, make_cache, method_args
@@ -98,37 +98,18 @@ def test_gpu_bf16_asynctls_matches_reference(shape, lens, block_budget, token_bu
         torch.testing.assert_close(o, R.METHODS[method](*method_args(c), **kw, **extra), **TOL[torch.bfloat16])
 
 
-# kernel paths behind a module switch (benchmarks/op_latency.py --kernel-option), timed on the H100
-# (benchmarks/results/issue3_ab_h100.json): the narrow block search is on by default (faster, the same set), the
-# others stay off (slower, or no gain). Each side of each switch must give a valid two-level selection and exact
-# attention over it in bf16 on the GPU; "full_search" is the narrow search switched off.
-SWITCHED_PATHS = {"persistent": [("block_scores", "WIDE_PERSISTENT", True)],
-                  "narrow": [("select_blocks", "NARROW_BITS", 8)],
-                  "full_search": [("select_blocks", "NARROW_BITS", 0)],
-                  "prefetch": [("select_tokens", "PREFETCH_SLOTS", True)],
-                  "recompute": [("fine_select", "WIDE_GROUP_COMBINE", "recompute")],
-                  "pdl": [("pdl", "ENABLED", True)]}
-# every faster-path candidate at once, as benchmarks/gpu/issue3_ab.sh's "all"
-SWITCHED_PATHS["all"] = [s for k, v in SWITCHED_PATHS.items() if k != "full_search" for s in v]
-DEFAULTS = {"WIDE_PERSISTENT": False, "NARROW_BITS": 8, "PREFETCH_SLOTS": False, "WIDE_GROUP_COMBINE": "logits"}
+# the two block searches of select_blocks: the narrow one (the default, measured faster on the H100) and the
+# full one it falls back to; each must give a valid two-level selection and exact attention in bf16 on the GPU
+BLOCK_SEARCHES = {"narrow": 8, "full_search": 0}
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("path", list(SWITCHED_PATHS))
+@pytest.mark.parametrize("search", list(BLOCK_SEARCHES))
 @pytest.mark.parametrize("shape", ["gqa", "mla"])
-def test_gpu_bf16_switched_paths_match_reference(shape, path, monkeypatch):
-    for module, name, value in SWITCHED_PATHS[path]:
-        monkeypatch.setattr(importlib.import_module(f"sglang_asynctls.kernels.{module}"), name, value)
+def test_gpu_bf16_block_searches_match_reference(shape, search, monkeypatch):
+    monkeypatch.setattr(importlib.import_module("sglang_asynctls.kernels.select_blocks"), "NARROW_BITS",
+                        BLOCK_SEARCHES[search])
     c = make_cache([8192, 5000, 777], **GPU_SHAPES[shape], bs=64, dtype=torch.bfloat16, device="cuda", seed=5)
     kw = dict(block_size=64, sm_scale=c["sm_scale"], block_budget=64, token_budget=1024, sink_tokens=64,
               local_window=128)
     _check_asynctls(c, kw, TOL[torch.bfloat16])
-
-
-def test_path_switches_exist_with_their_measured_defaults():
-    """The switches above name real module attributes; only the narrow block search is on by default."""
-    for module, name, _ in SWITCHED_PATHS["all"] + SWITCHED_PATHS["full_search"]:
-        value = getattr(importlib.import_module(f"sglang_asynctls.kernels.{module}"), name)
-        if name == "ENABLED":  # SGLANG_ASYNCTLS_PDL=1 turns it on for a run
-            continue
-        assert value == DEFAULTS[name], (module, name, value)

@@ -4,10 +4,9 @@ import pytest
 import torch
 
 from sglang_asynctls import reference as R
-from sglang_asynctls.kernels.fine_select import fine_select, fine_select_candidates
+from sglang_asynctls.decode_step import fine_select, fine_select_candidates
 from sglang_asynctls.kernels.select_tokens import select_token_slots, select_tokens
 from sglang_asynctls.kernels.token_scores import token_scores
-from sglang_asynctls.kernels.token_scores_recompute import token_scores_recompute
 
 from kernel_cases import KEY_RTOL, SHAPES, assert_topk_set, make_cache
 
@@ -83,31 +82,10 @@ def test_fine_select_picks_a_top_k_of_the_reference_scores(shape, budget):
     assert_topk_set(from_blocks, cand_slots, pri, budget, tol=1e-6)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("shape", ["gqa", "mla", "wide"])
-@pytest.mark.parametrize("from_blocks", [False, True])
-def test_token_scores_recompute_match_reference(shape, dtype, from_blocks):
-    c = make_cache([27, 61, 113], **(WIDE if shape == "wide" else SHAPES[shape]), dtype=dtype, device=DEV)
-    blocks, positions = _candidates(c, 5)
-    _, _, _, labels, scale = c["index"]
-    args = (c["q"], labels, scale, c["channels"], c["r2t"], c["rows"], c["seq_lens"])
-    if from_blocks:
-        s = token_scores_recompute(*args, blocks, c["sm_scale"], block_size=c["bs"], num_splits=2)
-    else:
-        positions = positions[..., torch.randperm(positions.shape[2], generator=torch.Generator().manual_seed(1))]
-        s = token_scores_recompute(*args, positions, c["sm_scale"], block_c=32)
-    r = _ref_scores(c, positions)
-    assert torch.equal(s.isinf(), r.isinf())
-    torch.testing.assert_close(s[r.isfinite()], r[r.isfinite()], rtol=1e-4, atol=1e-6)
-    out = torch.empty_like(s)
-    assert token_scores_recompute(*args, positions, c["sm_scale"], block_c=32, out=out) is out
-    assert torch.equal(out.isinf(), r.isinf())
-
-
 @pytest.mark.parametrize("shape", ["gqa", "mha", "mla", "wide"])
 def test_every_combine_picks_a_top_k_of_the_reference_scores(shape):
-    """fine_select_candidates with the group-mean softmax folded into the top-Kt kernel, in `token_scores`' own
-    launch, and recomputed from the labels (`token_scores_recompute`): each a top-k of the reference scores."""
+    """fine_select_candidates with the group-mean softmax folded into the top-Kt kernel or in `token_scores`' own
+    launch: each a top-k of the reference scores."""
     c = make_cache([27, 61, 113], **(WIDE if shape == "wide" else SHAPES[shape]), device=DEV)
     blocks, positions = _candidates(c, 6)
     _, _, _, labels, scale = c["index"]
@@ -115,17 +93,16 @@ def test_every_combine_picks_a_top_k_of_the_reference_scores(shape):
     args = (c["q"], labels, scale, c["channels"], c["r2t"], c["rows"], c["seq_lens"], blocks)
     pri = _priority(_ref_scores(c, positions), positions, c["seq_lens"])
     cand_slots = R.positions_to_slots(positions, c["r2t"], c["rows"])
-    for combine in (None, "fold", "logits", "recompute"):
+    for combine in (None, "fold", "logits"):
         assert_topk_set(fine_select_candidates(*args, combine=combine, **kw), cand_slots, pri, 9, tol=1e-6)
 
 
-@pytest.mark.parametrize("prefetch", [True, False])
-def test_select_token_slots_from_blocks_is_a_top_k(prefetch):
-    """The top-Kt with the slot lookup, slots read before the search (prefetch) or only the kept ones after it."""
+def test_select_token_slots_from_blocks_is_a_top_k():
+    """The top-Kt with the slot lookup over candidates given as block ids."""
     c = make_cache([27, 61, 2047], **SHAPES["gqa"], device=DEV)
     blocks, positions = _candidates(c, 12)
     scores = _ref_scores(c, positions)
     slots = select_token_slots(scores, blocks, c["r2t"], c["rows"], c["seq_lens"], block_size=c["bs"],
-                               token_budget=40, sink_tokens=SINK, local_window=WINDOW, prefetch_slots=prefetch)
+                               token_budget=40, sink_tokens=SINK, local_window=WINDOW)
     cand_slots = R.positions_to_slots(positions, c["r2t"], c["rows"])
     assert_topk_set(slots, cand_slots, _priority(scores, positions, c["seq_lens"]), 40)

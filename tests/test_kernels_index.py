@@ -1,27 +1,13 @@
-"""Index build kernels vs reference: block_minmax, quantize_labels."""
+"""Index build kernels vs reference: quantize_labels, append_decode_index."""
 
 import pytest
 import torch
 
 from sglang_asynctls import reference as R
-from sglang_asynctls.kernels.block_minmax import block_minmax
 from sglang_asynctls.kernels.quantize_labels import quantize_labels
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("shape", [(61, 2, 32, 8), (27, 1, 80, 16), (113, 3, 16, 4)])
-def test_block_minmax_matches_reference(shape, dtype):
-    s, hkv, d, bs = shape
-    g = torch.Generator().manual_seed(s)
-    k = torch.randn(s * bs, hkv, d, generator=g).to(dtype).to(DEV)
-    slots = torch.randperm(s * bs, generator=g)[: (s // 2) * bs].view(-1, bs).int().to(DEV)  # permuted slots
-    kmin, kmax = block_minmax(k, slots)
-    rmin, rmax = R.block_minmax(k, slots)
-    assert torch.equal(kmin, rmin) and torch.equal(kmax, rmax)
-    out = (torch.empty_like(kmin), torch.empty_like(kmax))
-    assert block_minmax(k, slots, out=out)[0] is out[0] and torch.equal(out[1], rmax)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

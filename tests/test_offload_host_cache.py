@@ -27,14 +27,14 @@ def test_reference_hits_fill_one_line_per_set_and_never_evict_a_hit():
     slots = torch.tensor([[[100, 102, 101, 5, -1]]], dtype=torch.int32, device=DEV)
     counters = torch.zeros(len(Column), dtype=torch.int64, device=DEV)
     ref = OR.host_cache_lookup(slots, rows, torch.tensor([10], device=DEV), active, tags, stamps, claims, 100,
-                               counters)
+                               counters, ways=W)
     # set 0 has misses 100 and 102: the later entry (102) takes way 0; set 1: 101 takes its way 0
     base = 1 * 2 * W
     assert ref.tolist() == [[[-1, -(base + 0) - 2, -(base + W) - 2, -1, -1]]]
     assert tags[1, 0, 0] == 102 and tags[1, 0, W] == 101 and stamps[1, 0, 0] == 10
     assert counters.tolist() == [4, 3, 0, 2, 1]
     ref = OR.host_cache_lookup(slots, rows, torch.tensor([11], device=DEV), active, tags, stamps, claims, 100,
-                               counters)
+                               counters, ways=W)
     # now 102 and 101 hit; 100 misses and takes set 0's next LRU line (way 1), not 102's line
     assert ref.tolist() == [[[-(base + 1) - 2, base + 0, base + W, -1, -1]]]
     assert counters.tolist() == [8, 6, 2, 3, 2]
@@ -64,8 +64,8 @@ def test_kernel_lookup_equals_the_reference_over_a_walk(lines, k):
     counters = [torch.zeros(len(Column), dtype=torch.int64, device=DEV) for _ in range(2)]
     for t, sel in enumerate(walk):
         seq = torch.full((b,), 1000 + t, dtype=torch.int32, device=DEV)
-        want = OR.host_cache_lookup(sel, rows, seq, active, *states[0], host_from, counters[0])
-        got = kernel_lookup(sel, rows, seq, active, *states[1], host_from, counters[1])
+        want = OR.host_cache_lookup(sel, rows, seq, active, *states[0], host_from, counters[0], ways=W)
+        got = kernel_lookup(sel, rows, seq, active, *states[1], host_from, counters[1], ways=W)
         assert torch.equal(got, want), f"step {t}"
         for a, e in zip(states[1], states[0]):
             assert torch.equal(a, e), f"step {t}"

@@ -5,6 +5,7 @@ import torch
 
 import kernel_cases
 from sglang_asynctls import reference as R
+from sglang_asynctls.config import layer_budgets, layer_candidate_budgets
 
 
 def make_cache(lens, hq, hkv, d, dv=None, dc=8, bs=16, mla=False, dtype=torch.float64, seed=0):
@@ -251,9 +252,9 @@ def test_candidate_blocks_override_is_used():
 
 
 def test_layer_budgets_move_budget_between_layers_at_the_same_mean():
-    assert R.layer_budgets(256, 4, {}) == [256] * 4
-    assert R.layer_budgets(256, 4, {0: 2.5}) == [640, 128, 128, 128]  # (1024 - 640) / 3
-    budgets = R.layer_budgets(100, 30, {0: 4, 2: 1.5})
+    assert layer_budgets(256, 4, {}) == [256] * 4
+    assert layer_budgets(256, 4, {0: 2.5}) == [640, 128, 128, 128]  # (1024 - 640) / 3
+    budgets = layer_budgets(100, 30, {0: 4, 2: 1.5})
     assert budgets[0] == 400 and budgets[2] == 150 and sum(budgets) <= 3000 and sum(budgets) > 3000 - 28
     # a schedule changes only the k_t a layer's call gets: with k_t = every candidate, AsyncTLS is Quest's kept set
     c = make_cache([113, 64], **SHAPES["gqa"])
@@ -271,31 +272,8 @@ def test_fidelity_budget_gives_asynctls_alone_its_per_layer_budgets():
     more = fd.Budget.fraction_of(2048, 8, candidate_scale={3: 2}, num_layers=30)
     assert more.kwargs("asynctls", 3)["block_budget"] == 32 and more.kwargs("asynctls", 4)["block_budget"] == 16
     assert more.kwargs("asynctls", 3)["token_budget"] == more.kwargs("asynctls", 4)["token_budget"] == 256
-    assert R.layer_candidate_budgets([16, 16, 14], {1: 2, 2: 1.5}) == [16, 32, 21]
+    assert layer_candidate_budgets([16, 16, 14], {1: 2, 2: 1.5}) == [16, 32, 21]
     assert (budget.kwargs("asynctls", 0)["token_budget"], budget.kwargs("asynctls", 0)["block_budget"]) == (1024, 64)
     assert budget.kwargs("asynctls", 5)["token_budget"] == (30 * 256 - 1024) // 29
     assert budget.kwargs("asynctls")["token_budget"] == 256  # no layer: the average
     assert budget.kwargs("token_only", 0)["token_budget"] == budget.kwargs("quest", 0)["token_budget"] == 256
-
-
-def test_layer_schedule_allocation_is_the_exact_optimum_at_the_same_mean():
-    import importlib.util
-    import itertools
-    import os
-    import sys
-
-    bench = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
-    sys.path.insert(0, bench)
-    try:
-        spec = importlib.util.spec_from_file_location("fidelity_layers", os.path.join(bench, "fidelity_layers.py"))
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(bench)
-    mults = (0.5, 1.0, 2.0)
-    recall = torch.tensor([[0.3, 0.5, 0.8], [0.9, 0.95, 0.97], [0.85, 0.9, 0.99]])  # [layers, multipliers]
-    picks = mod.allocate(recall, mults)
-    assert sum(picks) == 3.0
-    best = max((c for c in itertools.product(range(3), repeat=3) if sum(mults[j] for j in c) == 3.0),
-               key=lambda c: sum(recall[i, j].item() for i, j in enumerate(c)))
-    assert picks == [mults[j] for j in best] == [2.0, 0.5, 0.5]

@@ -120,7 +120,7 @@ def test_dry_run_prints_every_run_and_starts_nothing(tp_check, tmp_path, capsys)
     tp_check.main(["all", "--dry-run", "--tp", "1", "2", "--work", str(work), "--padded", "/p"])
     lines = [ln for ln in capsys.readouterr().out.splitlines() if not ln.startswith("#")]
     servers = [ln for ln in lines if "sglang.launch_server" in ln]
-    benches = [ln for ln in lines if "one_batch.py" in ln]
+    benches = [ln for ln in lines if "e2e_throughput.py one-batch" in ln]
     assert len(servers) == 4 and len(benches) == 2 and len(lines) == 6
     assert sum("--tp-size 2" in ln for ln in servers) == 2 and sum("--tp-size 2" in ln for ln in benches) == 1
     asynctls = [ln for ln in servers if "--enable-asynctls" in ln]

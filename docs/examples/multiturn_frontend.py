@@ -3,7 +3,6 @@
 
     python -m sglang.launch_server --model-path MODEL --enable-asynctls &
     python docs/examples/multiturn_frontend.py --port 30000
-(`benchmarks/frontend_check.py` starts the server itself and records both calls' answers.)
 """
 
 import argparse

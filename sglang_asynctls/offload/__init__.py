@@ -1,5 +1,4 @@
-"""Offload engine (--asynctls-offload): resident block sets per request on the GPU, the rest in pinned host memory.
-
-See docs/offload.md for the data path and what is built. Kernels: `kernels/resident_update.py`,
-`kernels/gather_blocks.py`; their torch twins: `offload/reference.py`.
+"""The KV host tier (--asynctls-host-kv-gib): KV slots in pinned host memory inside the pool's address range, an HBM
+cache of the host rows decode selected, the prefill gather of host-held prefixes and the read telemetry.
+See docs/offload.md.
 """

@@ -20,6 +20,10 @@ from typing import Callable, List, Optional
 import torch
 
 from sglang_asynctls.config import HOST_CACHE_WAYS
+from sglang_asynctls.offload.host_stats import Column
+
+# where the lookup adds its counts in HostReadStats.counters
+COLUMNS = (Column.ROWS, Column.HOST_ROWS, Column.CACHE_HITS, Column.CACHE_FILLS, Column.STEPS)
 
 
 def _lookup_fn(impl: str) -> Callable:
@@ -76,7 +80,7 @@ class HostRowCache:
 
         def lookup(slots: torch.Tensor) -> Optional[tuple]:
             ref = self._lookup(slots, rows, seq_lens, active, self.tags[layer], self.stamps[layer],
-                               self.claims[layer], self.host_from, counters)
+                               self.claims[layer], self.host_from, counters, ways=HOST_CACHE_WAYS, columns=COLUMNS)
             return (self.k[layer], self.v[layer], ref) if self.lines else None
 
         return lookup

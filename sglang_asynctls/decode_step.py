@@ -1,11 +1,16 @@
-"""Whole decode steps on the GPU: AsyncTLS two-level sparse decode and the baselines, composed from the kernels.
+"""Whole decode steps on the GPU, composed from the Triton kernels: AsyncTLS two-level sparse decode, its fine
+stage, and the baselines (Quest, token-only, dense). Every method has `reference.METHODS`' signature. No host
+synchronisation and no data-dependent shape anywhere (shapes follow block_table's NB and the budgets), so a step
+can be captured in a CUDA graph.
 
-Every method has `reference.METHODS`' signature. No host synchronisation and no data-dependent shape anywhere
-(shapes follow block_table's NB and the budgets), so a step can be captured in a CUDA graph.
+asynctls, 6 kernels: block_scores -> select_blocks -> token_logits -> group-mean softmax with top-Kt and the slot
+lookup (`select_token_slots`; the softmax combine is a launch of its own for groups wider than 8 heads, see
+`fine_select_candidates`) -> sparse_decode split-K -> split combine. More candidates than one program selects from
+in registers (MAX_FUSED_CANDIDATES: token-only over a whole context, or layers with extra candidate blocks) take
+torch ops (`reference`'s) for the positions and the top-Kt.
 
-asynctls, 6 kernels: block_scores -> select_blocks -> token_logits -> group-mean softmax with top-Kt and the
-slot lookup (`select_token_slots`; the softmax combine is a launch of its own for groups wider than 8 heads,
-see `fine_select_candidates`) -> sparse_decode split-K -> split combine.
+Fine level: label scores of the candidates (`token_logits` + softmax combine, both split over the candidates so a
+few KV groups still fill the GPU), then top-Kt with the slot lookup fused (`select_token_slots`).
 """
 
 from typing import Optional
@@ -13,14 +18,63 @@ from typing import Optional
 import torch
 
 from sglang_asynctls import reference
+from sglang_asynctls.kernels.block_scores import block_scores
+from sglang_asynctls.kernels.candidate_slots import candidate_slots
+from sglang_asynctls.kernels.select_blocks import select_blocks
+from sglang_asynctls.kernels.select_tokens import MAX_FUSED_CANDIDATES, select_token_slots
+from sglang_asynctls.kernels.sparse_decode import sparse_decode
+from sglang_asynctls.kernels.token_logits import token_logits
+from sglang_asynctls.kernels.token_scores import candidate_scores
 
-from .block_scores import block_scores
-from .candidate_slots import candidate_slots
-from .fine_select import fine_select, fine_select_candidates
-from .select_blocks import select_blocks
-from .select_tokens import MAX_FUSED_CANDIDATES
-from .sparse_decode import sparse_decode
-from .token_scores import candidate_scores
+
+# Widest KV group whose softmax combine is folded into the top-Kt kernel (see fine_select_candidates).
+FOLD_COMBINE_MAX_GROUP = 8
+COMBINES = ("fold", "logits")
+
+
+def fine_select_candidates(q, labels, label_scale, channels, req_to_token, req_pool_indices, seq_lens, candidates,
+                           *, block_size, token_budget, sink_tokens, local_window, sm_scale,
+                           out: Optional[torch.Tensor] = None, combine: Optional[str] = None) -> torch.Tensor:
+    """`fine_select` over candidates given as positions [B, Hkv, C] (block_size == 0) or as block ids
+    [B, Hkv, Kb] (block_size > 0: all Kb * block_size positions of those blocks, as `candidate_positions`).
+    Returns KV slots [B, Hkv, Kt] int32, -1 padded.
+
+    combine, how the group-mean softmax is formed before the top-Kt (`select_token_slots`):
+    "fold": `token_logits`, then the top-Kt kernel reads all G logit rows (two launches); "logits": the combine in
+    `token_scores`' own launch (three). The fold runs in the one program per KV group: on the H100 at 96k x 8 it
+    wins at G = 4 (38.4 vs 43.3 us for the fine stage) and loses at the MLA's G = 20 (64.7 vs 44.5), so by default
+    (None) groups of at most FOLD_COMBINE_MAX_GROUP heads fold and wider ones combine in their own launch."""
+    if combine is None:
+        combine = "fold" if q.shape[1] // channels.shape[0] <= FOLD_COMBINE_MAX_GROUP else "logits"
+    assert combine in COMBINES, combine
+    kw = dict(block_size=block_size, token_budget=token_budget, sink_tokens=sink_tokens,
+              local_window=local_window, out=out)
+    args = (q, labels, label_scale, channels, req_to_token, req_pool_indices, seq_lens, candidates, sm_scale)
+    if combine == "fold":
+        logits, stats = token_logits(*args, block_size=block_size)
+        return select_token_slots(logits, candidates, req_to_token, req_pool_indices, seq_lens, stats=stats, **kw)
+    scores = candidate_scores(*args, block_size=block_size)
+    return select_token_slots(scores, candidates, req_to_token, req_pool_indices, seq_lens, **kw)
+
+
+def fine_select(q: torch.Tensor, labels: torch.Tensor, label_scale: torch.Tensor, channels: torch.Tensor,
+                req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor,
+                positions: torch.Tensor, *, token_budget: int, sink_tokens: int, local_window: int,
+                sm_scale: float, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Fine stage over candidate positions [B, Hkv, C] (see `reference.fine_select`): [B, Hkv, Kt] int32 slots.
+
+    Up to MAX_FUSED_CANDIDATES candidates one program per KV group selects in registers; beyond (token-only
+    over a whole context) torch.topk selects.
+    """
+    kw = dict(token_budget=token_budget, sink_tokens=sink_tokens, local_window=local_window)
+    if positions.shape[2] <= MAX_FUSED_CANDIDATES:
+        return fine_select_candidates(q, labels, label_scale, channels, req_to_token, req_pool_indices, seq_lens,
+                                      positions, block_size=0, sm_scale=sm_scale, out=out, **kw)
+    scores = candidate_scores(q, labels, label_scale, channels, req_to_token, req_pool_indices, seq_lens,
+                              positions, sm_scale)
+    picked = reference.select_tokens(scores, positions, seq_lens, token_budget, sink_tokens, local_window)
+    slots = reference.positions_to_slots(picked, req_to_token, req_pool_indices)
+    return slots if out is None else out.copy_(slots)
 
 
 def coarse_select(q, kmin, kmax, block_table, seq_lens, *, block_size, block_budget, sink_tokens,

@@ -1,0 +1,96 @@
+#!/bin/bash
+# The GPU host's steps (docs/gpu_host.md), one subcommand each, run from the repository root:
+#   host.sh install                          install this checkout into /root/site (SGLang finds its entry point)
+#   host.sh fa3-build OUT_DIR                (here, not on the host) FA3's flash_ops.abi3.so as 3 zstd parts
+#   host.sh fa3-restore                      (host) put flash_ops back from /root/fa3/part0*, md5 checked
+#   host.sh smollm2                          (host) assemble the SmolLM2 GGUF from /root/gguf, write /root/smollm2
+#   host.sh serve-prepare                    install, and write the full-vocabulary dummy Qwen3-8B
+#   host.sh serve-start LABEL [flags]        start LABEL's server (detached) and run the parity prompts
+#   host.sh serve-load LABEL w1|w2|w3 [stop] one workload against it (then stop it)
+#   host.sh one-batch METHOD...              bench_one_batch prefill + decode at 2 x 98,304 (e2e_throughput.py)
+# Served-request results go to /root/sb; each step copies what it wrote to $OUT. A step whose prerequisite failed
+# returns at once ("skipped"), so a batch of device calls costs little after a failure.
+set -o pipefail
+[ -f /root/stage/p2/scripts/env.sh ] && source /root/stage/p2/scripts/env.sh
+D=/root/sb; B=benchmarks/serve_bench.py
+copy_out() { [ -n "$OUT" ] && cp "$@" "$OUT"/ 2>/dev/null; true; }
+
+install() {
+  if ! python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /root/site . 2>/tmp/install.err; then
+    tail -3 /tmp/install.err   # no build tools: an entry point alone, with this checkout on PYTHONPATH
+    mkdir -p /root/site/sglang_asynctls-0.0.0.dist-info
+    printf 'Metadata-Version: 2.1\nName: sglang-asynctls\nVersion: 0.0.0\n' > /root/site/sglang_asynctls-0.0.0.dist-info/METADATA
+    printf '[sglang.srt.plugins]\nasynctls = sglang_asynctls.plugin:register\n' > /root/site/sglang_asynctls-0.0.0.dist-info/entry_points.txt
+    echo "installed entry point only; put $(pwd) on PYTHONPATH"
+  fi
+  python3 -c "import importlib.metadata as m; print([e for e in m.entry_points(group='sglang.srt.plugins')])"
+}
+
+fa3_build() {  # zstd -19 --long: 141 MB (gzip -1: 398 MB), three parts of <= 50 MiB that each fit one call
+  local out=${1:?usage: host.sh fa3-build OUT_DIR} w=${WHEEL_CACHE:-/tmp/sglang-gpu-wheel-cache} t
+  t=$(mktemp -d)
+  unzip -q -o "$w"/raw/sglang_kernel-0.4.5-*.whl 'sgl_kernel/flash_ops.abi3.so' -d "$t"
+  md5sum "$t/sgl_kernel/flash_ops.abi3.so" | cut -d' ' -f1 > "$t/so.md5"
+  zstd -q -T0 -19 --long=27 "$t/sgl_kernel/flash_ops.abi3.so" -o "$t/flash_ops.so.zst"   # ~3 min on 2 cores
+  ( cd "$t" && split -b 50M -d flash_ops.so.zst part )
+  rm -rf "$out"; mkdir -p "$out"
+  for p in "$t"/part*; do mkdir -p "$out/$(basename "$p")"; mv "$p" "$out/$(basename "$p")/"; done
+  cp "$t/so.md5" "$out/part00/"; rm -rf "$t"; du -sh "$out"/*
+}
+
+fa3_restore() {  # the zstandard module comes with the staged wheels (/root/site)
+  python3 - <<'PY' || exit 1
+import glob, hashlib, zstandard
+parts = sorted(glob.glob("/root/fa3/part0*"))
+dst = "/root/site/sgl_kernel/flash_ops.abi3.so"
+reader = zstandard.ZstdDecompressor(max_window_size=1 << 27).stream_reader(
+    b"".join(open(p, "rb").read() for p in parts))  # --long=27
+with open(dst, "wb") as out:
+    while chunk := reader.read(1 << 24):
+        out.write(chunk)
+md5, want = hashlib.md5(open(dst, "rb").read()).hexdigest(), open("/root/fa3/so.md5").read().strip()
+assert md5 == want, f"flash_ops md5 {md5} != {want}"
+print("flash_ops restored,", len(parts), "parts, md5 ok")
+PY
+  python3 -c "import sgl_kernel.flash_attn; print('fa3 ready')"
+}
+
+smollm2() {  # /root/gguf holds part00, part01, name and md5 (carried as ≤ 60 MiB parts)
+  (cd /root/gguf && cat part00 part01 > "$(cat name)" && md5sum -c <(sed "s#  .*#  $(cat name)#" md5)) || exit 1
+  python3 benchmarks/gpu/model_dirs.py smollm2 "/root/gguf/$(cat /root/gguf/name)" /root/smollm2 2>&1 | tail -1
+  install 2>&1 | tail -2
+}
+
+case "$1" in
+install) install ;;
+fa3-build) fa3_build "$2" ;;
+fa3-restore) fa3_restore ;;
+smollm2) smollm2 ;;
+serve-prepare)
+  mkdir -p $D
+  install > $D/install.log 2>&1 || { tail -5 $D/install.log; exit 1; }
+  python3 benchmarks/gpu/model_dirs.py qwen3 /root/qwen3_8b_fullvocab 2>&1 | tail -1
+  nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader
+  touch $D/prepared ;;
+serve-start)
+  L=$2; shift 2
+  [ -f $D/prepared ] || { echo "skipped: not prepared"; exit 1; }
+  [ "$L" = asynctls ] || [ -f $D/asynctls_ok ] || { echo "skipped: asynctls did not start"; exit 1; }
+  python3 $B start --label $L --dir $D -- "$@" && python3 $B parity --label $L --dir $D && touch $D/${L}_up $D/${L}_ok
+  rc=$?; [ $rc -eq 0 ] || tail -40 $D/${L}_server.log | cut -c1-300
+  copy_out $D/$L.json; exit $rc ;;
+serve-load)
+  L=$2; W=$3
+  [ -f $D/${L}_up ] || { echo "skipped: $L is not up"; exit 1; }
+  python3 $B workload --label $L --dir $D --name $W; rc=$?
+  if [ "$4" = stop ]; then python3 $B stop --label $L --dir $D; rm -f $D/${L}_up; fi
+  grep -E "Traceback|Error|error" $D/${L}_server.log | tail -5 | cut -c1-300
+  copy_out $D/$L.json $D/${L}_server.log; exit $rc ;;
+one-batch)
+  shift
+  [ -f $D/asynctls_ok ] || { echo "skipped: asynctls did not start"; exit 1; }
+  python3 benchmarks/e2e_throughput.py run --methods "$@" --points 2x98304 --model /root/qwen3_8b_fullvocab \
+    --results $D/one_batch.jsonl --raw $D/one_batch_raw.jsonl --timeout 280
+  copy_out $D/one_batch.jsonl ;;
+*) sed -n '2,12p' "$0"; exit 2 ;;
+esac
