@@ -1,4 +1,4 @@
-"""Issue 5: how many 96k-token requests one GPU serves at once, stock SGLang against --asynctls-host-kv-gib.
+"""How many 96k-token requests one GPU serves at once, stock SGLang against --asynctls-host-kv-gib.
 
     python3 benchmarks/offload_capacity.py run --label stock --requests 6 --out /root/cap_stock.json \
         -- --attention-backend flashinfer

@@ -1,4 +1,4 @@
-"""Issue 7: `--enable-asynctls` under SGLang's tensor parallelism, `--tp N` against `--tp 1` on one host.
+"""`--enable-asynctls` under SGLang's tensor parallelism, `--tp N` against `--tp 1` on one host.
 
     python3 benchmarks/tp_check.py parity --tp 1 2        # SmolLM2 real weights: greedy outputs, stock and asynctls
     python3 benchmarks/tp_check.py speed --tp 1 2         # dummy Qwen3-8B decode tok/s, 96k x batch 4

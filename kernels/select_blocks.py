@@ -13,7 +13,7 @@ from ._topk import INVALID, KEY_BITS, MAX_ENTRIES, ordered_key, topk_compact
 # per power of two at 16 bits) is searched over NARROW_BITS bits instead of KEY_BITS: 9 counts instead of 17 plus
 # one min/max, the same set (order kept, forced above every score, ties unchanged); a wider row takes the full search.
 # On by default: on the H100 at 96k x 8 this stage took 7.6-7.9 us with it against 8.2-8.6 without, MLA and GQA
-# (benchmarks/results/issue3_ab_h100.json). 0 = always the full search.
+# (benchmarks/results/kernel_paths_ab_h100.json). 0 = always the full search.
 NARROW_BITS = 8
 
 

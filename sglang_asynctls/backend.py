@@ -51,51 +51,70 @@ def create_asynctls_backend(model_runner):
     return AsyncTLSBackend(model_runner, dense_backend.build(model_runner, name))
 
 
+def _model_config(model_runner):
+    """(config with its per-layer schedule resolved, the model's attention, the channel table or None)."""
+    cfg = config_of(model_runner.server_args)
+    spec = from_sglang_model_config(model_runner.model_config)
+    channels = check_config_for_model(cfg, spec)
+    # --asynctls-layer-budget-scale / -candidate-scale: "auto" is the channel config's calibrated schedule
+    return resolved_layer_schedule(cfg, spec), spec, channels
+
+
+def _check_pool(cfg, pool, page_size: int) -> None:
+    if page_size != 1 and page_size % cfg.block_size:
+        raise ValueError(f"asynctls needs --page-size 1 or a multiple of --asynctls-block-size ({cfg.block_size}); "
+                         f"got {page_size}")
+    if cfg.host_kv_gib > 0 and getattr(pool, "_asynctls_host_tier", None) is None:
+        raise ValueError(f"asynctls: --asynctls-host-kv-gib {cfg.host_kv_gib:g} is set but the KV pool was built "
+                         "without the host tier (its SGLang hooks did not apply; see the plugin's log lines)")
+
+
+def _rank_channels(channels, k0):
+    """Tensor parallel: each rank indexes the KV heads its pool holds, its slice of the channel table."""
+    if channels is None:
+        return None
+    channels = channels[:, kv_heads_of_rank(channels.shape[1], *_attn_tp())]
+    if channels.shape[1] != k0.shape[1]:
+        raise ValueError(f"asynctls: this rank's KV pool holds {k0.shape[1]} KV heads, its share of the channel "
+                         f"table {channels.shape[1]}")
+    return channels
+
+
+def _build_index(cfg, spec, pool, k0, channels, impl: str, request_rows) -> IndexPool:
+    """The index beside the pool; request_rows (page size 1): block bounds per request row, checked to fit first."""
+    if request_rows is not None:
+        kernel_choice.check_request_rows_fit(request_rows, pool.layer_num, k0)
+    quantize, append = kernel_choice.index_writers(impl)
+    return IndexPool(pool.layer_num, k0.shape[0], k0.shape[1], k0.shape[2], cfg.resolved_label_channels(spec.kind),
+                     cfg.block_size, k0.dtype, k0.device, channels, quantize=quantize, append=append,
+                     request_rows=request_rows)
+
+
 class AsyncTLSBackend(AttentionBackend):
     """Stock backend `inner` for prefill and short decode rows; AsyncTLS sparse decode for the long rows."""
 
     def __init__(self, model_runner, inner: AttentionBackend):
         self.inner = inner
-        self.cfg = cfg = config_of(model_runner.server_args)
         self.token_to_kv_pool = pool = model_runner.token_to_kv_pool
         self.req_to_token_pool = model_runner.req_to_token_pool
         self.req_to_token = model_runner.req_to_token_pool.req_to_token
         self.needs_cpu_seq_lens = getattr(inner, "needs_cpu_seq_lens", True)
-        spec = from_sglang_model_config(model_runner.model_config)
-        channels = check_config_for_model(cfg, spec)
-        # per-layer (k_t, k_b): the schedule of --asynctls-layer-budget-scale / -candidate-scale ("auto": the
-        # channel config's calibrated one), indexed by the model's layer id
-        self.cfg = cfg = resolved_layer_schedule(cfg, spec)
+        self.cfg, spec, channels = _model_config(model_runner)
+        cfg = self.cfg
+        # per-layer (k_t, k_b), indexed by the model's layer id
         self.budgets = cfg.layer_budgets(spec.num_layers)
-        page = model_runner.page_size
-        if page != 1 and page % cfg.block_size:
-            raise ValueError(f"asynctls needs --page-size 1 or a multiple of --asynctls-block-size ({cfg.block_size})"
-                             f"; got {page}")
-        if cfg.host_kv_gib > 0 and getattr(pool, "_asynctls_host_tier", None) is None:
-            raise ValueError(f"asynctls: --asynctls-host-kv-gib {cfg.host_kv_gib:g} is set but the KV pool was built "
-                             "without the host tier (its SGLang hooks did not apply; see the plugin's log lines)")
+        _check_pool(cfg, pool, model_runner.page_size)
         if cfg.host_kv_gib > 0:  # prefill reads a host-held prefix once per layer, not once per query tile
             from sglang_asynctls.offload.staged_prefix import staged_extend
 
             inner.extend_attention_fwd = staged_extend(inner.extend_attention_fwd)
         self.layer_offset = getattr(pool, "start_layer", 0) or 0
         k0 = pool.get_key_buffer(self.layer_offset)
-        if channels is not None:  # tensor parallel: each rank indexes the KV heads its pool holds
-            channels = channels[:, kv_heads_of_rank(channels.shape[1], *_attn_tp())]
-            if channels.shape[1] != k0.shape[1]:
-                raise ValueError(f"asynctls: this rank's KV pool holds {k0.shape[1]} KV heads, its share of the "
-                                 f"channel table {channels.shape[1]}")
-        impl = kernel_choice.impl_for(k0)
         self.num_blocks = -(-model_runner.model_config.context_len // cfg.block_size)
-        # page size 1: block bounds per request row (index.py), sized by the request pool, checked before allocating
-        request_rows = None
-        if page == 1:
-            request_rows = (self.req_to_token.shape[0], self.num_blocks)
-            kernel_choice.check_request_rows_fit(request_rows, pool.layer_num, k0)
-        quantize, append = kernel_choice.index_writers(impl)
-        self.index = IndexPool(pool.layer_num, k0.shape[0], k0.shape[1], k0.shape[2],
-                               cfg.resolved_label_channels(spec.kind), cfg.block_size, k0.dtype, k0.device, channels,
-                               quantize=quantize, append=append, request_rows=request_rows)
+        impl = kernel_choice.impl_for(k0)
+        self.index = _build_index(cfg, spec, pool, k0, _rank_channels(channels, k0), impl,
+                                  (self.req_to_token.shape[0], self.num_blocks) if model_runner.page_size == 1
+                                  else None)
         self.sparse_fn, self.sparse_impl = kernel_choice.sparse_decode_fn(impl)
         self.host_cache = (kernel_choice.host_row_cache(cfg, pool, self.req_to_token.shape[0], k0, self.sparse_impl)
                            if cfg.host_kv_gib > 0 else None)

@@ -2,7 +2,7 @@
 
 Runs dense prefills of a calibration text, keeps per layer max|q_c| per query head and max|k_c| per KV head of the
 post-RoPE q/k (what the KV cache stores and the labels quantize), and ranks ALL head_dim channels per (layer, KV
-head) with `reference.calibrate_channels`. The JSON is what `--asynctls-channel-config` and
+head) with `calibrate_channels`. The JSON is what `--asynctls-channel-config` and
 `model_spec.load_channel_config` read: {"model", "num_layers", "num_kv_heads", "head_dim", "calibration_text",
 "channels": [layer][kv_head][head_dim channel ids, heaviest first]}.
 
@@ -23,7 +23,6 @@ from typing import List, Sequence
 
 import torch
 
-from sglang_asynctls import reference as ref
 
 CALIBRATION_MODULES = ("argparse.py", "subprocess.py", "threading.py", "logging/__init__.py")
 EVALUATION_MODULES = ("typing.py", "inspect.py", "dataclasses.py", "pathlib.py", "tarfile.py", "difflib.py",
@@ -34,6 +33,19 @@ EVALUATION_MODULES = ("typing.py", "inspect.py", "dataclasses.py", "pathlib.py",
 # runs on hosts with another Python read the same evaluation text.
 STDLIB_ENV = "ASYNCTLS_STDLIB"
 
+
+
+def calibrate_channels(q_absmax: torch.Tensor, k_absmax: torch.Tensor, num_channels: int) -> torch.Tensor:
+    """Heavy channels per KV head from calibration statistics.
+
+    q_absmax: [Hq, D] max over calibration tokens of |q|; k_absmax: [Hkv, D] likewise for k.
+    score_c = mean over the group's query heads of q_absmax[h, c] * k_absmax[kv, c].
+    Returns channels [Hkv, num_channels] int64, heaviest first.
+    """
+    hq, d = q_absmax.shape
+    hkv = k_absmax.shape[0]
+    score = (q_absmax.float().view(hkv, hq // hkv, d) * k_absmax.float()[:, None]).mean(dim=1)
+    return torch.topk(score, num_channels, dim=1).indices
 
 def stdlib_dir() -> Path:
     return Path(os.environ.get(STDLIB_ENV) or sysconfig.get_paths()["stdlib"])
@@ -70,7 +82,7 @@ class AbsMax:
     def ranked_channels(self) -> torch.Tensor:
         """[layers, Hkv, D] every channel, heaviest first."""
         d = self.q.shape[-1]
-        return torch.stack([ref.calibrate_channels(q, k, d) for q, k in zip(self.q, self.k)])
+        return torch.stack([calibrate_channels(q, k, d) for q, k in zip(self.q, self.k)])
 
 
 def calibrate(model, tok, modules: Sequence[str] = CALIBRATION_MODULES, chunk_tokens: int = 2048,

@@ -107,18 +107,6 @@ def dequantize_labels(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor
     return q.float() * scale[..., None].float()
 
 
-def calibrate_channels(q_absmax: torch.Tensor, k_absmax: torch.Tensor, num_channels: int) -> torch.Tensor:
-    """Heavy channels per KV head from calibration statistics.
-
-    q_absmax: [Hq, D] max over calibration tokens of |q|; k_absmax: [Hkv, D] likewise for k.
-    score_c = mean over the group's query heads of q_absmax[h, c] * k_absmax[kv, c].
-    Returns channels [Hkv, num_channels] int64, heaviest first.
-    """
-    hq, d = q_absmax.shape
-    hkv = k_absmax.shape[0]
-    score = (q_absmax.float().view(hkv, hq // hkv, d) * k_absmax.float()[:, None]).mean(dim=1)
-    return torch.topk(score, num_channels, dim=1).indices
-
 # ---------------------------------------------------------------------------------------------- coarse level
 
 

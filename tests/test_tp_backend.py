@@ -1,4 +1,4 @@
-"""Per-rank state under attention tensor parallelism (issue 7), on CPU.
+"""Per-rank state under attention tensor parallelism, on CPU.
 
 Each attention-TP rank holds its KV heads' keys, index and selection; the claim checked here is that sharding
 changes nothing but which heads a rank sees: rank r's index is the head slice of the single-rank index, the

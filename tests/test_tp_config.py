@@ -1,4 +1,4 @@
-"""Tensor parallelism at launch (issue 7): one AsyncTLS config for every rank, heads that cannot be split refused
+"""Tensor parallelism at launch: one AsyncTLS config for every rank, heads that cannot be split refused
 before any scheduler starts, and nothing but the backend's head slice reading the rank."""
 
 import json
