@@ -1,5 +1,6 @@
 """End-to-end decode throughput: stock SGLang 0.5.17 (flashinfer, triton) vs --enable-asynctls, same install,
-same dummy-weight Qwen3-8B, same flags except the attention path (../shared/BENCHMARKS.md, End-to-end).
+same dummy-weight Qwen3-8B, same flags except the attention path (a decode step explains a served result;
+it never stands in for it).
 
     python3 benchmarks/e2e_throughput.py run --methods flashinfer triton asynctls --points 1x32768 2x98304 4x49152
     python3 benchmarks/e2e_throughput.py summarize --json benchmarks/results/e2e_throughput_h100.json

@@ -1,4 +1,4 @@
-"""Fidelity of sparse decode on a real model, CPU only: ../shared/BENCHMARKS.md "Fidelity".
+"""Fidelity of sparse decode on a real model, CPU only.
 
     python benchmarks/fidelity.py              # full run: 2k/4k/8k contexts (~30 min on 2 CPU cores)
     python benchmarks/fidelity.py --quick      # CI subset: 2k only (< 3 min)

@@ -7,7 +7,7 @@
     python3 benchmarks/offload_capacity.py summarize /root/cap_stock.json /root/cap_host.json \
         --json benchmarks/results/offload_capacity_h100.json
 
-`run` starts a server on the dummy-weight Qwen3-8B (../shared/gpu/README.md), sends --requests prompts of
+`run` starts a server on the dummy-weight Qwen3-8B (docs/gpu_host.md), sends --requests prompts of
 --input-len random token ids at once (greedy, ignore_eos, --output-len new tokens: long enough that the first
 request is still decoding when the last one is admitted), and reads the scheduler's own log: the KV capacity it
 allocated, the most requests it ran at once (#running-req of its decode batches) and the decode throughput it

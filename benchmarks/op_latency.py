@@ -1,5 +1,5 @@
 """Operator benchmark: one decode attention step per layer (dense / quest / token-only / asynctls), see
-../shared/BENCHMARKS.md. GPU only.
+GPU only.
 
     python3 benchmarks/op_latency.py --out benchmarks/results            # full sweep
     python3 benchmarks/op_latency.py --contexts 98304 --batches 8 --token-budgets 1024  # headline shape + stages
@@ -44,7 +44,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def load_sglang_decode():
     """SGLang 0.5.17's decode_attention module: the installed package, else the file staged from its wheel
-    (.stage/sglang_decode, see ../shared/gpu/README.md) loaded with a stub for its one utility import."""
+    (.stage/sglang_decode, see docs/gpu_host.md) loaded with a stub for its one utility import."""
     try:
         return importlib.import_module("sglang.kernels.ops.attention.decode_attention"), "import"
     except Exception:  # noqa: BLE001 (missing deps on the GPU host: fall back to the staged file)

@@ -1,5 +1,5 @@
 """Served requests, the figure users judge us by: a real `sglang.launch_server` per method, driven by SGLang's own
-`sglang.bench_serving` (benchmarks/../shared BENCHMARKS.md "Served requests").
+`sglang.bench_serving`.
 
 Per method (stock's default backend, stock FlashInfer, --enable-asynctls; same model and flags otherwise), on the
 GPU host, one call each so no single command outlives the device's per-command limit:
