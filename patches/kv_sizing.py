@@ -19,6 +19,7 @@ import logging
 import torch
 
 from sglang_asynctls.config import FLAGS
+from sglang_asynctls.index import index_fraction
 from sglang_asynctls.offload import host_tier
 from sglang_asynctls.offload.host_cache import cache_bytes
 from sglang_asynctls.runtime_config import config_if_enabled
@@ -32,9 +33,9 @@ def index_fraction_of(kvc, cfg) -> float:
     mc = kvc.model_config
     elem = torch.empty(0, dtype=kvc.kv_cache_dtype).element_size()
     if kvc.use_mla_backend:  # one latent row (kv_lora_rank + rope dims) is both the key and the value
-        return host_tier.index_fraction(mc.kv_lora_rank + mc.qk_rope_head_dim, 0, elem,
+        return index_fraction(mc.kv_lora_rank + mc.qk_rope_head_dim, 0, elem,
                                         cfg.resolved_label_channels("mla"), cfg.block_size)
-    return host_tier.index_fraction(mc.head_dim, mc.v_head_dim, elem, cfg.resolved_label_channels("gqa"),
+    return index_fraction(mc.head_dim, mc.v_head_dim, elem, cfg.resolved_label_channels("gqa"),
                                     cfg.block_size)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from sglang_asynctls.config import DENSE_BACKENDS, FLAGS, GROUP_SCORES, AsyncTLSConfig
+from sglang_asynctls.config import DENSE_BACKEND_CHOICES, FLAGS, GROUP_SCORES, AsyncTLSConfig
 
 TARGET = "sglang.srt.server_args.ServerArgs.add_cli_args"
 _D = AsyncTLSConfig()
@@ -20,7 +20,7 @@ def add_asynctls_args(_result, parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("AsyncTLS sparse decode (sglang-asynctls)")
     g.add_argument(FLAGS["enabled"], action="store_true",
                    help="Decode long sequences with AsyncTLS two-level sparse attention (prefill stays dense).")
-    g.add_argument(FLAGS["dense_backend"], choices=DENSE_BACKENDS[:4], default=_D.dense_backend,
+    g.add_argument(FLAGS["dense_backend"], choices=DENSE_BACKEND_CHOICES, default=_D.dense_backend,
                    help="Stock attention backend for prefill and short-sequence decode; auto = the one stock SGLang "
                         "picks for this model and GPU (fa3 on Hopper). Default: %(default)s.")
     ints = [

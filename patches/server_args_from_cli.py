@@ -5,8 +5,9 @@ SGLang:  0.5.17
 Reason:  `from_cli_args` keeps only dataclass fields, so our flags would be dropped. Around it we validate the
          flags (before the model is touched), route the attention backend to `asynctls`, and after SGLang has
          resolved the model config, check that the model is GQA/MHA or MLA and that its heads split over the
-         attention tensor-parallel ranks, and resolve the inner stock backend (`auto`: stock's own choice). Any error ends the launch in the launcher process with one line naming
-         the flag — no scheduler process starts half-configured.
+         attention tensor-parallel ranks, and resolve the inner stock backend (`auto`: stock's own choice). Any
+         error ends the launch in the launcher process with one line naming the flag — no scheduler process starts
+         half-configured.
 """
 
 from __future__ import annotations

@@ -119,7 +119,6 @@ class AsyncTLSBackend(AttentionBackend):
         self.host_cache = (kernel_choice.host_row_cache(cfg, pool, self.req_to_token.shape[0], k0, self.sparse_impl)
                            if cfg.host_kv_gib > 0 else None)
         self._graph_lens: Optional[torch.Tensor] = None  # CUDA graphs: the dense view's lengths, at a fixed address
-        self._graph_max_bs = 0
         self._dense_fb = self._extend_plan = None
         # per decode step, computed at its first layer: [B, NB] page of every block, [B] sparse-path rows
         self._block_table = self._long_seq = self._decode_rows = None
@@ -149,11 +148,7 @@ class AsyncTLSBackend(AttentionBackend):
         view = copy.copy(fb)
         lens = torch.where(fb.seq_lens >= n, torch.ones_like(fb.seq_lens), fb.seq_lens)
         if graph:
-            if self._graph_lens is None or self._graph_lens.dtype != lens.dtype or self._graph_lens.numel() < len(lens):
-                self._graph_lens = torch.zeros(max(self._graph_max_bs, len(lens)), dtype=lens.dtype,
-                                               device=lens.device)
-            self._graph_lens[: len(lens)].copy_(lens)
-            lens = self._graph_lens[: len(lens)]
+            lens = self._graph_lens[: len(lens)].copy_(lens)
         view.seq_lens = lens
         if getattr(fb, "seq_lens_cpu", None) is not None:
             cpu = fb.seq_lens_cpu
@@ -190,7 +185,8 @@ class AsyncTLSBackend(AttentionBackend):
         self.inner.init_forward_metadata_in_graph(self._inner_batch(forward_batch))
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
-        self._graph_max_bs = max_bs
+        # int64, as the graph runners' own seq_lens buffers (model_executor/runner/base_runner.py)
+        self._graph_lens = torch.zeros(max_bs, dtype=torch.int64, device=self.req_to_token.device)
         self.inner.init_cuda_graph_state(max_bs, max_num_tokens)
 
     def get_cuda_graph_seq_len_fill_value(self):

@@ -16,9 +16,10 @@ DEFAULT_LABEL_CHANNELS = {"gqa": 32, "mla": 128}  # d_c from the paper: 32 of 12
 AUTO = "auto"  # per-layer schedules: take the model's calibrated one (channel config JSON), if it has one
 GROUP_SCORES = ("sum", "max")  # how the coarse score combines a KV group's query heads (reference.block_scores)
 HOST_CACHE_WAYS = 8  # lines per set of the host-row cache (offload/host_cache.py)
-# the stock backend that runs prefill and short decode (dense_backend.py); torch_native is SGLang's CPU backend,
-# there for the CPU tests
-DENSE_BACKENDS = (AUTO, "fa3", "flashinfer", "triton", "torch_native")
+# the stock backend that runs prefill and short decode (dense_backend.py), as the flag offers it; the config also
+# takes SGLang's CPU backend, torch_native, which the CPU tests run inside ours
+DENSE_BACKEND_CHOICES = (AUTO, "fa3", "flashinfer", "triton")
+DENSE_BACKENDS = DENSE_BACKEND_CHOICES + ("torch_native",)
 
 
 class AsyncTLSConfigError(ValueError):
@@ -164,7 +165,7 @@ class AsyncTLSConfig:
             _fail("host_cache_tokens", f"0 unless {FLAGS['host_kv_gib']} is set (it caches host-slot rows)",
                   self.host_cache_tokens)
         if self.dense_backend not in DENSE_BACKENDS:
-            _fail("dense_backend", f"one of {', '.join(DENSE_BACKENDS[:4])}", self.dense_backend)
+            _fail("dense_backend", f"one of {', '.join(DENSE_BACKEND_CHOICES)}", self.dense_backend)
         if self.group_score not in GROUP_SCORES:
             _fail("group_score", f"one of {', '.join(GROUP_SCORES)}", self.group_score)
         for layer, scale in self.layer_scale().items():  # the listed layers now; all of them in layer_budgets

@@ -25,6 +25,15 @@ LABEL_SCALE_BYTES = 4  # one fp32 label scale per slot and KV head
 MIN_RANKING_TOKENS = 256  # without a calibration file, rank channels from the first prefill at least this long
 
 
+def index_fraction(head_dim: int, v_head_dim: int, kv_elem_bytes: int, label_channels: int, block_size: int) -> float:
+    """Device bytes of AsyncTLS index per byte of KV, per token and KV head: INT4 labels (d_c / 2 bytes), their fp32
+    scale, and the block's Kmin and Kmax (2 x head_dim values) spread over its block_size tokens
+    (`IndexPool`). Every slot is indexed on the GPU, host slots too, so the index is paid for out of the GPU's KV
+    budget (patches/kv_sizing.py)."""
+    index = label_channels / 2 + LABEL_SCALE_BYTES + 2 * head_dim * kv_elem_bytes / block_size
+    return index / ((head_dim + v_head_dim) * kv_elem_bytes)
+
+
 @dataclass(frozen=True)
 class ExtendIndexPlan:
     """Pages a prefill batch touches. page_slots [M, BS] int64 (-1 past the request's length), page_ids [M]."""

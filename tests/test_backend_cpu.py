@@ -286,3 +286,23 @@ def test_host_tier_decode_counts_host_reads_and_serves_repeats_from_the_cache():
     be.init_forward_metadata(fb)  # the row is prefilled again (a new request): its lines go
     assert (be.host_cache.tags[:, 1] == -1).all()
     host_stats.register(None)
+
+
+def test_cuda_graph_metadata_keeps_the_dense_view_at_one_address():
+    """Under CUDA graphs the inner backend's captured metadata points at the view's lengths: every capture and replay
+    must hand it the same buffer, refreshed with this step's one-token lengths for the long requests."""
+    mr, _ = model_runner()
+    inner = FakeInner(mr)
+    seen = []
+    inner.init_cuda_graph_state = lambda max_bs, max_num_tokens: None
+    inner.init_forward_metadata_out_graph = lambda fb, in_capture=False: seen.append(fb.seq_lens)
+    be = Backend(mr, inner)
+    be.init_cuda_graph_state(4, 4)
+    for lens in ([300, 90], [301, 91]):  # capture, then a replay with the next step's lengths
+        t = torch.tensor(lens)
+        fb = SimpleNamespace(forward_mode=mode(True), spec_info=None, req_pool_indices=torch.tensor([1, 3]),
+                             seq_lens=t, seq_lens_cpu=None, seq_lens_sum=int(t.sum()),
+                             out_cache_loc=torch.tensor([0, 1]))
+        be.init_forward_metadata_out_graph(fb, in_capture=lens[0] == 300)
+    assert seen[0].data_ptr() == seen[1].data_ptr() == be._graph_lens.data_ptr()
+    assert seen[1].tolist() == [1, 91] and seen[1].dtype == torch.int64

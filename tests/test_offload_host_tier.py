@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from sglang_asynctls.config import AsyncTLSConfig, AsyncTLSConfigError
+from sglang_asynctls.index import index_fraction
 from sglang_asynctls.offload import host_tier
 from sglang_asynctls.patches import kv_host_tier, kv_sizing
 from sglang_asynctls.runtime_config import ENV_VAR, attach_config
@@ -51,7 +52,7 @@ def _server_args(monkeypatch, **cfg):
 def test_index_fraction_and_host_tokens_for_qwen3_8b():
     # INT4 labels of 32 channels (16 B) + Kmin/Kmax 2 x 128 bf16 over 64 tokens (8 B), against 512 B of K+V
     # 16 B of INT4 labels, a 4 B scale and 8 B of Kmin/Kmax per slot and KV head, against 512 B of K and V
-    assert host_tier.index_fraction(128, 128, 2, 32, 64) == pytest.approx(28 / 512)
+    assert index_fraction(128, 128, 2, 32, 64) == pytest.approx(28 / 512)
     tokens = host_tier.plan_host_tokens(100 * 2**30, QWEN3_8B_CELL, 64)
     assert tokens % 64 == 0 and tokens * QWEN3_8B_CELL <= 100 * 2**30 < (tokens + 64) * QWEN3_8B_CELL
     with pytest.raises(ValueError, match="--asynctls-host-kv-gib"):

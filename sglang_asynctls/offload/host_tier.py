@@ -17,7 +17,6 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 
 from sglang_asynctls.config import FLAGS, AsyncTLSConfigError
-from sglang_asynctls.index import LABEL_SCALE_BYTES
 
 
 @dataclass(frozen=True)
@@ -40,15 +39,6 @@ def set_plan(plan: Optional[HostTierPlan]) -> None:
 
 def current_plan() -> Optional[HostTierPlan]:
     return _plan
-
-
-def index_fraction(head_dim: int, v_head_dim: int, kv_elem_bytes: int, label_channels: int, block_size: int) -> float:
-    """Device bytes of AsyncTLS index per byte of KV, per token and KV head: INT4 labels (d_c / 2 bytes), their fp32
-    scale, and the block's Kmin and Kmax (2 x head_dim values) spread over its block_size tokens
-    (`index.IndexPool`). Every slot is indexed on the GPU, host slots too, so the index is paid for out of the GPU's
-    KV budget (patches/kv_sizing.py)."""
-    index = label_channels / 2 + LABEL_SCALE_BYTES + 2 * head_dim * kv_elem_bytes / block_size
-    return index / ((head_dim + v_head_dim) * kv_elem_bytes)
 
 
 def plan_host_tokens(host_bytes: int, cell_bytes: int, page_size: int) -> int:
