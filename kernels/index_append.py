@@ -15,16 +15,14 @@ from .quantize_labels import _pack_labels
 
 @triton.jit
 def _append_decode_index_kernel(k_buffer, new_loc, seq_lens, channels, labels, label_scale, kmin, kmax, rows,
-                                stride_ks, stride_kh, stride_kb, stride_ch, stride_ls, stride_lh, stride_ss, stride_sh,
+                                stride_ks, stride_kh, stride_ch, stride_ls, stride_lh, stride_ss, stride_sh,
                                 stride_mp, stride_mh, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                                HALF_DC: tl.constexpr, BS: tl.constexpr, HAS_ROWS: tl.constexpr,
-                                KEYS_GIVEN: tl.constexpr):
+                                HALF_DC: tl.constexpr, BS: tl.constexpr, HAS_ROWS: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     loc = tl.load(new_loc + b).to(tl.int64)
     n = tl.load(seq_lens + b).to(tl.int64)
-    # the new key: its pool row, or (KEYS_GIVEN) row b of the step's keys, so the append need not wait for the store
-    row = k_buffer + (b * stride_kb if KEYS_GIVEN else loc * stride_ks) + h * stride_kh
+    row = k_buffer + loc * stride_ks + h * stride_kh
     # labels: exactly reference.quantize_labels on one key (a [1, HALF_DC] tile of the shared packer)
     offs_c = tl.arange(0, HALF_DC)
     lo = tl.load(row + tl.load(channels + h * stride_ch + 2 * offs_c).to(tl.int64)).to(tl.float32)
@@ -48,12 +46,10 @@ def _append_decode_index_kernel(k_buffer, new_loc, seq_lens, channels, labels, l
 def append_decode_index(k_buffer: torch.Tensor, new_loc: torch.Tensor, seq_lens: torch.Tensor,
                         channels: torch.Tensor, labels: torch.Tensor, label_scale: torch.Tensor,
                         kmin: torch.Tensor, kmax: torch.Tensor, block_size: int,
-                        rows: Optional[torch.Tensor] = None, keys: Optional[torch.Tensor] = None) -> None:
+                        rows: Optional[torch.Tensor] = None) -> None:
     """In place, as `reference.append_decode_index` (same arguments; any strides with a unit last stride)."""
     b = new_loc.shape[0]
     s, hkv, d = k_buffer.shape
-    src = k_buffer if keys is None else keys
-    assert keys is None or (keys.shape == (b, hkv, d) and keys.dtype == k_buffer.dtype and keys.stride(2) == 1)
     dc = channels.shape[1]
     assert channels.shape[0] == hkv and k_buffer.stride(2) == 1 and channels.stride(1) == 1
     assert (dc // 2) & (dc // 2 - 1) == 0 and dc % 2 == 0, "label_channels / 2 must be a power of two"
@@ -63,8 +59,8 @@ def append_decode_index(k_buffer: torch.Tensor, new_loc: torch.Tensor, seq_lens:
     if b == 0:
         return
     _append_decode_index_kernel[(b, hkv)](
-        src, new_loc, seq_lens, channels, labels, label_scale, kmin, kmax, new_loc if rows is None else rows,
-        k_buffer.stride(0), src.stride(1), src.stride(0), channels.stride(0), labels.stride(0), labels.stride(1),
+        k_buffer, new_loc, seq_lens, channels, labels, label_scale, kmin, kmax, new_loc if rows is None else rows,
+        k_buffer.stride(0), k_buffer.stride(1), channels.stride(0), labels.stride(0), labels.stride(1),
         label_scale.stride(0), label_scale.stride(1), kmin.stride(0), kmin.stride(1),
         D=d, BLOCK_D=triton.next_power_of_2(d), HALF_DC=dc // 2, BS=block_size, HAS_ROWS=rows is not None,
-        KEYS_GIVEN=keys is not None, num_warps=4)
+        num_warps=4)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 from typing import Optional
 
 import torch
@@ -120,21 +119,15 @@ class AsyncTLSBackend(AttentionBackend):
         self.host_cache = (kernel_choice.host_row_cache(cfg, pool, self.req_to_token.shape[0], k0, self.sparse_impl)
                            if cfg.host_kv_gib > 0 else None)
         self._graph_lens: Optional[torch.Tensor] = None  # CUDA graphs: the dense view's lengths, at a fixed address
-        # the stream the stock decode runs on while the selection runs (forward_decode); the host tier's reads
-        # stay in one stream
-        self._side = (torch.cuda.Stream(device=k0.device) if impl == "triton" and self.host_cache is None
-                      and os.environ.get("ASYNCTLS_OVERLAP_INNER", "1") != "0" else None)
         self._dense_fb = self._extend_plan = None
         # per decode step, computed at its first layer: [B, NB] page of every block, [B] sparse-path rows
         self._block_table = self._long_seq = self._decode_rows = None
         self.stats = {"index_pages_written": 0, "index_slots_labelled": 0}
         logger.info("asynctls backend: %s inner, %s, sparse decode via %s, index %.1f MiB, %d blocks per request "
-                    "max, label channels %s, (k_t, k_b) per layer %s, stock decode %s", type(inner).__name__, cfg,
-                    self.sparse_impl,
+                    "max, label channels %s, (k_t, k_b) per layer %s", type(inner).__name__, cfg, self.sparse_impl,
                     self.index.nbytes() / 2**20, self.num_blocks,
                     "calibrated" if channels is not None else "ranked by |K| at the first long prefill",
-                    "uniform" if len(set(self.budgets)) == 1 else self.budgets,
-                    "on a side stream in CUDA graphs" if self._side is not None else "in the same stream")
+                    "uniform" if len(set(self.budgets)) == 1 else self.budgets)
 
     def __getattr__(self, name):
         # attributes SGLang's model code reads off the backend it runs (forward_metadata, kv_indptr, ...) are the
@@ -228,33 +221,13 @@ class AsyncTLSBackend(AttentionBackend):
         return o
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
-        view = self._inner_batch(forward_batch)
+        o_dense = self.inner.forward_decode(q, k, v, layer, self._inner_batch(forward_batch), save_kv_cache,
+                                            **kwargs)
         if not self._is_sparse_step(forward_batch):
-            return self.inner.forward_decode(q, k, v, layer, view, save_kv_cache, **kwargs)
-        if not self._overlaps(k, layer, kwargs):
-            o_dense = self.inner.forward_decode(q, k, v, layer, view, save_kv_cache, **kwargs)
-            return self._sparse_decode(q, layer, forward_batch, o_dense, kwargs.get("q_rope"))
-        # captured decode: the stock backend (the KV store, then its attention over the short rows) runs on a side
-        # stream while the selection runs here, from the new keys themselves; the sparse attention, which reads
-        # the stored KV and writes the long rows into the stock output, waits for it
-        main = torch.cuda.current_stream()
-        self._side.wait_stream(main)
-        with torch.cuda.stream(self._side):
-            o_dense = self.inner.forward_decode(q, k, v, layer, view, save_kv_cache, **kwargs)
-        return self._sparse_decode(q, layer, forward_batch, o_dense, keys=k,
-                                   join=lambda: main.wait_stream(self._side))
+            return o_dense
+        return self._sparse_decode(q, layer, forward_batch, o_dense, kwargs.get("q_rope"))
 
-    def _overlaps(self, k, layer, kwargs) -> bool:
-        """The stock decode may overlap the selection: under CUDA-graph capture (as SGLang's own alt-stream code),
-        GQA, and new keys stored as given (same dtype and shape as the pool's rows, so their labels are the same)."""
-        if self._side is None or kwargs.get("q_rope") is not None or not torch.cuda.is_current_stream_capturing():
-            return False
-        k0 = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
-        return k is not None and k.dim() == 3 and k.dtype == k0.dtype and k.shape[1:] == k0.shape[1:]
-
-    def _sparse_decode(self, q, layer, forward_batch, o_dense, q_rope=None, keys=None, join=None):
-        """The long rows of o_dense, by the sparse path. keys: the new keys (the pool may not hold them yet);
-        join: makes this stream wait for o_dense and the KV store, called before anything reads either."""
+    def _sparse_decode(self, q, layer, forward_batch, o_dense, q_rope=None):
         lid = layer.layer_id - self.layer_offset
         k_buffer = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
         v_buffer = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
@@ -264,18 +237,16 @@ class AsyncTLSBackend(AttentionBackend):
             self._block_table = ix.block_table(self.req_to_token, rpi, self.num_blocks)
             self._long_seq = seq_lens >= cfg.dense_below
             self._decode_rows = ix.decode_rows(rpi, seq_lens)
-        ix.write_decode(lid, k_buffer, forward_batch.out_cache_loc, seq_lens, self._decode_rows, keys=keys)
+        ix.write_decode(lid, k_buffer, forward_batch.out_cache_loc, seq_lens, self._decode_rows)
         q3 = q.reshape(-1, layer.tp_q_head_num, q.numel() // (q.shape[0] * layer.tp_q_head_num))  # [B, Hq, D]
         if q_rope is not None:  # MLA with the rope part passed apart: the sparse path scores the whole latent key
             q3 = torch.cat([q3, q_rope.reshape(q3.shape[0], layer.tp_q_head_num, -1)], dim=-1)
         out = o_dense.view(q3.shape[0], layer.tp_q_head_num, -1) if o_dense.is_contiguous() else None
         kw = {}
         if self.sparse_impl == "triton" and out is not None:  # the kernels write the long rows in place
-            kw = dict(out=out, out_rows=self._long_seq, before_attend=join)
+            kw = dict(out=out, out_rows=self._long_seq)
         else:
             q3 = q3.contiguous()
-            if join is not None:
-                join()
         token_budget, block_budget = self.budgets[layer.layer_id]
         o_sparse = self.sparse_fn(
             q3, k_buffer, v_buffer, self.req_to_token, rpi, seq_lens, ix.kmin[lid], ix.kmax[lid], self._block_table,

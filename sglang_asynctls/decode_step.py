@@ -13,7 +13,7 @@ Fine level: label scores of the candidates (`token_logits` + softmax combine, bo
 few KV groups still fill the GPU), then top-Kt with the slot lookup fused (`select_token_slots`).
 """
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -107,18 +107,15 @@ def asynctls_decode(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_l
                     local_window, sm_scale, candidate_blocks: Optional[torch.Tensor] = None,
                     out: Optional[torch.Tensor] = None, bound_slack: float = 1.0,
                     group_score: str = "sum", out_rows: Optional[torch.Tensor] = None,
-                    host_cache=None, before_attend: Optional[Callable[[], None]] = None) -> torch.Tensor:
+                    host_cache=None) -> torch.Tensor:
     """Two-level sparse decode (see `reference.asynctls_decode`). q: [B, Hq, D] -> o: [B, Hq, Dv] in q's dtype.
     With out and out_rows [B] bool, only the flagged rows of out are written (the backend's long requests).
-    host_cache: slots -> `sparse_decode`'s cache tuple (offload/host_cache.py), for a KV pool with a host tier.
-    before_attend: called between selection and attention (which reads k/v_buffer and writes out)."""
+    host_cache: slots -> `sparse_decode`'s cache tuple (offload/host_cache.py), for a KV pool with a host tier."""
     slots = asynctls_select(q, req_to_token, req_pool_indices, seq_lens, kmin, kmax, block_table, labels,
                             label_scale, channels, block_size=block_size, block_budget=block_budget,
                             token_budget=token_budget, sink_tokens=sink_tokens, local_window=local_window,
                             sm_scale=sm_scale, candidate_blocks=candidate_blocks, bound_slack=bound_slack,
                             group_score=group_score)
-    if before_attend is not None:
-        before_attend()
     cache = host_cache(slots) if host_cache is not None else None
     return sparse_decode(q, k_buffer, v_buffer, slots, sm_scale, out=out, out_rows=out_rows, cache=cache)
 

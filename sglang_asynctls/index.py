@@ -127,12 +127,11 @@ class IndexPool:
                                                                      rounding_mode="floor")
 
     def write_decode(self, layer: int, k_buffer: torch.Tensor, new_loc: torch.Tensor, seq_lens: torch.Tensor,
-                     rows: Optional[torch.Tensor] = None, keys: Optional[torch.Tensor] = None):
+                     rows: Optional[torch.Tensor] = None):
         """After decode wrote one key per request: label it and fold it into its block's running min/max (rows from
-        `decode_rows`). keys [B, Hkv, D]: the new keys themselves, read instead of the pool (which may not hold them
-        yet: the stock backend stores them on another stream)."""
+        `decode_rows`)."""
         self.append(k_buffer, new_loc, seq_lens, self.channels[layer], self.labels[layer], self.label_scale[layer],
-                    self.kmin[layer], self.kmax[layer], self.block_size, rows=rows, keys=keys)
+                    self.kmin[layer], self.kmax[layer], self.block_size, rows=rows)
 
     def block_table(self, req_to_token, req_pool_indices, num_blocks: int) -> torch.Tensor:
         """[B, NB] row of every block of each request (entries of unwritten blocks are never scored)."""

@@ -81,17 +81,16 @@ def quantize_labels(keys: torch.Tensor, channels: torch.Tensor) -> Tuple[torch.T
 def append_decode_index(k_buffer: torch.Tensor, new_loc: torch.Tensor, seq_lens: torch.Tensor,
                         channels: torch.Tensor, labels: torch.Tensor, label_scale: torch.Tensor,
                         kmin: torch.Tensor, kmax: torch.Tensor, block_size: int,
-                        rows: Optional[torch.Tensor] = None, keys: Optional[torch.Tensor] = None) -> None:
+                        rows: Optional[torch.Tensor] = None) -> None:
     """Decode-time index append, in place: label the key each request just wrote and fold it into its block's
     Kmin/Kmax (a block's row restarts when the token opens it, so a reused row never keeps a stale bound).
-    keys [B, Hkv, D]: the new keys themselves (the values the pool holds at new_loc), when given.
 
     k_buffer [S, Hkv, D] (keys already written); new_loc [B] their slots; seq_lens [B] lengths including them;
     channels [Hkv, Dc]; labels [S, Hkv, Dc // 2] uint8 and label_scale [S, Hkv] written at new_loc;
     kmin/kmax [P, Hkv, D], row = slot // block_size (a page), or rows [B] when given (per-request rows).
     """
     loc = new_loc.long()
-    k_new = k_buffer[loc] if keys is None else keys
+    k_new = k_buffer[loc]
     packed, scale = quantize_labels(k_new, channels)
     labels[loc] = packed
     label_scale[loc] = scale
@@ -330,12 +329,10 @@ def fine_select(q, labels, label_scale, channels, req_to_token, req_pool_indices
 def asynctls_decode(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, kmin, kmax, block_table,
                     labels, label_scale, channels, *, block_size, block_budget, token_budget, sink_tokens,
                     local_window, sm_scale, candidate_blocks: Optional[torch.Tensor] = None,
-                    bound_slack: float = 1.0, group_score: str = "sum", host_cache=None,
-                    before_attend=None) -> torch.Tensor:
+                    bound_slack: float = 1.0, group_score: str = "sum", host_cache=None) -> torch.Tensor:
     """Two-level sparse decode. candidate_blocks [B, Hkv, Kb] (e.g. the previous step's M_{t-1}, as the offload
     engine uses) replaces this step's coarse selection when given; bound_slack, group_score: `block_scores`.
-    host_cache: slots -> `sparse_decode`'s cache tuple (offload/host_cache.py), for a KV pool with a host tier.
-    before_attend: called between selection and attention (the backend waits there for its KV store)."""
+    host_cache: slots -> `sparse_decode`'s cache tuple (offload/host_cache.py), for a KV pool with a host tier."""
     if candidate_blocks is None:
         candidate_blocks = coarse_select(q, kmin, kmax, block_table, seq_lens, block_size=block_size,
                                          block_budget=block_budget, sink_tokens=sink_tokens,
@@ -345,8 +342,6 @@ def asynctls_decode(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_l
     slots = fine_select(q, labels, label_scale, channels, req_to_token, req_pool_indices, seq_lens, positions,
                         token_budget=token_budget, sink_tokens=sink_tokens, local_window=local_window,
                         sm_scale=sm_scale)
-    if before_attend is not None:
-        before_attend()
     cache = host_cache(slots) if host_cache is not None else None
     return sparse_decode(q, k_buffer, v_buffer, slots, sm_scale, cache=cache)
 

@@ -50,15 +50,13 @@ def selection_kernels(key_bits):
                  16 if g else 32)  # the launcher's warps
 
 
-def append_decode_index(d, half_dc, has_rows, keys_given):
+def append_decode_index(d, half_dc, has_rows):
     _compile(_append_decode_index_kernel,
              [("k_buffer", "*bf16"), ("new_loc", "*i64"), ("seq_lens", "*i64"), ("channels", "*i64"),
               ("labels", "*u8"), ("label_scale", "*fp32"), ("kmin", "*bf16"), ("kmax", "*bf16"), ("rows", "*i64")]
-             + _i32("stride_ks", "stride_kh", "stride_kb", "stride_ch", "stride_ls", "stride_lh", "stride_ss",
-                    "stride_sh", "stride_mp", "stride_mh")
-             + [(n, None) for n in ("D", "BLOCK_D", "HALF_DC", "BS", "HAS_ROWS", "KEYS_GIVEN")],
-             dict(D=d, BLOCK_D=triton.next_power_of_2(d), HALF_DC=half_dc, BS=64, HAS_ROWS=has_rows,
-                  KEYS_GIVEN=keys_given), 4)
+             + _i32("stride_ks", "stride_kh", "stride_ch", "stride_ls", "stride_lh", "stride_ss", "stride_sh",
+                    "stride_mp", "stride_mh") + [(n, None) for n in ("D", "BLOCK_D", "HALF_DC", "BS", "HAS_ROWS")],
+             dict(D=d, BLOCK_D=triton.next_power_of_2(d), HALF_DC=half_dc, BS=64, HAS_ROWS=has_rows), 4)
 
 
 def block_scores(d1, d2, g, group_max):
@@ -145,7 +143,7 @@ if __name__ == "__main__":
         selection_kernels(key_bits)
         print(f"select_blocks, select_tokens (key_bits={key_bits}): compiled for sm_90")
     for d, half_dc in ((128, 16), (576, 64)):  # GQA (Qwen3-8B) and the MLA latent
-        append_decode_index(d, half_dc, has_rows=d == 128, keys_given=d == 128)  # rows: page size 1 (per-request block rows)
+        append_decode_index(d, half_dc, has_rows=d == 128)  # rows: page size 1 (per-request block rows)
         print(f"append_decode_index (D={d}): compiled for sm_90")
     attention_kernels()
     for lines in (0, 2048):

@@ -69,26 +69,6 @@ def test_candidate_blocks_override_and_out(method):
     torch.testing.assert_close(o, r, **TOL[torch.float32])
 
 
-@pytest.mark.parametrize("module", [K, R])
-def test_before_attend_runs_between_selection_and_attention(module):
-    """The backend joins its KV-store stream in before_attend: attention must read what it lands, and the selection
-    (index only) must not depend on it. The values land here as a rewrite of V: attending before the hook would
-    give the old values' output."""
-    c = make_cache([27, 61, 113], **SHAPES["gqa"], device=DEV)
-    kw = _kw(c)
-    args = list(method_args(c))
-    slots = K.asynctls_select(c["q"], *args[3:12], candidate_blocks=None, token_budget=kw["token_budget"],
-                              sm_scale=kw["sm_scale"], block_size=c["bs"], block_budget=kw["block_budget"],
-                              sink_tokens=kw["sink_tokens"], local_window=kw["local_window"])
-    landed = torch.randn_like(c["v"])
-    expect = R.sparse_decode(c["q"], c["k"], landed, slots, c["sm_scale"])
-    v = args[2]
-    calls = []
-    o = module.asynctls_decode(*args, **kw, before_attend=lambda: (calls.append(1), v.copy_(landed)))
-    assert calls == [1]
-    torch.testing.assert_close(o, expect, **TOL[torch.float32])
-
-
 def test_candidate_slots_matches_reference():
     c = make_cache([27, 61, 113], **SHAPES["gqa"], device=DEV)
     blocks = R.coarse_select(c["q"], *c["index"][:3], c["seq_lens"], block_size=c["bs"], **{

@@ -78,30 +78,6 @@ def test_append_decode_index_matches_reference_over_steps(hkv, d, dc, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_append_decode_index_from_given_keys_matches_pool_read(dtype):
-    """keys given (the step's new keys, before the pool store lands) == reading them from the pool: kernel and
-    reference. The pool rows hold other values here, so reading the pool instead of keys would fail."""
-    from sglang_asynctls.kernels.index_append import append_decode_index
-
-    bs, hkv, d, dc = 8, 2, 32, 8
-    g = torch.Generator().manual_seed(5)
-    s = 16 * bs
-    k = torch.randn(s, hkv, d, generator=g).to(dtype).to(DEV)
-    channels = torch.stack([torch.randperm(d, generator=g)[:dc] for _ in range(hkv)]).to(DEV)
-    loc, lens = torch.tensor([3 * bs + 5, 9 * bs], device=DEV), torch.tensor([6, 17], device=DEV)
-    expect = _decode_index_state(s, hkv, d, dc, bs, dtype, g)
-    ours, ref = [t.clone() for t in expect], [t.clone() for t in expect]
-    R.append_decode_index(k, loc, lens, channels, *expect, block_size=bs)
-    keys = k[loc].clone()
-    stale = torch.randn(s, hkv, d, generator=g).to(dtype).to(DEV)  # what the pool holds before the store
-    append_decode_index(stale, loc, lens, channels, *ours, block_size=bs, keys=keys)
-    R.append_decode_index(stale, loc, lens, channels, *ref, block_size=bs, keys=keys)
-    for got in (ours, ref):
-        _assert_labels_equal(got[0], got[1], expect[0], expect[1])
-        assert torch.equal(got[2], expect[2]) and torch.equal(got[3], expect[3])
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_append_decode_index_per_request_rows_matches_reference(dtype):
     """Page size 1: scattered slots, bounds folded into rows given per request (req row * max_blocks + block),
     across block boundaries; equal to the reference after every step."""
