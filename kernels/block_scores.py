@@ -55,13 +55,18 @@ def _block_scores_kernel(q, kmin, kmax, block_table, seq_lens, scores, NB,
     h = pid % HKV
     offs_g = tl.arange(0, GP)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    out = scores + b * stride_sb + h * stride_sh + offs_n
     # the table load is not behind seq_lens (one round trip less) and ahead of the q math (ptxas keeps it there)
     entry = tl.load(block_table + b * stride_tb + offs_n, mask=offs_n < NB, other=0)
-    complete = offs_n < tl.load(seq_lens + b) // BS  # index rows of incomplete blocks are never read
-    q_row = q + b * stride_qb + (h * G + offs_g)[:, None] * stride_qh
-    row = tl.maximum(entry, 0).to(tl.int64)[:, None] * stride_ke + h * stride_kh
-    acc = _tile_scores(q_row, kmin + row, kmax + row, offs_g < G, complete, slack, D1, D2, DCH, GROUP_MAX)
-    tl.store(scores + b * stride_sb + h * stride_sh + offs_n, acc, mask=offs_n < NB)
+    num_complete = tl.load(seq_lens + b) // BS  # index rows of incomplete blocks are never read
+    if tl.program_id(1) * BLOCK_N < num_complete:
+        q_row = q + b * stride_qb + (h * G + offs_g)[:, None] * stride_qh
+        row = tl.maximum(entry, 0).to(tl.int64)[:, None] * stride_ke + h * stride_kh
+        acc = _tile_scores(q_row, kmin + row, kmax + row, offs_g < G, offs_n < num_complete, slack, D1, D2, DCH,
+                           GROUP_MAX)
+        tl.store(out, acc, mask=offs_n < NB)
+    else:  # a tile past the request's last complete block (the table spans the context): no q or bound loads
+        tl.store(out, tl.full([BLOCK_N], float("-inf"), tl.float32), mask=offs_n < NB)
 
 
 def _launch_shape(d: int, block_n: int, num_warps: int):
