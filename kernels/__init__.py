@@ -3,7 +3,7 @@
 
 Notations for shapes: see `sglang_asynctls/reference.py` (B, Hq, Hkv, G, D, Dv, S, BS, NB, Kb, Kt, Dc).
 
-    index build   quantize_labels, append_decode_index
+    index build   quantize_labels, index_extend (prefill), append_decode_index (decode)
     coarse        block_scores -> select_blocks
     fine          token_logits -> token_scores (combine) -> select_tokens / select_token_slots
     attention     sparse_decode (split-K) -> splitk_combine

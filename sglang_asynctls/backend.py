@@ -84,9 +84,9 @@ def _build_index(cfg, spec, pool, k0, channels, impl: str, request_rows) -> Inde
     """The index beside the pool; request_rows (page size 1): block bounds per request row, checked to fit first."""
     if request_rows is not None:
         kernel_choice.check_request_rows_fit(request_rows, pool.layer_num, k0)
-    quantize, append = kernel_choice.index_writers(impl)
+    extend, append = kernel_choice.index_writers(impl)
     return IndexPool(pool.layer_num, k0.shape[0], k0.shape[1], k0.shape[2], cfg.resolved_label_channels(spec.kind),
-                     cfg.block_size, k0.dtype, k0.device, channels, quantize=quantize, append=append,
+                     cfg.block_size, k0.dtype, k0.device, channels, extend=extend, append=append,
                      request_rows=request_rows)
 
 

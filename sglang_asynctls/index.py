@@ -36,10 +36,12 @@ def index_fraction(head_dim: int, v_head_dim: int, kv_elem_bytes: int, label_cha
 
 @dataclass(frozen=True)
 class ExtendIndexPlan:
-    """Pages a prefill batch touches. page_slots [M, BS] int64 (-1 past the request's length), page_ids [M]."""
+    """Pages a prefill batch touches. page_slots [M, BS] int64 (-1 past the request's length), page_ids [M];
+    label_slots [M, BS]: page_slots where the token is new (past the request's reused prefix), else -1."""
 
     page_slots: torch.Tensor
     page_ids: torch.Tensor
+    label_slots: torch.Tensor
 
     @property
     def num_pages(self) -> int:
@@ -63,13 +65,15 @@ def plan_extend(req_to_token, req_pool_indices, prefix_lens: List[int], seq_lens
     reqs = torch.tensor([r for r, _ in pairs], dtype=torch.long, device=dev)
     blocks = torch.tensor([j for _, j in pairs], dtype=torch.long, device=dev)
     lens = torch.tensor([seq_lens[r] for r, _ in pairs], dtype=torch.long, device=dev)
+    prefix = torch.tensor([prefix_lens[r] for r, _ in pairs], dtype=torch.long, device=dev)
     pos = blocks[:, None] * block_size + torch.arange(block_size, device=dev)
     rows = req_pool_indices.long()[reqs] if pairs else reqs
     slots = req_to_token[rows[:, None], pos.clamp(max=req_to_token.shape[1] - 1)].long()
     slots = torch.where(pos < lens[:, None], slots, torch.full_like(slots, -1))
+    label_slots = torch.where(pos >= prefix[:, None], slots, torch.full_like(slots, -1))
     if max_blocks:
-        return ExtendIndexPlan(slots, rows * max_blocks + blocks)
-    return ExtendIndexPlan(slots, torch.div(slots[:, 0], block_size, rounding_mode="floor"))
+        return ExtendIndexPlan(slots, rows * max_blocks + blocks, label_slots)
+    return ExtendIndexPlan(slots, torch.div(slots[:, 0], block_size, rounding_mode="floor"), label_slots)
 
 
 class IndexPool:
@@ -77,12 +81,12 @@ class IndexPool:
 
     def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int, head_dim: int, label_channels: int,
                  block_size: int, dtype: torch.dtype, device, channels: Optional[torch.Tensor] = None,
-                 quantize=R.quantize_labels, append=R.append_decode_index,
+                 extend=R.index_extend, append=R.append_decode_index,
                  request_rows: Optional[Tuple[int, int]] = None):
         """request_rows (req_pool_rows, max_blocks): block bounds per request row instead of per page."""
         self.block_size = block_size
         # reference functions or the Triton kernels of the same names and signatures
-        self.quantize = quantize
+        self.extend = extend
         self.append = append
         self.max_blocks = request_rows[1] if request_rows else 0
         num_rows = request_rows[0] * request_rows[1] if request_rows else -(-num_slots // block_size)
@@ -108,15 +112,9 @@ class IndexPool:
         """After prefill wrote keys at new_loc: label the new slots, recompute the pages they fall in."""
         if not self.channels_ready[layer] and new_loc.numel() >= MIN_RANKING_TOKENS:
             self._rank_channels_by_key_magnitude(layer, k_buffer[new_loc.long()])
-        labels, scale = self.quantize(k_buffer[new_loc.long()], self.channels[layer])
-        self.labels[layer][new_loc.long()] = labels
-        self.label_scale[layer][new_loc.long()] = scale
-        if plan.num_pages:
-            keys = k_buffer[plan.page_slots.clamp(min=0)]  # [M, BS, Hkv, D]
-            valid = (plan.page_slots >= 0)[:, :, None, None]
-            big = torch.finfo(keys.dtype).max
-            self.kmin[layer][plan.page_ids] = torch.where(valid, keys, big).amin(dim=1)
-            self.kmax[layer][plan.page_ids] = torch.where(valid, keys, -big).amax(dim=1)
+        if plan.num_pages:  # plan.label_slots are new_loc's slots, in page order
+            self.extend(k_buffer, plan.page_slots, plan.page_ids, plan.label_slots, self.channels[layer],
+                        self.labels[layer], self.label_scale[layer], self.kmin[layer], self.kmax[layer])
 
     def decode_rows(self, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor) -> Optional[torch.Tensor]:
         """[B] row each request's decode token folds into with per-request rows (None: its page, slot // BS).

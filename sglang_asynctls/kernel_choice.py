@@ -36,14 +36,14 @@ def sparse_decode_fn(impl: str):
 
 
 def index_writers(impl: str):
-    """(label quantizer, decode appender) for the index pool. The reference's decode append is ~20 small kernels
-    per layer; the Triton one is one launch."""
+    """(prefill writer, decode appender) for the index pool. The references are ~12 and ~20 small kernels a layer;
+    the Triton ones are one launch each."""
     if impl == "triton":
         from sglang_asynctls.kernels.index_append import append_decode_index
-        from sglang_asynctls.kernels.quantize_labels import quantize_labels
+        from sglang_asynctls.kernels.index_extend import index_extend
     else:
-        from sglang_asynctls.reference import append_decode_index, quantize_labels
-    return quantize_labels, append_decode_index
+        from sglang_asynctls.reference import append_decode_index, index_extend
+    return index_extend, append_decode_index
 
 
 def check_request_rows_fit(request_rows, num_layers: int, k0) -> None:

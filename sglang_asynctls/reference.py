@@ -100,6 +100,27 @@ def append_decode_index(k_buffer: torch.Tensor, new_loc: torch.Tensor, seq_lens:
     kmax[page] = torch.where(opens, k_new, torch.maximum(kmax[page], k_new))
 
 
+def index_extend(k_buffer: torch.Tensor, page_slots: torch.Tensor, page_ids: torch.Tensor,
+                 label_slots: torch.Tensor, channels: torch.Tensor, labels: torch.Tensor, label_scale: torch.Tensor,
+                 kmin: torch.Tensor, kmax: torch.Tensor) -> None:
+    """Prefill-time index update, in place: label the new keys and recompute the bounds of the pages they fall in.
+
+    k_buffer [S, Hkv, D] (keys already written); page_slots [M, BS] int64 the slots of each touched page (-1 past
+    its request's length; every page has one); page_ids [M] their kmin/kmax rows; label_slots [M, BS] the slots
+    to label (page_slots where the token is new, else -1); channels, labels, label_scale as
+    `append_decode_index`.
+    """
+    valid = (page_slots >= 0)[:, :, None, None]
+    keys = k_buffer[page_slots.clamp(min=0)]  # [M, BS, Hkv, D]
+    big = torch.finfo(keys.dtype).max
+    kmin[page_ids] = torch.where(valid, keys, big).amin(dim=1)
+    kmax[page_ids] = torch.where(valid, keys, -big).amax(dim=1)
+    new = label_slots[label_slots >= 0]
+    packed, scale = quantize_labels(k_buffer[new], channels)
+    labels[new] = packed
+    label_scale[new] = scale
+
+
 def dequantize_labels(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """packed [N, Hkv, Dc // 2] uint8, scale [N, Hkv] -> labels [N, Hkv, Dc] float32."""
     p = packed.to(torch.int16)

@@ -11,6 +11,7 @@ from triton.compiler import ASTSource
 from sglang_asynctls.kernels.host_cache import _host_cache_lookup_kernel
 from sglang_asynctls.kernels.block_scores import _block_scores_kernel
 from sglang_asynctls.kernels.index_append import _append_decode_index_kernel
+from sglang_asynctls.kernels.index_extend import _index_extend_kernel
 from sglang_asynctls.kernels.select_blocks import _select_blocks_kernel
 from sglang_asynctls.kernels.select_tokens import _select_tokens_kernel
 from sglang_asynctls.kernels.sparse_decode import _sparse_decode_kernel
@@ -57,6 +58,16 @@ def append_decode_index(d, half_dc, has_rows):
              + _i32("stride_ks", "stride_kh", "stride_ch", "stride_ls", "stride_lh", "stride_ss", "stride_sh",
                     "stride_mp", "stride_mh") + [(n, None) for n in ("D", "BLOCK_D", "HALF_DC", "BS", "HAS_ROWS")],
              dict(D=d, BLOCK_D=triton.next_power_of_2(d), HALF_DC=half_dc, BS=64, HAS_ROWS=has_rows), 4)
+
+
+def index_extend(d, half_dc):
+    _compile(_index_extend_kernel,
+             [("k_buffer", "*bf16"), ("page_slots", "*i64"), ("page_ids", "*i64"), ("label_slots", "*i64"),
+              ("channels", "*i64"), ("labels", "*u8"), ("label_scale", "*fp32"), ("kmin", "*bf16"),
+              ("kmax", "*bf16")]
+             + _i32("stride_ks", "stride_kh", "stride_pm", "stride_ch", "stride_ls", "stride_lh", "stride_ss",
+                    "stride_sh", "stride_mp", "stride_mh") + [(n, None) for n in ("D", "DCH", "HALF_DC", "BS")],
+             dict(D=d, DCH=128, HALF_DC=half_dc, BS=64), 4)
 
 
 def block_scores(d1, d2, g, group_max):
@@ -145,6 +156,8 @@ if __name__ == "__main__":
     for d, half_dc in ((128, 16), (576, 64)):  # GQA (Qwen3-8B) and the MLA latent
         append_decode_index(d, half_dc, has_rows=d == 128)  # rows: page size 1 (per-request block rows)
         print(f"append_decode_index (D={d}): compiled for sm_90")
+        index_extend(d, half_dc)
+        print(f"index_extend (D={d}): compiled for sm_90")
     attention_kernels()
     for lines in (0, 2048):
         host_cache_lookup(lines, 1024)

@@ -102,3 +102,37 @@ def test_append_decode_index_per_request_rows_matches_reference(dtype):
     # request 1 (req row 2) opened block 1 at its first step (length 9) and filled it over 8 steps
     rmin, rmax = R.block_minmax(k, slots[:8, 1].to(DEV)[None])
     assert torch.equal(ours[2][2 * max_blocks + 1], rmin[0]) and torch.equal(ours[3][2 * max_blocks + 1], rmax[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("hkv, d, dc", [(2, 32, 8), (1, 80, 16), (1, 576, 16)])
+def test_index_extend_matches_reference(hkv, d, dc, dtype):
+    """Pages with a reused prefix (labels kept), a partial last page, per-request rows: labels of the new slots
+    only, bounds of every planned page, nothing else touched; the kernel equals the reference."""
+    from sglang_asynctls.index import plan_extend
+    from sglang_asynctls.kernels.index_extend import index_extend
+
+    bs = 8
+    g = torch.Generator().manual_seed(d + dc)
+    s = 40 * bs
+    k = torch.randn(s, hkv, d, generator=g).to(dtype).to(DEV)
+    channels = torch.stack([torch.randperm(d, generator=g)[:dc] for _ in range(hkv)]).to(DEV)
+    pages = torch.randperm(s // bs, generator=g)[: 3 * 12].view(3, 12, 1)  # whole pages, as at page size 64
+    r2t = (pages * bs + torch.arange(bs)).view(3, 12 * bs).to(torch.int32).to(DEV)
+    rpi = torch.tensor([2, 0], device=DEV)
+    for max_blocks in (0, 12):
+        plan = plan_extend(r2t, rpi, [13, 0], [45, 30], bs, max_blocks=max_blocks)
+        state = _decode_index_state(s, hkv, d, dc, bs, dtype, g)
+        if max_blocks:  # bounds per request row: room for 3 rows of 12 blocks
+            state[2:] = [torch.randn(3 * 12, hkv, d, generator=g).to(dtype).to(DEV) for _ in range(2)]
+        ours, ref = [t.clone() for t in state], [t.clone() for t in state]
+        index_extend(k, plan.page_slots, plan.page_ids, plan.label_slots, channels, *ours)
+        R.index_extend(k, plan.page_slots, plan.page_ids, plan.label_slots, channels, *ref)
+        _assert_labels_equal(ours[0], ours[1], ref[0], ref[1])
+        assert torch.equal(ours[2], ref[2]) and torch.equal(ours[3], ref[3])
+        new = torch.cat([r2t[2, 13:45], r2t[0, :30]]).long()
+        untouched = torch.ones(s, dtype=torch.bool, device=DEV)
+        untouched[new] = False
+        assert torch.equal(ref[0][untouched], state[0][untouched])  # the reused prefix keeps its labels
+        rmin, rmax = R.block_minmax(k, plan.page_slots[-1:, :6])  # request 1's last page: 6 of 8 slots written
+        assert torch.equal(ref[2][plan.page_ids[-1]], rmin[0]) and torch.equal(ref[3][plan.page_ids[-1]], rmax[0])
