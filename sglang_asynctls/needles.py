@@ -8,6 +8,8 @@ Tasks (RULER-style, scaled to a 135M model):
     passkey     one pass key; "What is the pass key? The pass key is" -> " 68231"
     multikey    `num_keys` keyed numbers at spread depths; the question names one key
     multivalue  `num_values` numbers for one key at spread depths, each asked for by ordinal (score: share)
+    variable_tracking  a chain "VAR A = 12345." -> "VAR B = VAR A." -> ... of `hops` hops (and distractor
+                chains) in document order; the question asks for the last variable's value (multi-hop)
 """
 
 from __future__ import annotations
@@ -152,4 +154,33 @@ def multivalue(tok, context: int, depth: float, seed: int, straddle: bool = Fals
     return NeedleTask("multivalue", ids, tuple(zip(qs, values)), pos, depth, straddle)
 
 
+def _var_names(rng: random.Random, n: int) -> List[str]:
+    names: List[str] = []
+    while len(names) < n:
+        name = "".join(rng.choice("ABCDEFGHJKLMNPQRSTUVWXYZ") for _ in range(5))
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def variable_tracking(tok, context: int, depth: float, seed: int, straddle: bool = False, hops: int = 2,
+                      chains: int = 2, gap: float = 0.15) -> NeedleTask:
+    """RULER's variable tracking as one question: chain 0's value sits at `depth` of the span it can start in,
+    each hop `gap` of the haystack later; distractor chains interleave at other depths with other values."""
+    rng = random.Random(seed)
+    names = _var_names(rng, chains * (hops + 1))
+    needles = []
+    for c in range(chains):
+        chain = names[c * (hops + 1):(c + 1) * (hops + 1)]
+        start = ((depth + c / chains) % 1.0) * (1.0 - gap * hops)
+        needles.append((start, f"VAR {chain[0]} = {_number(rng)}."))
+        needles += [(start + gap * h, f"VAR {chain[h]} = VAR {chain[h - 1]}.") for h in range(1, hops + 1)]
+    last, value = names[hops], needles[0][1].split(" = ")[1].rstrip(".")
+    question = (f"\n\nQuestion: follow the VAR assignments in the text above. What number does VAR {last} hold? "
+                f"Answer: VAR {last} holds the number")
+    ids, qs, pos = build(tok, context, needles, [question], seed=seed, straddle=straddle)
+    return NeedleTask("variable_tracking", ids, ((qs[0], value),), pos, depth, straddle)
+
+
 TASKS = {"passkey": passkey, "multikey": multikey, "multivalue": multivalue}
+SERVER_TASKS = {**TASKS, "variable_tracking": variable_tracking}  # the server harness's needle tasks
