@@ -29,7 +29,7 @@ def register() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
     from sglang.srt.server_args import ATTENTION_BACKEND_CHOICES, add_attention_backend_choices
 
-    from sglang_asynctls.patches import (host_read_stats, kv_host_tier, kv_sizing, server_args_cli,
+    from sglang_asynctls.patches import (host_read_stats, kv_host_tier, kv_sizing, pool_usage, server_args_cli,
                                          server_args_from_cli)
 
     if BACKEND_NAME not in ATTENTION_BACKEND_CHOICES:
@@ -46,4 +46,6 @@ def register() -> None:
                           HookType.AROUND)
     # no-op until the backend registers a HostReadStats
     HookRegistry.register(host_read_stats.TARGET, host_read_stats.report_host_reads, HookType.AFTER)
+    # /server_info's internal state gains the pools' usage (leak checks); a no-op without --enable-asynctls
+    HookRegistry.register(pool_usage.TARGET, pool_usage.report_pool_usage, HookType.AFTER)
     _registered = True
