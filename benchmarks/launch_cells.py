@@ -68,7 +68,8 @@ REFUSALS = (
     Refusal("refuse.smollm2.hostcache-no-mrr", "smollm2",
             ("--asynctls-host-kv-gib", "1", "--asynctls-host-cache-tokens", "256"),
             "--asynctls-host-cache-tokens needs --max-running-requests"),
-    # kernel_choice.check_request_rows_fit, in the scheduler: 2,049 request rows x 2,048 blocks do not fit
+    # patches/server_args_from_cli.py::_check_request_rows, in the launcher: 2,049 request rows x 2,048 blocks of
+    # block bounds (576 GiB) do not fit the GPU
     Refusal("refuse.qwen3.page1-default-rows", "qwen3", ("--page-size", "1"),
             "asynctls at --page-size 1 keeps block bounds per request row"),
 )

@@ -4,8 +4,9 @@ Target:  sglang.srt.server_args.ServerArgs.from_cli_args (classmethod), HookType
 SGLang:  0.5.17
 Reason:  `from_cli_args` keeps only dataclass fields, so our flags would be dropped. Around it we validate the
          flags (before the model is touched), route the attention backend to `asynctls`, and after SGLang has
-         resolved the model config, check that the model is GQA/MHA or MLA and that its heads split over the
-         attention tensor-parallel ranks, and resolve the inner stock backend (`auto`: stock's own choice). Any
+         resolved the model config, check that the model is GQA/MHA or MLA, that its heads split over the
+         attention tensor-parallel ranks and that what every request row costs (block bounds at --page-size 1,
+         the host-row cache) fits the GPU, and resolve the inner stock backend (`auto`: stock's own choice). Any
          error ends the launch in the launcher process with one line naming the flag — no scheduler process starts
          half-configured.
 """
@@ -65,6 +66,7 @@ def _check_model(server_args, cfg) -> None:
     model = from_sglang_model_config(server_args.get_model_config())
     check_config_for_model(cfg, model)
     check_attention_tp(model, _attn_tp_size(server_args))
+    _check_request_rows(server_args, cfg, model)
 
 
 def _check_host_tier(server_args, cfg) -> None:
@@ -90,12 +92,70 @@ def _check_host_tier(server_args, cfg) -> None:
     check_host_memory(cfg.host_kv_gib, ranks_here)
 
 
-def _attn_tp_size(server_args) -> int:
-    # SGLang's own split of --tp into attention DP x CP x TP, so the check sees the ranks the backend will see
+def _attn_world(server_args) -> tuple:
+    """(attention TP size, attention DP size): SGLang's own split of --tp into attention DP x CP x TP, so the checks
+    see the ranks the backend will see."""
     from sglang.srt.layers.dp_attention import compute_dp_attention_world_info
 
-    return compute_dp_attention_world_info(server_args.enable_dp_attention, 0, server_args.tp_size,
-                                           server_args.dp_size, getattr(server_args, "attn_cp_size", 1) or 1)[1]
+    info = compute_dp_attention_world_info(server_args.enable_dp_attention, 0, server_args.tp_size,
+                                           server_args.dp_size, getattr(server_args, "attn_cp_size", 1) or 1)
+    return info[1], info[3]
+
+
+def _attn_tp_size(server_args) -> int:
+    return _attn_world(server_args)[0]
+
+
+def _kv_dtype(server_args, model_config):
+    import torch
+
+    named = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    return named.get(getattr(server_args, "kv_cache_dtype", "auto"), model_config.dtype)
+
+
+def _check_request_rows(server_args, cfg, model) -> None:
+    """Block bounds at --page-size 1 and the host-row cache cost memory for every row of SGLang's request pool,
+    whatever the traffic: refuse a pool whose rows and the KV of one full-context request exceed the GPU memory
+    SGLang keeps for weights and KV cache. The weights' size is not known here: what fits that memory but not beside
+    the weights is refused by the KV sizing hook, in the scheduler (patches/kv_sizing.py)."""
+    from sglang.srt.distributed.utils import get_pp_indices
+    from sglang.srt.utils.common import get_device_memory_capacity
+
+    from sglang_asynctls.device_memory import SGLANG_MIN_DEFAULT_REQUESTS, PluginBuffers
+    from sglang_asynctls.model_spec import kv_heads_of_rank
+
+    mc = server_args.get_model_config()
+    attn_tp, attn_dp = _attn_world(server_args)
+    heads = kv_heads_of_rank(model.num_kv_heads, attn_tp, 0)
+    pp = server_args.pp_size
+    layers = max(end - start for start, end in (get_pp_indices(model.num_layers, r, pp) for r in range(pp)))
+    buffers = PluginBuffers.for_pool(cfg, model.kind, num_layers=layers, num_kv_heads=heads.stop - heads.start,
+                                     head_dim=model.head_dim, v_head_dim=model.v_head_dim,
+                                     dtype=_kv_dtype(server_args, mc), page_size=server_args.page_size,
+                                     context_len=mc.context_len)
+    gpu_mib = get_device_memory_capacity(server_args.device)
+    if not buffers.per_request_row() or not gpu_mib:
+        return
+    mrr = server_args.max_running_requests
+    rows = (mrr // attn_dp if mrr else SGLANG_MIN_DEFAULT_REQUESTS) + 1  # + the pool's padding row
+    need, static = rows * buffers.per_request_row(), gpu_mib * 2**20 * server_args.mem_fraction_static
+    one_request = mc.context_len * buffers.kv_bytes_per_token()
+    if need + one_request <= static:
+        return
+    fix = ("lower --max-running-requests" if mrr else
+           f"set --max-running-requests (SGLang's default request pool has {SGLANG_MIN_DEFAULT_REQUESTS} rows or more)")
+    if buffers.page_size == 1:
+        what = (f"asynctls at --page-size 1 keeps block bounds per request row: {need / 2**30:.1f} GiB for {rows} "
+                f"request rows x {buffers.max_blocks} blocks")
+        fix += f", lower --context-length, or use --page-size {cfg.block_size} (the default)"
+    else:
+        what = (f"{FLAGS['host_cache_tokens']} {cfg.host_cache_tokens} keeps host-row cache lines for every request "
+                f"row: {need / 2**30:.1f} GiB for {rows} request rows")
+        fix += f" or {FLAGS['host_cache_tokens']}"
+    raise AsyncTLSConfigError(
+        f"{what}; with the KV cache of one {mc.context_len}-token request ({one_request / 2**30:.1f} GiB) that is more "
+        f"than the {static / 2**30:.1f} GiB this GPU keeps for weights and KV cache (--mem-fraction-static "
+        f"{server_args.mem_fraction_static:g} of {gpu_mib / 1024:.0f} GiB); {fix}")
 
 
 def _check_before_sglang(cfg) -> None:

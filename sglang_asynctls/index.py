@@ -15,7 +15,7 @@ except `plan_extend`, which runs once per prefill batch from host-side lengths S
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -25,13 +25,39 @@ LABEL_SCALE_BYTES = 4  # one fp32 label scale per slot and KV head
 MIN_RANKING_TOKENS = 256  # without a calibration file, rank channels from the first prefill at least this long
 
 
-def index_fraction(head_dim: int, v_head_dim: int, kv_elem_bytes: int, label_channels: int, block_size: int) -> float:
-    """Device bytes of AsyncTLS index per byte of KV, per token and KV head: INT4 labels (d_c / 2 bytes), their fp32
-    scale, and the block's Kmin and Kmax (2 x head_dim values) spread over its block_size tokens
-    (`IndexPool`). Every slot is indexed on the GPU, host slots too, so the index is paid for out of the GPU's KV
-    budget (patches/kv_sizing.py)."""
-    index = label_channels / 2 + LABEL_SCALE_BYTES + 2 * head_dim * kv_elem_bytes / block_size
-    return index / ((head_dim + v_head_dim) * kv_elem_bytes)
+@dataclass(frozen=True)
+class IndexShape:
+    """The sizes of `IndexPool`'s tensors. The pool allocates by them and the KV sizing hook charges them
+    (`device_memory.PluginBuffers`, patches/kv_sizing.py), so what is charged is what is allocated.
+    request_rows (req_pool_rows, max_blocks): block bounds per request row (page size 1) instead of per page."""
+
+    num_layers: int
+    num_slots: int
+    num_kv_heads: int
+    head_dim: int
+    label_channels: int
+    block_size: int
+    dtype: torch.dtype
+    request_rows: Optional[Tuple[int, int]] = None
+
+    @property
+    def bound_rows(self) -> int:
+        if self.request_rows is not None:
+            return self.request_rows[0] * self.request_rows[1]
+        return -(-self.num_slots // self.block_size)
+
+    def tensor_bytes(self) -> Dict[str, int]:
+        """Bytes of each kind of tensor over all layers: labels [Hkv, S, Dc / 2] uint8, their scale [Hkv, S] fp32,
+        Kmin and Kmax [bound rows, Hkv, D] in the KV dtype, and the channel table [L, Hkv, Dc] int64."""
+        per_layer_slots = self.num_kv_heads * self.num_slots
+        elem = torch.empty(0, dtype=self.dtype).element_size()
+        return {"labels": self.num_layers * per_layer_slots * (self.label_channels // 2),
+                "label_scale": self.num_layers * per_layer_slots * LABEL_SCALE_BYTES,
+                "block_bounds": 2 * self.num_layers * self.bound_rows * self.num_kv_heads * self.head_dim * elem,
+                "channels": self.num_layers * self.num_kv_heads * self.label_channels * 8}
+
+    def nbytes(self) -> int:
+        return sum(self.tensor_bytes().values())
 
 
 @dataclass(frozen=True)
@@ -84,13 +110,14 @@ class IndexPool:
                  extend=R.index_extend, append=R.append_decode_index,
                  request_rows: Optional[Tuple[int, int]] = None):
         """request_rows (req_pool_rows, max_blocks): block bounds per request row instead of per page."""
+        self.shape = IndexShape(num_layers, num_slots, num_kv_heads, head_dim, label_channels, block_size, dtype,
+                                request_rows)
         self.block_size = block_size
         # reference functions or the Triton kernels of the same names and signatures
         self.extend = extend
         self.append = append
         self.max_blocks = request_rows[1] if request_rows else 0
-        num_rows = request_rows[0] * request_rows[1] if request_rows else -(-num_slots // block_size)
-        shape = (num_rows, num_kv_heads, head_dim)
+        shape = (self.shape.bound_rows, num_kv_heads, head_dim)
         self.kmin = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.kmax = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         # stored head-major and handed out as [S, Hkv, ...] views: the label-scoring kernel then reads each KV
@@ -105,7 +132,7 @@ class IndexPool:
             self.channels.copy_(channels.to(device))
 
     def nbytes(self) -> int:
-        tensors = self.kmin + self.kmax + self.labels + self.label_scale
+        tensors = self.kmin + self.kmax + self.labels + self.label_scale + [self.channels]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def write_extend(self, layer: int, k_buffer: torch.Tensor, new_loc: torch.Tensor, plan: ExtendIndexPlan):

@@ -228,20 +228,6 @@ def test_page_size_1_scattered_slots_and_a_prefix_shared_mid_block():
             assert torch.equal(be.index.kmax[LAYERS - 1][row], kmax[table[b, j]]), (r, j)
 
 
-def test_page_size_1_refuses_a_request_pool_whose_rows_do_not_fit(monkeypatch):
-    """Per-request rows cost req rows x context / block_size whatever the traffic: a launch where they do not fit
-    in the free device memory fails with the flags to change, before anything is allocated."""
-    import pytest
-
-    from sglang_asynctls import kernel_choice
-
-    k0 = SimpleNamespace(shape=(0, 8, 128), element_size=lambda: 2, device=SimpleNamespace(type="cuda"))
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (4 << 30, 80 << 30))
-    kernel_choice.check_request_rows_fit((16, 640), 36, k0)  # 16 rows x 40k tokens of Qwen3-8B: 1.4 GiB, fits
-    with pytest.raises(ValueError, match="--max-running-requests"):
-        kernel_choice.check_request_rows_fit((2048, 640), 36, k0)  # SGLang's default pool: 180 GiB
-
-
 def test_host_tier_decode_counts_host_reads_and_serves_repeats_from_the_cache():
     """With a host tier and the host-row cache, decode equals the uncached reference step after step, the cache
     serves rows read before, and a prefill of the row drops its lines."""

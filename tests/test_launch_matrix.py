@@ -9,6 +9,7 @@ import sys
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import launch_cells as lc  # noqa: E402
@@ -86,12 +87,26 @@ def test_host_cache_refusal_is_the_text_the_launch_check_prints(monkeypatch):
     assert cell.expect in str(e.value)
 
 
-def test_page1_refusal_text_is_in_the_plugin_source():
-    source = open(os.path.join(ROOT, "sglang_asynctls", "kernel_choice.py")).read()
+def test_page1_refusal_is_the_text_the_launch_check_prints(monkeypatch):
+    """The qwen3 page-1 cell (SGLang's default request pool) against the launcher's check on Qwen3-8B's shape."""
+    from sglang.srt.utils import common
+
+    from sglang_asynctls.model_spec import ModelAttention
+    from sglang_asynctls.patches import server_args_from_cli
+
+    cell = BY_NAME["refuse.qwen3.page1-default-rows"]
+    assert "--max-running-requests" not in cell.flags
+    monkeypatch.setattr(common, "get_device_memory_capacity", lambda device=None: 143771)  # an H200, in MiB
+    args = SimpleNamespace(page_size=int(cell.flags[cell.flags.index("--page-size") + 1]), max_running_requests=None,
+                           enable_dp_attention=False, tp_size=1, dp_size=1, pp_size=1, device="cuda",
+                           mem_fraction_static=0.9, kv_cache_dtype="auto",
+                           get_model_config=lambda: SimpleNamespace(context_len=131072, dtype=torch.bfloat16))
+    qwen3 = ModelAttention("gqa", 36, 32, 8, 128, 128)
+    with pytest.raises(AsyncTLSConfigError) as e:
+        server_args_from_cli._check_request_rows(args, AsyncTLSConfig(enabled=True), qwen3)
+    assert cell.expect in str(e.value)
     for r in lc.REFUSALS:
         assert r.name in BY_NAME
-    assert BY_NAME["refuse.qwen3.page1-default-rows"].expect in source
-    assert "--max-running-requests" not in BY_NAME["refuse.qwen3.page1-default-rows"].flags
 
 
 def test_only_patterns_and_typos():

@@ -1,5 +1,5 @@
-"""KV host tier (--asynctls-host-kv-gib): sizing, buffer building and launch checks on the CPU (a fake address range
-stands in for the VMM mapping); the real mapping in a GPU test."""
+"""KV host tier (--asynctls-host-kv-gib): host slots, buffer building and launch checks on the CPU (a fake address
+range stands in for the VMM mapping); the real mapping in a GPU test. Its sizing is in test_kv_sizing.py."""
 
 from types import SimpleNamespace
 
@@ -7,10 +7,9 @@ import pytest
 import torch
 
 from sglang_asynctls.config import AsyncTLSConfig, AsyncTLSConfigError
-from sglang_asynctls.index import index_fraction
 from sglang_asynctls.offload import host_tier
-from sglang_asynctls.patches import kv_host_tier, kv_sizing
-from sglang_asynctls.runtime_config import ENV_VAR, attach_config
+from sglang_asynctls.patches import kv_host_tier
+from sglang_asynctls.runtime_config import ENV_VAR
 
 QWEN3_8B_CELL = 36 * 8 * (128 + 128) * 2  # bytes of KV per token, all layers
 
@@ -42,17 +41,7 @@ def clean(monkeypatch):
     host_tier.set_plan(None)
 
 
-def _server_args(monkeypatch, **cfg):
-    args = SimpleNamespace()
-    attach_config(args, AsyncTLSConfig(enabled=True, **cfg))
-    monkeypatch.delenv(ENV_VAR, raising=False)  # attach_config mirrors it in the environment
-    return args
-
-
-def test_index_fraction_and_host_tokens_for_qwen3_8b():
-    # INT4 labels of 32 channels (16 B) + Kmin/Kmax 2 x 128 bf16 over 64 tokens (8 B), against 512 B of K+V
-    # 16 B of INT4 labels, a 4 B scale and 8 B of Kmin/Kmax per slot and KV head, against 512 B of K and V
-    assert index_fraction(128, 128, 2, 32, 64) == pytest.approx(28 / 512)
+def test_host_tokens_for_qwen3_8b():
     tokens = host_tier.plan_host_tokens(100 * 2**30, QWEN3_8B_CELL, 64)
     assert tokens % 64 == 0 and tokens * QWEN3_8B_CELL <= 100 * 2**30 < (tokens + 64) * QWEN3_8B_CELL
     with pytest.raises(ValueError, match="--asynctls-host-kv-gib"):
@@ -95,50 +84,6 @@ def test_split_buffers_releases_what_it_mapped_when_a_mapping_fails():
     assert FakeRange.closed == FakeRange.made and len(FakeRange.made) == 2
 
 
-def _kvc(monkeypatch, **overrides):
-    from sglang.srt.model_executor import pool_configurator as pc
-
-    configurator = object.__new__(pc.DefaultPoolConfigurator)
-    configurator._cell_size = QWEN3_8B_CELL
-    monkeypatch.setattr(pc, "create_memory_pool_configurator", lambda kvc: configurator)
-    fields = dict(server_args=_server_args(monkeypatch, host_kv_gib=10.0), is_draft_worker=False,
-                  use_mla_backend=False, model_config=SimpleNamespace(head_dim=128, v_head_dim=128),
-                  kv_cache_dtype=torch.bfloat16, page_size=64)
-    return SimpleNamespace(**{**fields, **overrides}), pc.MemoryPoolConfig
-
-
-def test_sizing_adds_host_slots_and_pays_their_index_from_the_gpu_budget(monkeypatch):
-    kvc, config_cls = _kvc(monkeypatch)
-    seen = []
-
-    def original(kvc, budget):
-        seen.append(budget)
-        return config_cls(max_total_num_tokens=budget // QWEN3_8B_CELL // 64 * 64)
-
-    budget = 40 * 2**30
-    out = kv_sizing.config_from_budget_with_index(original, kvc, budget)
-    host = host_tier.plan_host_tokens(10 * 2**30, QWEN3_8B_CELL, 64)
-    reserve = int(host * QWEN3_8B_CELL * 28 / 512)
-    device_budget = int((budget - reserve) / (1 + 28 / 512))  # the device slots' own index comes out too
-    assert seen == [device_budget]
-    plan = host_tier.current_plan()
-    assert plan.host_tokens == host and plan.device_tokens == device_budget // QWEN3_8B_CELL // 64 * 64
-    assert out.max_total_num_tokens == plan.total_tokens
-
-
-def test_sizing_pays_the_host_row_cache_from_the_gpu_budget(monkeypatch):
-    args = _server_args(monkeypatch, host_kv_gib=10.0, host_cache_tokens=2048)
-    args.max_running_requests = 11
-    kvc, config_cls = _kvc(monkeypatch, server_args=args)
-    seen = []
-    kv_sizing.config_from_budget_with_index(
-        lambda k, b: seen.append(b) or config_cls(max_total_num_tokens=b // QWEN3_8B_CELL // 64 * 64), kvc, 40 << 30)
-    host = host_tier.plan_host_tokens(10 * 2**30, QWEN3_8B_CELL, 64)
-    reserve = int(host * QWEN3_8B_CELL * 28 / 512)
-    cache = 12 * 2048 * QWEN3_8B_CELL  # 11 + 1 request rows x 2048 lines
-    assert seen == [int(((40 << 30) - reserve - cache) / (1 + 28 / 512))]
-
-
 def test_launch_refuses_the_host_row_cache_without_max_running_requests():
     from sglang_asynctls.patches import server_args_from_cli as hook
 
@@ -147,50 +92,6 @@ def test_launch_refuses_the_host_row_cache_without_max_running_requests():
                            tp_size=1, pp_size=1, nnodes=1, max_running_requests=None)
     with pytest.raises(AsyncTLSConfigError, match="--asynctls-host-cache-tokens needs --max-running-requests"):
         hook._check_host_tier(args, cfg)
-
-
-def test_sizing_without_the_host_tier_pays_the_index_from_the_budget(monkeypatch):
-    """Without a host tier the pool gets budget / (1 + f): pool + index take what stock's pool alone took."""
-    kvc, config_cls = _kvc(monkeypatch, server_args=_server_args(monkeypatch))
-    seen = []
-    marker = config_cls(max_total_num_tokens=128)
-    assert kv_sizing.config_from_budget_with_index(lambda k, b: seen.append(b) or marker, kvc, 2**30) is marker
-    assert seen == [int(2**30 / (1 + 28 / 512))]
-    assert host_tier.current_plan() is None
-
-
-def test_sizing_is_untouched_without_asynctls(monkeypatch):
-    """A stock server (no config attached, another backend) passes through with SGLang's own budget: on the H200 a
-    fallback to the default config once charged the index on the stock fa3 server too."""
-    monkeypatch.delenv(ENV_VAR, raising=False)
-    for args in (SimpleNamespace(attention_backend="fa3"), SimpleNamespace()):
-        kvc, config_cls = _kvc(monkeypatch, server_args=args)
-        seen = []
-        kv_sizing.config_from_budget_with_index(lambda k, b: seen.append(b), kvc, 2**30)
-        assert seen == [2**30]
-    disabled = _server_args(monkeypatch)
-    attach_config(disabled, AsyncTLSConfig(enabled=False))
-    kvc, _ = _kvc(monkeypatch, server_args=disabled)
-    seen = []
-    kv_sizing.config_from_budget_with_index(lambda k, b: seen.append(b), kvc, 2**30)
-    assert seen == [2**30]
-
-
-def test_mla_sizing_charges_the_latent_index(monkeypatch):
-    # GLM-4.7-Flash / DeepSeek latent: 512 + 64 dims, one row is key and value; d_c 128 labels (64 B), their 4 B
-    # scale and the block's Kmin/Kmax over 576 dims (36 B a token) against 1,152 B of KV
-    cell = 47 * 576 * 2
-    kvc, config_cls = _kvc(monkeypatch, use_mla_backend=True,
-                           model_config=SimpleNamespace(kv_lora_rank=512, qk_rope_head_dim=64))
-    from sglang.srt.model_executor import pool_configurator as pc
-
-    pc.create_memory_pool_configurator(kvc)._cell_size = cell
-    seen = []
-    out = kv_sizing.config_from_budget_with_index(
-        lambda k, b: seen.append(b) or config_cls(max_total_num_tokens=b // cell // 64 * 64), kvc, 20 * 2**30)
-    host = host_tier.plan_host_tokens(10 * 2**30, cell, 64)
-    assert seen == [int((20 * 2**30 - int(host * cell * 104 / 1152)) / (1 + 104 / 1152))]
-    assert out.max_total_num_tokens == host_tier.current_plan().total_tokens
 
 
 def _pool(size, **overrides):

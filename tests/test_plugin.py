@@ -23,7 +23,7 @@ FLAGS = ["--enable-asynctls", "--asynctls-block-size", "--asynctls-block-budget"
 def models(tmp_path_factory):
     """Model dirs holding only a config.json, as SGLang needs to resolve ServerArgs on CPU."""
     out = {}
-    for name in ("tiny_llama", "tiny_deepseek_mla", "tiny_gemma2_swa"):
+    for name in ("tiny_llama", "tiny_deepseek_mla", "tiny_gemma2_swa", "qwen3_8b_shape"):
         d = tmp_path_factory.mktemp(name)
         shutil.copy(os.path.join(HERE, "models", f"{name}.json"), d / "config.json")
         out[name] = str(d)
@@ -154,6 +154,37 @@ def test_bad_values_fail_at_launch_naming_the_flag(parse, models, capsys, argv, 
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("sglang-asynctls: error:") and flag in err
+
+
+def test_page_size_1_refuses_request_rows_that_cannot_fit_in_one_line(parse, models, capsys, monkeypatch):
+    """At --page-size 1 every request row keeps block bounds for the whole context: on a Qwen3-8B shape at 131,072
+    tokens SGLang's default request pool (2,048 rows and the padding row) needs 576 GiB, more than an H200. The
+    launcher refuses it with one line naming the flags, before any scheduler starts; 16 requests (4.8 GiB) start."""
+    from sglang.srt.utils import common
+
+    monkeypatch.setattr(common, "get_device_memory_capacity", lambda device=None: 143771)  # an H200, in MiB
+    qwen3 = models["qwen3_8b_shape"]
+    cases = {"": ("576.3 GiB for 2049 request rows", "set --max-running-requests"),
+             "512": ("144.3 GiB for 513 request rows", "lower --max-running-requests")}
+    for mrr, (need, fix) in cases.items():
+        with pytest.raises(SystemExit) as e:
+            parse(qwen3, "--enable-asynctls", "--page-size", "1", *(["--max-running-requests", mrr] if mrr else []))
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "Traceback" not in err
+        line = err.strip().splitlines()[-1]
+        assert line.startswith("sglang-asynctls: error: asynctls at --page-size 1 keeps block bounds per request "
+                               f"row: {need} x 2048 blocks") and fix in line, line
+        assert "--page-size 64 (the default)" in line
+    sa = parse(qwen3, "--enable-asynctls", "--page-size", "1", "--max-running-requests", "16")
+    assert sa.page_size == 1 and sa.max_running_requests == 16
+    assert parse(qwen3, "--enable-asynctls").page_size == 64  # page size 64 keeps no per-request rows
+    # the host-row cache is sized by request rows too: 2,048 lines of Qwen3-8B's K and V cost 295 MiB a row
+    host = ["--enable-asynctls", "--asynctls-host-kv-gib", "1", "--asynctls-host-cache-tokens", "2048"]
+    assert parse(qwen3, *host, "--max-running-requests", "16")._asynctls_config.host_cache_tokens == 2048
+    with pytest.raises(SystemExit):
+        parse(qwen3, *host, "--max-running-requests", "512")
+    assert ("--asynctls-host-cache-tokens 2048 keeps host-row cache lines for every request row: 147.7 GiB for 513 "
+            "request rows") in capsys.readouterr().err
 
 
 def test_sliding_window_model_is_refused(parse, models, capsys):

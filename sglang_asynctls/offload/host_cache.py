@@ -15,6 +15,7 @@ With R = 0 it only counts.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, List, Optional
 
 import torch
@@ -34,10 +35,24 @@ def _lookup_fn(impl: str) -> Callable:
     return host_cache_lookup
 
 
-def cache_bytes(request_rows: int, lines: int, cell_bytes: int) -> int:
-    """HBM the cache takes: every request row holds `lines` rows of every layer's K/V (cell_bytes a token, all
-    layers and KV heads: SGLang's KV cell size)."""
-    return request_rows * lines * cell_bytes
+def cache_shapes(num_layers: int, request_rows: int, kv_heads: int, lines: int, k_dim: int, v_dim: int,
+                 v_is_k: bool, dtype: torch.dtype) -> dict:
+    """`HostRowCache`'s tensors, name -> (shape, dtype, count): the tags / stamps / claims tables [L, NR, Hkv, R]
+    int32 and each layer's cached K rows [NR * Hkv * R, D] and V rows [NR * Hkv * R, Dv] (none when v_is_k)."""
+    n = request_rows * kv_heads * lines
+    shapes = {"tables": ((num_layers, request_rows, kv_heads, lines), torch.int32, 3),
+              "k": ((n, k_dim), dtype, num_layers)}
+    if not v_is_k:
+        shapes["v"] = ((n, v_dim), dtype, num_layers)
+    return shapes
+
+
+def cache_bytes(num_layers: int, request_rows: int, kv_heads: int, lines: int, k_dim: int, v_dim: int,
+                v_is_k: bool, dtype: torch.dtype) -> int:
+    """HBM the cache takes: what `HostRowCache` allocates and the KV sizing hook charges."""
+    shapes = cache_shapes(num_layers, request_rows, kv_heads, lines, k_dim, v_dim, v_is_k, dtype)
+    return sum(math.prod(shape) * torch.empty(0, dtype=dt).element_size() * count
+               for shape, dt, count in shapes.values())
 
 
 class HostRowCache:
@@ -50,14 +65,15 @@ class HostRowCache:
         if lines % HOST_CACHE_WAYS:
             raise ValueError(f"host-row cache: {lines} lines is not a multiple of {HOST_CACHE_WAYS} ways")
         self.lines, self.host_from, self.counters, self.v_is_k = lines, host_from, counters, v_is_k
-        shape = (num_layers, request_rows, kv_heads, lines)
-        self.tags = torch.full(shape, -1, dtype=torch.int32, device=device)
-        self.stamps = torch.full(shape, -1, dtype=torch.int32, device=device)
-        self.claims = torch.full(shape, -1, dtype=torch.int32, device=device)  # lookup scratch, -1 between steps
-        n = request_rows * kv_heads * lines
-        self.k: List[torch.Tensor] = [torch.zeros(n, k_dim, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v: List[torch.Tensor] = (self.k if v_is_k else
-                                      [torch.zeros(n, v_dim, dtype=dtype, device=device) for _ in range(num_layers)])
+        shapes = cache_shapes(num_layers, request_rows, kv_heads, lines, k_dim, v_dim, v_is_k, dtype)
+        table = shapes["tables"][0]
+        self.tags = torch.full(table, -1, dtype=torch.int32, device=device)
+        self.stamps = torch.full(table, -1, dtype=torch.int32, device=device)
+        self.claims = torch.full(table, -1, dtype=torch.int32, device=device)  # lookup scratch, -1 between steps
+        self.k: List[torch.Tensor] = [torch.zeros(shapes["k"][0], dtype=dtype, device=device)
+                                      for _ in range(num_layers)]
+        self.v: List[torch.Tensor] = (self.k if v_is_k else [torch.zeros(shapes["v"][0], dtype=dtype, device=device)
+                                                             for _ in range(num_layers)])
         self._lookup = _lookup_fn(impl)  # "triton" or "reference", as the backend's decode path
 
     def nbytes(self) -> int:

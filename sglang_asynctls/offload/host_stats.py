@@ -21,6 +21,9 @@ from typing import List, Optional
 import torch
 
 
+COUNTERS_DTYPE = torch.int64
+
+
 class Column(IntEnum):
     """Columns of `HostReadStats.counters` ([num_layers, len(Column)] int64)."""
     ROWS = 0  # selected token rows read, counted per KV head (a slot read for 8 KV heads counts 8)
@@ -28,6 +31,11 @@ class Column(IntEnum):
     CACHE_HITS = 2  # of HOST_ROWS, those served from the device cache (not read over PCIe)
     CACHE_FILLS = 3  # rows written into the device cache
     STEPS = 4  # decode steps counted: +1 per layer step
+
+
+def counters_bytes(num_layers: int) -> int:
+    """Device bytes of `HostReadStats.counters` (int64): the KV sizing hook charges them with the host tier."""
+    return num_layers * len(Column) * torch.empty(0, dtype=COUNTERS_DTYPE).element_size()
 
 
 def row_bytes(head_dim: int, v_head_dim: int, kv_elem_bytes: int) -> int:
@@ -109,7 +117,7 @@ class HostReadStats:
     def __init__(self, num_layers: int, bytes_per_row: int, device):
         assert num_layers > 0 and bytes_per_row > 0
         self.bytes_per_row = bytes_per_row
-        self.counters = torch.zeros(num_layers, len(Column), dtype=torch.int64, device=device)
+        self.counters = torch.zeros(num_layers, len(Column), dtype=COUNTERS_DTYPE, device=device)
         self._last = torch.zeros(num_layers, len(Column), dtype=torch.int64)  # host copy at the last snapshot
 
     def snapshot(self) -> HostReadSnapshot:
