@@ -7,6 +7,12 @@
     python3 benchmarks/offload_capacity.py summarize /root/cap_stock.json /root/cap_host.json \
         --json benchmarks/results/offload_capacity_h100.json
 
+Prefetch A/B (docs/offload.md "Prefetch"): the same batch all-resident, then offloaded with the prefetch off and on
+(`run --scrape-metrics` keeps the server's sglang:asynctls_* gauges too), then
+
+    python3 benchmarks/offload_capacity.py prefetch-ab --resident R.json --off OFF.json --on ON128.json \
+        --on ON256.json --json benchmarks/results/prefetch_ab_h200.json
+
 `run` starts a server on the dummy-weight Qwen3-8B (docs/gpu_host.md), sends --requests prompts of
 --input-len random token ids at once (greedy, ignore_eos, --output-len new tokens: long enough that the first
 request is still decoding when the last one is admitted), and reads the scheduler's own log: the KV capacity it
@@ -37,6 +43,9 @@ PREFILL = re.compile(r"Prefill batch.*?#new-token: (\d+).*?#running-req: (\d+)")
 # the backend's host-read telemetry, logged right after SGLang's decode line (patches/host_read_stats.py)
 HOST_READS = re.compile(r"asynctls host reads: rows/step ([\d,]+), host share ([\d.]+), cache hit ([\d.]+), "
                         r"PCIe MB/step ([\d.]+) \((\d+) steps\)")
+# the prefetch figures that follow on the same line (servers since --asynctls-host-prefetch-rows)
+PREFETCH = re.compile(r"late rows/step ([\d,]+), ahead rows/step ([\d,]+) \(([\d.]+) MB\), ahead used ([\d.]+), "
+                      r"block overlap ([\d.]+), stall est ms/step ([\d.]+)")
 
 
 def host_reads_at(text: str, running: int) -> list:
@@ -49,9 +58,26 @@ def host_reads_at(text: str, running: int) -> list:
             continue
         h = HOST_READS.search(line)
         if h and last == running:
-            out.append({"rows_per_step": int(h.group(1).replace(",", "")), "host_share": float(h.group(2)),
-                        "cache_hit": float(h.group(3)), "pcie_mb_per_step": float(h.group(4)),
-                        "steps": int(h.group(5))})
+            row = {"rows_per_step": int(h.group(1).replace(",", "")), "host_share": float(h.group(2)),
+                   "cache_hit": float(h.group(3)), "pcie_mb_per_step": float(h.group(4)), "steps": int(h.group(5))}
+            p = PREFETCH.search(line)
+            if p:
+                row.update(late_rows_per_step=int(p.group(1).replace(",", "")),
+                           ahead_rows_per_step=int(p.group(2).replace(",", "")), ahead_mb_per_step=float(p.group(3)),
+                           prefetch_hit_rate=float(p.group(4)), block_overlap=float(p.group(5)),
+                           stall_ms_per_step_estimate=float(p.group(6)))
+            out.append(row)
+    return out
+
+
+def scrape_asynctls_metrics(port: int = PORT) -> dict:
+    """The server's sglang:asynctls_* gauges from /metrics (needs --enable-metrics): name -> value (last sample)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode()
+    out = {}
+    for ln in text.splitlines():
+        if ln.startswith("sglang:asynctls_"):
+            name, value = ln.rsplit(" ", 1)
+            out[name.split("{", 1)[0]] = float(value)
     return out
 
 
@@ -103,6 +129,11 @@ def cmd_run(a) -> None:
             rec["results"] = list(ex.map(lambda i: _one(a.input_len, a.output_len, i, a.request_timeout),
                                          range(a.requests)))
         rec["wall_s"] = round(time.time() - t0, 1)
+        if a.scrape_metrics:
+            try:
+                rec["metrics_asynctls"] = scrape_asynctls_metrics()
+            except Exception as e:  # a server without --enable-metrics: the log line still has every figure
+                rec["metrics_asynctls"] = {"error": str(e)[:300]}
     finally:
         stop_server(proc)
     text = open(log_path, errors="replace").read()
@@ -148,6 +179,71 @@ def cmd_summarize(a) -> None:
     print(json.dumps(out["versus_stock"], indent=1))
 
 
+def _median(vals):
+    vals = sorted(v for v in vals if v is not None)
+    return vals[len(vals) // 2] if vals else None
+
+
+def prefetch_row(run: dict, resident: dict) -> dict:
+    """One offloaded run against the all-resident one at the same batch: decode step time from SGLang's gen
+    throughput (#running-req / tok/s), stall_share = (offloaded step - resident step) / offloaded step, and the
+    host-read telemetry's medians over the log intervals at that batch."""
+    batch, tok = run["max_running_decode"], run["gen_tok_s_at_max_running"]
+    res_tok = resident["gen_tok_s_at_max_running"] if resident["max_running_decode"] == batch else None
+    step_ms = batch / tok * 1e3 if tok else None
+    res_ms = batch / res_tok * 1e3 if res_tok else None
+    reads = run.get("host_reads_at_max_running", [])
+    row = {"label": run["label"], "batch": batch, "decode_step_ms": step_ms, "resident_step_ms": res_ms,
+           "stall_share": (step_ms - res_ms) / step_ms if step_ms and res_ms else None,
+           "metrics_asynctls": run.get("metrics_asynctls")}
+    for key in ("cache_hit", "pcie_mb_per_step", "late_rows_per_step", "ahead_rows_per_step", "ahead_mb_per_step",
+                "prefetch_hit_rate", "block_overlap", "stall_ms_per_step_estimate"):
+        row[key] = _median(h.get(key) for h in reads)
+    return row
+
+
+def cmd_prefetch_ab(a) -> None:
+    resident = json.load(open(a.resident))
+    runs = [json.load(open(p)) for p in [a.off, *a.on]]
+    rows = [prefetch_row(r, resident) for r in runs]
+    if resident["max_running_decode"] != rows[0]["batch"]:
+        print(f"warning: the resident run decoded {resident['max_running_decode']} requests at once, the offloaded "
+              f"{rows[0]['batch']}: no stall share (it needs the same batch)", file=sys.stderr)
+    out = {"benchmark": "offload_capacity prefetch-ab", "command": " ".join(sys.argv),
+           "runs": {"resident": resident, **{r["label"]: r for r in runs}}, "rows": rows,
+           "summary": {"stall_share_off": rows[0]["stall_share"],
+                       "stall_share_on": {r["label"]: r["stall_share"] for r in rows[1:]},
+                       "prefetch_hit_rate_on": {r["label"]: r["prefetch_hit_rate"] for r in rows[1:]},
+                       "cache_hit_off": rows[0]["cache_hit"],
+                       "cache_hit_on": {r["label"]: r["cache_hit"] for r in rows[1:]},
+                       "goal": "stall_share <= 0.05"}}
+    json.dump(out, open(a.json, "w"), indent=1)
+    _plot_ab(rows, a.json.replace(".json", ".png"))
+    print(json.dumps(out["summary"], indent=1))
+
+
+def _plot_ab(rows: list, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.6))
+    labels = [r["label"].replace("_", "\n") for r in rows]
+    for ax, key, title in ((axes[0], "decode_step_ms", "decode step (ms)"), (axes[1], "stall_share", "stall share"),
+                           (axes[2], "late_rows_per_step", "host rows read late a step")):
+        vals = [r[key] or 0 for r in rows]
+        ax.bar(labels, vals, color=["#888"] + ["#2a7"] * (len(rows) - 1))
+        ax.set_title(title, fontsize=10)
+        ax.tick_params(axis="x", labelsize=7)
+    if rows[0]["resident_step_ms"]:
+        axes[0].axhline(rows[0]["resident_step_ms"], ls="--", color="#27a", label="all resident")
+        axes[0].legend(fontsize=7)
+    axes[1].axhline(0.05, ls=":", color="#a22")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def _median_pcie_bytes(run: dict):
     vals = sorted(h["pcie_mb_per_step"] * 1e6 for h in run.get("host_reads_at_max_running", []))
     return vals[len(vals) // 2] if vals else None
@@ -184,15 +280,24 @@ def main() -> None:
     r.add_argument("--input-len", type=int, default=98304)
     r.add_argument("--output-len", type=int, default=256)
     r.add_argument("--request-timeout", type=float, default=480)
+    r.add_argument("--scrape-metrics", action="store_true", help="keep the server's sglang:asynctls_* gauges "
+                   "(/metrics; launch it with --enable-metrics)")
     s = sub.add_parser("summarize")
     s.add_argument("stock")
     s.add_argument("ours")
     s.add_argument("--json", required=True)
     s.add_argument("--extra", action="append", default=[], help="more `run` JSONs, compared with stock too")
+    ab = sub.add_parser("prefetch-ab", help="offloaded runs (prefetch off, then on) against an all-resident one")
+    ab.add_argument("--resident", required=True, help="`run` JSON of the same batch without the host tier")
+    ab.add_argument("--off", required=True, help="`run` JSON with the host tier, prefetch off")
+    ab.add_argument("--on", action="append", default=[], help="`run` JSON with the prefetch on (repeatable)")
+    ab.add_argument("--json", required=True)
     a = p.parse_args()
     if a.cmd == "run":
         a.server_args = server_flags(a)
         cmd_run(a)
+    elif a.cmd == "prefetch-ab":
+        cmd_prefetch_ab(a)
     else:
         cmd_summarize(a)
 

@@ -7,6 +7,8 @@ Notations for shapes: see `sglang_asynctls/reference.py` (B, Hq, Hkv, G, D, Dv, 
     coarse        block_scores -> select_blocks
     fine          token_logits -> token_scores (combine) -> select_tokens / select_token_slots
     attention     sparse_decode (split-K) -> splitk_combine
+    host tier     host_cache_lookup, host_prefetch (side stream), block_overlap (telemetry); twins in
+                  `sglang_asynctls.offload.reference`
     whole steps   composed outside this package: sglang_asynctls/decode_step.py (asynctls_decode and the baselines)
 
 Kernels are leaves: they import torch and triton only, and take every count and layout as an argument.

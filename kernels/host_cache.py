@@ -5,6 +5,7 @@ sets of W ways; a slot lives in set slot % (R / W). Hits are stamped with the st
 miss of this step can evict a line another token is about to read; then each set with misses offers its least
 recently used line not stamped this step, and the miss with the highest entry index takes it (an atomic claim:
 the result does not depend on program timing). Other misses of that set read over PCIe uncached this step.
+With the prefetch (`fetched`), a hit on a line fetched ahead is counted apart and clears the line's flag.
 Spec: `offload/reference.py::host_cache_lookup`.
 """
 
@@ -18,11 +19,11 @@ import triton.language as tl
 
 @triton.jit
 def _host_cache_lookup_kernel(token_slots, rows, seq_lens, active, tags, stamps, claims, cache_ref, counters,
-                              host_from, K, stride_tb, stride_th, stride_ob, stride_oh,
+                              fetched, host_from, K, stride_tb, stride_th, stride_ob, stride_oh,
                               HKV: tl.constexpr, R: tl.constexpr, W: tl.constexpr, BLOCK_K: tl.constexpr,
                               COUNT: tl.constexpr, C_ROWS: tl.constexpr,
                               C_HOST: tl.constexpr, C_HITS: tl.constexpr, C_FILLS: tl.constexpr,
-                              C_STEPS: tl.constexpr):
+                              C_STEPS: tl.constexpr, AHEAD: tl.constexpr, C_AHEAD: tl.constexpr):
     pid = tl.program_id(0)
     b = pid // HKV
     h = pid % HKV
@@ -35,6 +36,7 @@ def _host_cache_lookup_kernel(token_slots, rows, seq_lens, active, tags, stamps,
     out = cache_ref + b * stride_ob + h * stride_oh + offs
     hits = 0
     fills = 0
+    ahead_hits = 0
     if R > 0:
         now = tl.load(seq_lens + b).to(tl.int32)
         base = (tl.load(rows + b).to(tl.int64) * HKV + h) * R  # this (request row, KV head)'s first line
@@ -47,6 +49,9 @@ def _host_cache_lookup_kernel(token_slots, rows, seq_lens, active, tags, stamps,
         hit = tl.sum(hit_w.to(tl.int32), axis=1) > 0
         hit_line = first + tl.sum(tl.where(hit_w, ways[None, :], 0), axis=1)
         tl.store(stamps + base + hit_line, now, mask=hit)
+        if AHEAD:  # a hit on a line the prefetch filled: counted once, then it is an ordinary line
+            ahead_hits = tl.sum(tl.load(fetched + base + hit_line, mask=hit, other=0).to(tl.int64), axis=0)
+            tl.store(fetched + base + hit_line, tl.zeros([BLOCK_K], tl.int8), mask=hit)
         tl.debug_barrier()
         # each missing token's candidate victim: its set's LRU line among those not stamped this step
         miss = host & ~hit
@@ -61,6 +66,8 @@ def _host_cache_lookup_kernel(token_slots, rows, seq_lens, active, tags, stamps,
         tl.store(tags + base + victim, slot, mask=won)
         tl.store(stamps + base + victim, now, mask=won)
         tl.store(claims + base + victim, -1, mask=won)  # claims stay -1 between steps
+        if AHEAD:
+            tl.store(fetched + base + victim, tl.zeros([BLOCK_K], tl.int8), mask=won)
         ref = tl.where(hit, base + hit_line, tl.where(won, -(base + victim) - 2, -1))
         tl.store(out, ref.to(tl.int32), mask=in_k)
         hits = tl.sum(hit.to(tl.int64), axis=0)
@@ -73,14 +80,19 @@ def _host_cache_lookup_kernel(token_slots, rows, seq_lens, active, tags, stamps,
         tl.atomic_add(counters + C_HITS, hits)
         tl.atomic_add(counters + C_FILLS, fills)
         tl.atomic_add(counters + C_STEPS, (pid == 0).to(tl.int64))
+        if AHEAD:
+            tl.atomic_add(counters + C_AHEAD, ahead_hits)
 
 
 def host_cache_lookup(token_slots: torch.Tensor, rows: torch.Tensor, seq_lens: torch.Tensor, active: torch.Tensor,
                       tags: torch.Tensor, stamps: torch.Tensor, claims: torch.Tensor, host_from: int,
                       counters: Optional[torch.Tensor] = None, *, ways: int,
-                      columns: Tuple[int, int, int, int, int] = (0, 1, 2, 3, 4)) -> torch.Tensor:
+                      columns: Tuple[int, ...] = (0, 1, 2, 3, 4, 5), fetched: Optional[torch.Tensor] = None,
+                      landed: Optional[torch.Tensor] = None) -> torch.Tensor:
     """See `sglang_asynctls.offload.reference.host_cache_lookup`. ways: lines per set. counters: an int64 vector
-    added to in-kernel (no host sync); columns: where in it the valid rows, host rows, hits, fills and steps go."""
+    added to in-kernel (no host sync); columns: where in it the valid rows, host rows, hits, fills, steps and
+    (with fetched [NR, Hkv, R] int8) hits on lines fetched ahead go. landed must be None: every copy has landed
+    before a lookup runs (stream order, offload/host_cache.py)."""
     b, hkv, k = token_slots.shape
     nr, hkv2, r = tags.shape
     assert hkv2 == hkv and stamps.shape == claims.shape == tags.shape and tags.is_contiguous()
@@ -91,10 +103,15 @@ def host_cache_lookup(token_slots: torch.Tensor, rows: torch.Tensor, seq_lens: t
     cache_ref = torch.empty(b, hkv, k, dtype=torch.int32, device=token_slots.device)
     if counters is not None:
         assert counters.dim() == 1 and counters.dtype == torch.int64 and counters.is_contiguous()
+    assert landed is None, "the Triton lookup runs after every ahead copy it could see has landed"
+    if fetched is not None:
+        assert fetched.shape == tags.shape and fetched.dtype == torch.int8 and fetched.is_contiguous()
     _host_cache_lookup_kernel[(b * hkv,)](
         token_slots, rows, seq_lens, active, tags, stamps, claims, cache_ref,
-        counters if counters is not None else cache_ref, host_from, k, token_slots.stride(0), token_slots.stride(1),
+        counters if counters is not None else cache_ref, fetched if fetched is not None else tags, host_from, k,
+        token_slots.stride(0), token_slots.stride(1),
         cache_ref.stride(0), cache_ref.stride(1), HKV=hkv, R=r, W=W, BLOCK_K=triton.next_power_of_2(k),
         COUNT=counters is not None, C_ROWS=int(columns[0]), C_HOST=int(columns[1]), C_HITS=int(columns[2]),
-        C_FILLS=int(columns[3]), C_STEPS=int(columns[4]), num_warps=4)
+        C_FILLS=int(columns[3]), C_STEPS=int(columns[4]), AHEAD=fetched is not None and r > 0,
+        C_AHEAD=int(columns[5]) if fetched is not None else 0, num_warps=4)
     return cache_ref

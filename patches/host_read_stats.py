@@ -7,7 +7,9 @@ Reason: report_decode_stats builds and logs the "Decode batch" line and sets the
         every --decode-log-interval decode steps (the batch processor bumps forward_ct_decode just before calling
         it). After it, on the same condition, we take one snapshot of the live HostReadStats (the only host sync),
         log a summary line on the stats-logging rank and, when --enable-metrics is on for this scheduler, set
-        sglang:asynctls_* gauges with the collector's own labels. No stats registered: nothing happens. A failure
+        sglang:asynctls_* gauges with the collector's own labels (rows, host share, cache hit rate, PCIe bytes,
+        and the prefetch's: late rows, rows and bytes fetched ahead, their hit rate, block overlap, stall
+        estimate). No stats registered: nothing happens. A failure
         is logged once and never reaches the scheduler.
 """
 
@@ -23,6 +25,18 @@ GAUGES = {  # ReadCounts property -> (gauge name, documentation); figures are ov
     "host_share": ("sglang:asynctls_host_share", "Share of selected KV rows that sit in host slots."),
     "cache_hit_rate": ("sglang:asynctls_cache_hit_rate", "Share of host-slot rows served by the device cache."),
     "rows_per_step": ("sglang:asynctls_rows_per_step", "Selected KV rows (per KV head, all layers) read a step."),
+    "late_rows_per_step": ("sglang:asynctls_late_rows_per_step",
+                           "Host-slot rows read over PCIe inside the decode step (not cached in time) a step."),
+    "prefetch_rows_per_step": ("sglang:asynctls_prefetch_rows_per_step",
+                               "Host-slot rows copied into the device cache ahead of use a step."),
+    "prefetch_bytes_per_step": ("sglang:asynctls_prefetch_bytes_per_step",
+                                "Bytes copied host to device cache ahead of use a step (side stream)."),
+    "prefetch_hit_rate": ("sglang:asynctls_prefetch_hit_rate",
+                          "Share of the rows fetched ahead that a later step read from the cache."),
+    "block_overlap": ("sglang:asynctls_block_overlap",
+                      "Coarse blocks selected this step and the previous one over blocks selected, per KV head."),
+    "stall_ms_per_step": ("sglang:asynctls_stall_ms_per_step_estimate",
+                          "Estimated decode stall a step: late bytes at the in-kernel host read rate."),
 }
 logger = logging.getLogger(__name__)
 # Prometheus refuses a second metric of the same name in a process, so the gauges are made once, on first use.

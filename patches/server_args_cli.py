@@ -61,6 +61,10 @@ def add_asynctls_args(_result, parser: argparse.ArgumentParser) -> None:
                         "a GPU cache (8-way set-associative, LRU), so decode reads them from HBM on later steps "
                         "instead of over PCIe. Needs --max-running-requests (the cache is sized by request rows). "
                         "Default: %(default)s (off).")
+    g.add_argument(FLAGS["host_prefetch_rows"], type=int, default=_D.host_prefetch_rows, metavar="P",
+                   help="With the host-row cache: after each layer's selection, copy the host rows of the next P "
+                        "candidates below the token-budget cut-off (the likeliest newcomers of the next step) into "
+                        "the cache on a side stream, ahead of use. Default: %(default)s (off).")
 
 
 def config_from_namespace(args: argparse.Namespace) -> AsyncTLSConfig:

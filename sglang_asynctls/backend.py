@@ -115,7 +115,8 @@ class AsyncTLSBackend(AttentionBackend):
                                   (self.req_to_token.shape[0], self.num_blocks) if model_runner.page_size == 1
                                   else None)
         self.sparse_fn, self.sparse_impl = kernel_choice.sparse_decode_fn(impl)
-        self.host_cache = (kernel_choice.host_row_cache(cfg, pool, self.req_to_token.shape[0], k0, self.sparse_impl)
+        self.host_cache = (kernel_choice.host_row_cache(cfg, pool, self.req_to_token.shape[0], k0, self.sparse_impl,
+                                                        max(kb for _, kb in self.budgets))
                            if cfg.host_kv_gib > 0 else None)
         self._graph_lens: Optional[torch.Tensor] = None  # CUDA graphs: the dense view's lengths, at a fixed address
         self._dense_fb = self._extend_plan = None
@@ -255,12 +256,12 @@ class AsyncTLSBackend(AttentionBackend):
             ix.labels[lid], ix.label_scale[lid], ix.channels[lid], block_size=cfg.block_size,
             block_budget=block_budget, token_budget=token_budget, sink_tokens=cfg.sink_tokens,
             local_window=cfg.local_window, sm_scale=layer.scaling, bound_slack=cfg.bound_slack,
-            group_score=cfg.group_score, **kw, **self._host_cache_kw(lid, rpi, seq_lens))
+            group_score=cfg.group_score, **kw, **self._host_cache_kw(lid, rpi, seq_lens, k_buffer, v_buffer))
         if kw:
             return o_dense
         return torch.where(self._long_seq[:, None], o_sparse.reshape(o_dense.shape).to(o_dense.dtype), o_dense)
 
-    def _host_cache_kw(self, lid, rpi, seq_lens) -> dict:
+    def _host_cache_kw(self, lid, rpi, seq_lens, k_buffer, v_buffer) -> dict:
         if self.host_cache is None:
             return {}
-        return {"host_cache": self.host_cache.for_layer(lid, rpi, seq_lens, self._long_seq)}
+        return {"host_cache": self.host_cache.for_layer(lid, rpi, seq_lens, self._long_seq, k_buffer, v_buffer)}

@@ -49,7 +49,9 @@ FLAGS = {
     "offload": "--asynctls-offload",
     "host_kv_gib": "--asynctls-host-kv-gib",
     "host_cache_tokens": "--asynctls-host-cache-tokens",
+    "host_prefetch_rows": "--asynctls-host-prefetch-rows",
 }
+MAX_PREFETCH_ROWS = 1024  # rows one host_prefetch program ranks and copies (kernels/host_prefetch.py tiles)
 
 
 def layer_budgets(budget: int, num_layers: int, layer_scale: Mapping[int, float]) -> List[int]:
@@ -121,6 +123,9 @@ class AsyncTLSConfig:
     host_cache_tokens: with host_kv_gib, rows R of a device cache per request, layer and KV head that keeps
                     selected host-slot rows for the next steps (HOST_CACHE_WAYS-way set-associative, LRU; 0 = none;
                     offload/host_cache.py). Needs --max-running-requests: the cache is sized by request rows
+    host_prefetch_rows: with host_cache_tokens, P rows per request, layer and KV head predicted for the next step
+                    (the next P candidates below the k_t cut-off) and copied into the cache ahead of use on a side
+                    stream (0 = off; offload/host_cache.py)
     """
 
     enabled: bool = False
@@ -140,6 +145,7 @@ class AsyncTLSConfig:
     offload: bool = False
     host_kv_gib: float = 0.0
     host_cache_tokens: int = 0
+    host_prefetch_rows: int = 0
 
     def __post_init__(self):
         bs = self.block_size
@@ -164,6 +170,10 @@ class AsyncTLSConfig:
         if self.host_cache_tokens and not self.host_kv_gib:
             _fail("host_cache_tokens", f"0 unless {FLAGS['host_kv_gib']} is set (it caches host-slot rows)",
                   self.host_cache_tokens)
+        _check_int("host_prefetch_rows", self.host_prefetch_rows, 0, MAX_PREFETCH_ROWS)
+        if self.host_prefetch_rows and not self.host_cache_tokens:
+            _fail("host_prefetch_rows", f"0 unless {FLAGS['host_cache_tokens']} is set (it fills cache lines)",
+                  self.host_prefetch_rows)
         if self.dense_backend not in DENSE_BACKENDS:
             _fail("dense_backend", f"one of {', '.join(DENSE_BACKEND_CHOICES)}", self.dense_backend)
         if self.group_score not in GROUP_SCORES:

@@ -34,10 +34,12 @@ COMBINES = ("fold", "logits")
 
 def fine_select_candidates(q, labels, label_scale, channels, req_to_token, req_pool_indices, seq_lens, candidates,
                            *, block_size, token_budget, sink_tokens, local_window, sm_scale,
-                           out: Optional[torch.Tensor] = None, combine: Optional[str] = None) -> torch.Tensor:
+                           out: Optional[torch.Tensor] = None, combine: Optional[str] = None,
+                           ahead: Optional[torch.Tensor] = None) -> torch.Tensor:
     """`fine_select` over candidates given as positions [B, Hkv, C] (block_size == 0) or as block ids
     [B, Hkv, Kb] (block_size > 0: all Kb * block_size positions of those blocks, as `candidate_positions`).
-    Returns KV slots [B, Hkv, Kt] int32, -1 padded.
+    Returns KV slots [B, Hkv, Kt] int32, -1 padded. ahead [B, Hkv, P] int32: also the slots of the next P
+    candidates below the cut-off (`select_token_slots`).
 
     combine, how the group-mean softmax is formed before the top-Kt (`select_token_slots`):
     "fold": `token_logits`, then the top-Kt kernel reads all G logit rows (two launches); "logits": the combine in
@@ -48,7 +50,7 @@ def fine_select_candidates(q, labels, label_scale, channels, req_to_token, req_p
         combine = "fold" if q.shape[1] // channels.shape[0] <= FOLD_COMBINE_MAX_GROUP else "logits"
     assert combine in COMBINES, combine
     kw = dict(block_size=block_size, token_budget=token_budget, sink_tokens=sink_tokens,
-              local_window=local_window, out=out)
+              local_window=local_window, out=out, ahead=ahead)
     args = (q, labels, label_scale, channels, req_to_token, req_pool_indices, seq_lens, candidates, sm_scale)
     if combine == "fold":
         logits, stats = token_logits(*args, block_size=block_size)
@@ -60,20 +62,26 @@ def fine_select_candidates(q, labels, label_scale, channels, req_to_token, req_p
 def fine_select(q: torch.Tensor, labels: torch.Tensor, label_scale: torch.Tensor, channels: torch.Tensor,
                 req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor,
                 positions: torch.Tensor, *, token_budget: int, sink_tokens: int, local_window: int,
-                sm_scale: float, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Fine stage over candidate positions [B, Hkv, C] (see `reference.fine_select`): [B, Hkv, Kt] int32 slots.
+                sm_scale: float, out: Optional[torch.Tensor] = None,
+                ahead: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Fine stage over candidate positions [B, Hkv, C] (see `reference.fine_select`): [B, Hkv, Kt] int32 slots;
+    ahead [B, Hkv, P] int32, when given, gets the slots of the next P candidates (`reference.select_ahead`).
 
     Up to MAX_FUSED_CANDIDATES candidates one program per KV group selects in registers; beyond (token-only
     over a whole context) torch.topk selects.
     """
     kw = dict(token_budget=token_budget, sink_tokens=sink_tokens, local_window=local_window)
-    if positions.shape[2] <= MAX_FUSED_CANDIDATES:
+    if positions.shape[2] + (ahead.shape[2] if ahead is not None else 0) <= MAX_FUSED_CANDIDATES:
         return fine_select_candidates(q, labels, label_scale, channels, req_to_token, req_pool_indices, seq_lens,
-                                      positions, block_size=0, sm_scale=sm_scale, out=out, **kw)
+                                      positions, block_size=0, sm_scale=sm_scale, out=out, ahead=ahead, **kw)
     scores = candidate_scores(q, labels, label_scale, channels, req_to_token, req_pool_indices, seq_lens,
                               positions, sm_scale)
     picked = reference.select_tokens(scores, positions, seq_lens, token_budget, sink_tokens, local_window)
     slots = reference.positions_to_slots(picked, req_to_token, req_pool_indices)
+    if ahead is not None:
+        near = reference.select_ahead(scores, positions, seq_lens, token_budget, ahead.shape[2], sink_tokens,
+                                      local_window)
+        ahead.copy_(reference.positions_to_slots(near, req_to_token, req_pool_indices))
     return slots if out is None else out.copy_(slots)
 
 
@@ -87,14 +95,16 @@ def coarse_select(q, kmin, kmax, block_table, seq_lens, *, block_size, block_bud
 def asynctls_select(q, req_to_token, req_pool_indices, seq_lens, kmin, kmax, block_table, labels, label_scale,
                     channels, *, block_size, block_budget, token_budget, sink_tokens, local_window, sm_scale,
                     candidate_blocks: Optional[torch.Tensor] = None, bound_slack: float = 1.0,
-                    group_score: str = "sum") -> torch.Tensor:
-    """Both selection levels: [B, Hkv, Kt] int32 KV slots (-1 padded) that `asynctls_decode` attends over."""
+                    group_score: str = "sum", ahead: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Both selection levels: [B, Hkv, Kt] int32 KV slots (-1 padded) that `asynctls_decode` attends over;
+    ahead [B, Hkv, P] int32, when given, gets the slots of the next P candidates below the cut-off."""
     if candidate_blocks is None:
         candidate_blocks = coarse_select(q, kmin, kmax, block_table, seq_lens, block_size=block_size,
                                          block_budget=block_budget, sink_tokens=sink_tokens,
                                          local_window=local_window, bound_slack=bound_slack,
                                          group_score=group_score)
-    kw = dict(token_budget=token_budget, sink_tokens=sink_tokens, local_window=local_window, sm_scale=sm_scale)
+    kw = dict(token_budget=token_budget, sink_tokens=sink_tokens, local_window=local_window, sm_scale=sm_scale,
+              ahead=ahead)
     if candidate_blocks.shape[2] * block_size <= MAX_FUSED_CANDIDATES:
         return fine_select_candidates(q, labels, label_scale, channels, req_to_token, req_pool_indices, seq_lens,
                                       candidate_blocks.contiguous(), block_size=block_size, **kw)
@@ -110,13 +120,22 @@ def asynctls_decode(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_l
                     host_cache=None) -> torch.Tensor:
     """Two-level sparse decode (see `reference.asynctls_decode`). q: [B, Hq, D] -> o: [B, Hq, Dv] in q's dtype.
     With out and out_rows [B] bool, only the flagged rows of out are written (the backend's long requests).
-    host_cache: slots -> `sparse_decode`'s cache tuple (offload/host_cache.py), for a KV pool with a host tier."""
+    host_cache: for a KV pool with a host tier, host_cache(slots, blocks, ahead) -> `sparse_decode`'s cache tuple
+    (offload/host_cache.py `LayerCache`; see `reference.asynctls_decode`)."""
+    ahead_rows = getattr(host_cache, "ahead_rows", 0)
+    if host_cache is not None and candidate_blocks is None:  # the host tier counts |M_t n M_t-1| from M_t
+        candidate_blocks = coarse_select(q, kmin, kmax, block_table, seq_lens, block_size=block_size,
+                                         block_budget=block_budget, sink_tokens=sink_tokens,
+                                         local_window=local_window, bound_slack=bound_slack,
+                                         group_score=group_score)
+    ahead = (torch.empty(q.shape[0], k_buffer.shape[1], ahead_rows, dtype=torch.int32, device=q.device)
+             if ahead_rows else None)
     slots = asynctls_select(q, req_to_token, req_pool_indices, seq_lens, kmin, kmax, block_table, labels,
                             label_scale, channels, block_size=block_size, block_budget=block_budget,
                             token_budget=token_budget, sink_tokens=sink_tokens, local_window=local_window,
                             sm_scale=sm_scale, candidate_blocks=candidate_blocks, bound_slack=bound_slack,
-                            group_score=group_score)
-    cache = host_cache(slots) if host_cache is not None else None
+                            group_score=group_score, ahead=ahead)
+    cache = host_cache(slots, candidate_blocks, ahead) if host_cache is not None else None
     return sparse_decode(q, k_buffer, v_buffer, slots, sm_scale, out=out, out_rows=out_rows, cache=cache)
 
 

@@ -9,7 +9,9 @@ Persistent buffers and what they scale with (S: KV slots incl. host slots and SG
 request rows, req_to_token's padding row included; NB = ceil(context / block size)):
 - labels [L, Hkv, S, Dc / 2] uint8, label scales [L, Hkv, S] fp32, channels [L, Hkv, Dc] int64;
 - block bounds Kmin/Kmax: [S / BS] rows a layer at page size > 1, [NR x NB] rows at page size 1;
-- the host-row cache (--asynctls-host-cache-tokens R): NR x Hkv x R lines a layer, and its int32 tables;
+- the host-row cache (--asynctls-host-cache-tokens R): NR x Hkv x R lines a layer, and its int32 tables; with the
+  prefetch (--asynctls-host-prefetch-rows) an int8 landed flag a line; with the host tier each row's last block
+  selection [L, NR, Hkv, k_b] int32 (the block-overlap count);
 - the host tier's read counters [L, 5] int64.
 Not charged: the CUDA-graph lengths [max bs] int64, allocated when SGLang captures its graphs (4 KiB at SGLang's
 largest default max bs, 512). Per-step temporaries (the decode's scores, held in SGLang's CUDA-graph pool; the host
@@ -44,7 +46,9 @@ class PluginBuffers:
 
     num_kv_heads, head_dim, v_head_dim: this rank's pool (MLA: one latent head, keys of kv_lora_rank + rope dims,
     v_is_k: values are the keys' first columns); dtype: the KV dtype; host_tier: --asynctls-host-kv-gib is set (the
-    read counters); host_cache_tokens: lines per request row, layer and KV head of the host-row cache (0: none)."""
+    read counters); host_cache_tokens: lines per request row, layer and KV head of the host-row cache (0: none);
+    host_prefetch_rows: --asynctls-host-prefetch-rows; overlap_blocks: with the host tier, the largest k_b of any layer
+    (the width of each row's last block selection)."""
 
     num_layers: int
     num_kv_heads: int
@@ -58,14 +62,18 @@ class PluginBuffers:
     context_len: int
     host_cache_tokens: int = 0
     host_tier: bool = False
+    host_prefetch_rows: int = 0
+    overlap_blocks: int = 0
 
     @classmethod
     def for_pool(cls, cfg, kind: str, *, num_layers: int, num_kv_heads: int, head_dim: int, v_head_dim: int,
                  dtype: torch.dtype, page_size: int, context_len: int) -> "PluginBuffers":
         """The buffers an AsyncTLSConfig gives a pool of this shape (kind "gqa" or "mla")."""
+        host_tier = cfg.host_kv_gib > 0
+        overlap = max(kb for _, kb in cfg.layer_budgets(num_layers)) if host_tier else 0  # as the backend sizes it
         return cls(num_layers, num_kv_heads, head_dim, v_head_dim, kind == "mla", dtype,
                    cfg.resolved_label_channels(kind), cfg.block_size, page_size, context_len, cfg.host_cache_tokens,
-                   cfg.host_kv_gib > 0)
+                   host_tier, cfg.host_prefetch_rows, overlap)
 
     @property
     def max_blocks(self) -> int:
@@ -79,8 +87,9 @@ class PluginBuffers:
     def charge(self, num_slots: int, request_rows: int) -> Dict[str, int]:
         """Bytes of each buffer for a pool of num_slots slots and request_rows request rows."""
         out = self.index_shape(num_slots, request_rows).tensor_bytes()
-        out["host_row_cache"] = cache_bytes(self.num_layers, request_rows, self.num_kv_heads, self.host_cache_tokens,
-                                            self.head_dim, self.v_head_dim, self.v_is_k, self.dtype)
+        out["host_row_cache"] = (cache_bytes(self.num_layers, request_rows, self.num_kv_heads, self.host_cache_tokens,
+                                             self.head_dim, self.v_head_dim, self.v_is_k, self.dtype,
+                                             self.host_prefetch_rows, self.overlap_blocks) if self.host_tier else 0)
         out["host_read_counters"] = counters_bytes(self.num_layers) if self.host_tier else 0
         return out
 

@@ -46,10 +46,11 @@ def index_writers(impl: str):
     return index_extend, append_decode_index
 
 
-def host_row_cache(cfg, pool, request_rows: int, k0, impl: str):
+def host_row_cache(cfg, pool, request_rows: int, k0, impl: str, block_budget: int = 0):
     """The host tier's read counters (exported at the decode log interval) and, with --asynctls-host-cache-tokens,
-    the device cache of host-slot rows (offload/host_cache.py), sized by the request pool. The KV sizing hook made
-    room for it (patches/kv_sizing.py)."""
+    the device cache of host-slot rows (offload/host_cache.py), sized by the request pool, with the prefetch of
+    --asynctls-host-prefetch-rows. The KV sizing hook made room for it (patches/kv_sizing.py).
+    block_budget: the largest k_b of any layer (the block-overlap count keeps each row's last selection)."""
     from sglang_asynctls.offload import host_stats
     from sglang_asynctls.offload.host_cache import HostRowCache
 
@@ -61,8 +62,11 @@ def host_row_cache(cfg, pool, request_rows: int, k0, impl: str):
     lines = cfg.host_cache_tokens
     host_from = pool._asynctls_host_tier.device_tokens + pool.page_size  # first host row (after the padding page)
     cache = HostRowCache(pool.layer_num, request_rows, k0.shape[1], lines, k_dim, v_dim, v_is_k, k0.dtype,
-                         k0.device, host_from, counters=stats.counters, impl=impl)
+                         k0.device, host_from, counters=stats.counters, impl=impl, ahead_rows=cfg.host_prefetch_rows,
+                         block_budget=block_budget)
     host_stats.register(stats)
     logger.info("asynctls host tier: rows >= %d are host slots; host-row cache %d lines per request row, layer and "
-                "KV head (%.2f GiB for %d request rows)", host_from, lines, cache.nbytes() / 2**30, request_rows)
+                "KV head (%.2f GiB for %d request rows); prefetch %s", host_from, lines, cache.nbytes() / 2**30,
+                request_rows, f"{cfg.host_prefetch_rows} rows ahead per layer and KV head on a side stream"
+                if cfg.host_prefetch_rows else "off")
     return cache

@@ -264,6 +264,15 @@ def select_tokens(scores: torch.Tensor, positions: torch.Tensor, seq_lens: torch
     return picked
 
 
+def select_ahead(scores: torch.Tensor, positions: torch.Tensor, seq_lens: torch.Tensor, token_budget: int,
+                 ahead_rows: int, sink_tokens: int, local_window: int) -> torch.Tensor:
+    """The next `ahead_rows` candidates below the top-Kt cut-off: ranks Kt+1 .. Kt+P of `select_tokens`' priority,
+    the likeliest newcomers of the next step's selection (what the host-row prefetch copies,
+    offload/host_cache.py). scores, positions: [B, Hkv, C]. Returns positions [B, Hkv, P] int64, -1 padded."""
+    wide = select_tokens(scores, positions, seq_lens, token_budget + ahead_rows, sink_tokens, local_window)
+    return wide[..., token_budget:]
+
+
 def positions_to_slots(positions: torch.Tensor, req_to_token: torch.Tensor,
                        req_pool_indices: torch.Tensor) -> torch.Tensor:
     """[B, Hkv, K] positions (-1 padded) -> [B, Hkv, K] int32 KV slots (-1 padded)."""
@@ -340,11 +349,16 @@ def coarse_select(q, kmin, kmax, block_table, seq_lens, *, block_size, block_bud
 
 
 def fine_select(q, labels, label_scale, channels, req_to_token, req_pool_indices, seq_lens, positions, *,
-                token_budget, sink_tokens, local_window, sm_scale) -> torch.Tensor:
-    """Fine stage over candidate positions [B, Hkv, C]: [B, Hkv, Kt] int32 slots."""
+                token_budget, sink_tokens, local_window, sm_scale, ahead_rows: int = 0):
+    """Fine stage over candidate positions [B, Hkv, C]: [B, Hkv, Kt] int32 slots; with ahead_rows P > 0 the pair
+    (slots, slots of the P candidates below the cut-off [B, Hkv, P], `select_ahead`)."""
     scores = token_scores(q, labels, label_scale, channels, req_to_token, req_pool_indices, positions, sm_scale)
     picked = select_tokens(scores, positions, seq_lens, token_budget, sink_tokens, local_window)
-    return positions_to_slots(picked, req_to_token, req_pool_indices)
+    slots = positions_to_slots(picked, req_to_token, req_pool_indices)
+    if not ahead_rows:
+        return slots
+    near = select_ahead(scores, positions, seq_lens, token_budget, ahead_rows, sink_tokens, local_window)
+    return slots, positions_to_slots(near, req_to_token, req_pool_indices)
 
 
 def asynctls_decode(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, kmin, kmax, block_table,
@@ -353,17 +367,21 @@ def asynctls_decode(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_l
                     bound_slack: float = 1.0, group_score: str = "sum", host_cache=None) -> torch.Tensor:
     """Two-level sparse decode. candidate_blocks [B, Hkv, Kb] (e.g. the previous step's M_{t-1}, as the offload
     engine uses) replaces this step's coarse selection when given; bound_slack, group_score: `block_scores`.
-    host_cache: slots -> `sparse_decode`'s cache tuple (offload/host_cache.py), for a KV pool with a host tier."""
+    host_cache: for a KV pool with a host tier, host_cache(slots, blocks, ahead) -> `sparse_decode`'s cache tuple
+    (offload/host_cache.py `LayerCache`): blocks = M_t, ahead = the slots of the host_cache.ahead_rows candidates
+    below the cut-off (None when it is 0), which it fetches into the cache for the next step."""
     if candidate_blocks is None:
         candidate_blocks = coarse_select(q, kmin, kmax, block_table, seq_lens, block_size=block_size,
                                          block_budget=block_budget, sink_tokens=sink_tokens,
                                          local_window=local_window, bound_slack=bound_slack,
                                          group_score=group_score)
     positions = candidate_positions(candidate_blocks, seq_lens, block_size)
+    ahead_rows = getattr(host_cache, "ahead_rows", 0)
     slots = fine_select(q, labels, label_scale, channels, req_to_token, req_pool_indices, seq_lens, positions,
                         token_budget=token_budget, sink_tokens=sink_tokens, local_window=local_window,
-                        sm_scale=sm_scale)
-    cache = host_cache(slots) if host_cache is not None else None
+                        sm_scale=sm_scale, ahead_rows=ahead_rows)
+    slots, ahead = slots if ahead_rows else (slots, None)
+    cache = host_cache(slots, candidate_blocks, ahead) if host_cache is not None else None
     return sparse_decode(q, k_buffer, v_buffer, slots, sm_scale, cache=cache)
 
 

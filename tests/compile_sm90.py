@@ -8,7 +8,9 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from sglang_asynctls.kernels.block_overlap import _block_overlap_kernel
 from sglang_asynctls.kernels.host_cache import _host_cache_lookup_kernel
+from sglang_asynctls.kernels.host_prefetch import _host_prefetch_kernel
 from sglang_asynctls.kernels.block_scores import _block_scores_kernel
 from sglang_asynctls.kernels.index_append import _append_decode_index_kernel
 from sglang_asynctls.kernels.index_extend import _index_extend_kernel
@@ -30,7 +32,7 @@ def _i32(*names):
     return [(n, "i32") for n in names]
 
 
-def selection_kernels(key_bits):
+def selection_kernels(key_bits, ahead=0):
     _compile(_select_blocks_kernel,
              [("scores", "*fp32"), ("seq_lens", "*i64"), ("block_ids", "*i32")]
              + _i32("NB", "sink_tokens", "local_window", "stride_sb", "stride_sh", "stride_ob", "stride_oh")
@@ -43,11 +45,12 @@ def selection_kernels(key_bits):
                   ("seq_lens", "*i64"), ("out", "*i32")]
                  + _i32("C", "sink_tokens", "local_window", "stride_sb", "stride_sh", "stride_cb", "stride_ch",
                         "stride_rr", "stride_ob", "stride_oh") + [("stats", "*fp32")]
-                 + _i32("stride_sg", "stride_tb", "stride_th")
+                 + _i32("stride_sg", "stride_tb", "stride_th") + [("ahead", "*i32")] + _i32("stride_ab", "stride_ah")
                  + [(n, None) for n in ("HKV", "FROM_BLOCKS", "BS", "TO_SLOTS", "KT", "CP", "KTP", "KEY_BITS", "G",
-                                        "GP", "NSPLIT")],
+                                        "GP", "NSPLIT", "AHEAD", "AHEADP")],
                  dict(HKV=8, FROM_BLOCKS=True, BS=64, TO_SLOTS=True, KT=1024, CP=8192, KTP=1024, KEY_BITS=key_bits,
-                      G=g, GP=triton.next_power_of_2(max(g, 1)), NSPLIT=32 if g else 1),
+                      G=g, GP=triton.next_power_of_2(max(g, 1)), NSPLIT=32 if g else 1, AHEAD=ahead,
+                      AHEADP=triton.next_power_of_2(max(ahead, 1))),
                  16 if g else 32)  # the launcher's warps
 
 
@@ -111,15 +114,40 @@ def sparse_decode(d1, d2, dv, g, ndv=1, cached=False):
              8 if d2 else 4)
 
 
-def host_cache_lookup(lines, block_k):
+def host_cache_lookup(lines, block_k, ahead):
     _compile(_host_cache_lookup_kernel,
              [("token_slots", "*i32"), ("rows", "*i64"), ("seq_lens", "*i64"), ("active", "*i1"), ("tags", "*i32"),
-              ("stamps", "*i32"), ("claims", "*i32"), ("cache_ref", "*i32"), ("counters", "*i64")]
+              ("stamps", "*i32"), ("claims", "*i32"), ("cache_ref", "*i32"), ("counters", "*i64"),
+              ("fetched", "*i8")]
              + _i32("host_from", "K", "stride_tb", "stride_th", "stride_ob", "stride_oh")
              + [(n, None) for n in ("HKV", "R", "W", "BLOCK_K", "COUNT", "C_ROWS", "C_HOST", "C_HITS",
-                                    "C_FILLS", "C_STEPS")],
+                                    "C_FILLS", "C_STEPS", "AHEAD", "C_AHEAD")],
              dict(HKV=8, R=lines, W=8, BLOCK_K=block_k, COUNT=True, C_ROWS=0, C_HOST=1, C_HITS=2, C_FILLS=3,
-                  C_STEPS=4), 4)
+                  C_STEPS=4, AHEAD=ahead, C_AHEAD=5), 4)
+
+
+def host_prefetch(d, dv, block, lag):
+    """The launcher's tiles for P + K entries (block) of a GQA (D = Dv = 128) or MLA latent (576, V is K) row."""
+    _compile(_host_prefetch_kernel,
+             [("ahead_slots", "*i32"), ("token_slots", "*i32"), ("cache_ref", "*i32"), ("rows", "*i64"),
+              ("seq_lens", "*i64"), ("active", "*i1"), ("tags", "*i32"), ("stamps", "*i32"), ("claims", "*i32"),
+              ("fetched", "*i8"), ("ahead_ref", "*i32"), ("k_buffer", "*bf16"), ("v_buffer", "*bf16"),
+              ("cache_k", "*bf16"), ("cache_v", "*bf16"), ("counters", "*i64")]
+             + _i32("host_from", "P", "K", "stride_ab", "stride_ah", "stride_tb", "stride_th", "stride_ks",
+                    "stride_kh", "stride_vs", "stride_vh", "stride_ob", "stride_oh")
+             + [(n, None) for n in ("HKV", "R", "W", "BLOCK", "LAG", "D", "DV", "DCH", "V_IS_K", "COUNT",
+                                    "C_FETCHED")],
+             dict(HKV=8 if d == 128 else 1, R=2048, W=8, BLOCK=block, LAG=lag, D=d, DV=dv,
+                  DCH=max(16, min(64, 8192 // block)), V_IS_K=d != dv, COUNT=True, C_FETCHED=6),
+             4 if block <= 256 else 8)
+
+
+def block_overlap(kb):
+    _compile(_block_overlap_kernel,
+             [("blocks", "*i32"), ("rows", "*i64"), ("active", "*i1"), ("prev", "*i32"), ("counters", "*i64")]
+             + _i32("KB", "KBM", "stride_bb", "stride_bh", "stride_pr", "stride_ph")
+             + [(n, None) for n in ("HKV", "BLOCK_KB", "BLOCK_J", "COUNT", "C_NUM", "C_DEN")],
+             dict(HKV=8, BLOCK_KB=kb, BLOCK_J=max(16, min(64, 8192 // kb)), COUNT=True, C_NUM=7, C_DEN=8), 4)
 
 
 def splitk_combine(dv, has_rows):
@@ -153,12 +181,20 @@ if __name__ == "__main__":
     for key_bits in (16, 31):
         selection_kernels(key_bits)
         print(f"select_blocks, select_tokens (key_bits={key_bits}): compiled for sm_90")
+    selection_kernels(16, ahead=128)
+    print("select_tokens (near-misses ahead=128): compiled for sm_90")
     for d, half_dc in ((128, 16), (576, 64)):  # GQA (Qwen3-8B) and the MLA latent
         append_decode_index(d, half_dc, has_rows=d == 128)  # rows: page size 1 (per-request block rows)
         print(f"append_decode_index (D={d}): compiled for sm_90")
         index_extend(d, half_dc)
         print(f"index_extend (D={d}): compiled for sm_90")
     attention_kernels()
-    for lines in (0, 2048):
-        host_cache_lookup(lines, 1024)
-        print(f"host_cache_lookup (R={lines}, K=1024): compiled for sm_90")
+    for d, dv, block, lag in ((128, 128, 2048, True), (576, 512, 2048, True), (128, 128, 128, False)):
+        host_prefetch(d, dv, block, lag)
+        print(f"host_prefetch (D={d}, {block} entries, lag={lag}): compiled for sm_90")
+    for kb in (128, 256):
+        block_overlap(kb)
+        print(f"block_overlap (Kb={kb}): compiled for sm_90")
+    for lines, ahead in ((2048, True), (0, False), (2048, False)):
+        host_cache_lookup(lines, 1024, ahead)
+        print(f"host_cache_lookup (R={lines}, K=1024{', prefetch' if ahead else ''}): compiled for sm_90")

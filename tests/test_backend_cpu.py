@@ -292,3 +292,64 @@ def test_cuda_graph_metadata_keeps_the_dense_view_at_one_address():
         be.init_forward_metadata_out_graph(fb, in_capture=lens[0] == 300)
     assert seen[0].data_ptr() == seen[1].data_ptr() == be._graph_lens.data_ptr()
     assert seen[1].tolist() == [1, 91] and seen[1].dtype == torch.int64
+
+
+def _host_tier_backend(prefetch_rows):
+    from sglang_asynctls.offload.host_tier import HostTierPlan
+
+    mr, g = model_runner()
+    mr.server_args = SimpleNamespace(_asynctls_config=AsyncTLSConfig(
+        **{**CFG.__dict__, "host_kv_gib": 1.0, "host_cache_tokens": 16, "host_prefetch_rows": prefetch_rows}))
+    pool = mr.token_to_kv_pool
+    pool._asynctls_host_tier, pool.page_size = HostTierPlan(device_tokens=19 * BS, host_tokens=44 * BS), BS
+    inner = FakeInner(mr)
+    inner.extend_attention_fwd = lambda *a, **k: None
+    return Backend(mr, inner), mr, g
+
+
+def test_host_prefetch_leaves_decode_bit_identical_and_is_counted():
+    """Two servers, prefetch off and --asynctls-host-prefetch-rows 8, decode the same steps of a 300-token request
+    (queries that drift): every layer's output is the same bits (a line holds an exact copy), the prefetch copies rows
+    that later steps read from the cache, and both count the block overlap of consecutive steps."""
+    from sglang_asynctls.offload import host_stats
+    from sglang_asynctls.offload.host_stats import Column
+
+    runs = {}
+    for p in (0, 8):
+        be, mr, g = _host_tier_backend(p)
+        assert (be.host_cache.ahead_rows, be.host_cache.prev_blocks.shape[-1]) == (p, 6)
+        rpi, r2t = torch.tensor([1]), mr.req_to_token_pool.req_to_token
+        fb = SimpleNamespace(forward_mode=mode(False), spec_info=None, req_pool_indices=rpi,
+                             seq_lens=torch.tensor([300]), seq_lens_cpu=torch.tensor([300]), extend_prefix_lens_cpu=[0],
+                             out_cache_loc=r2t[1, :300].long())
+        be.init_forward_metadata(fb)
+        for i in range(LAYERS):
+            kv = torch.randn(300, HKV * D, generator=g)
+            be.forward_extend(torch.randn(300, HQ * D, generator=g), kv, kv.flip(0), layer(i), fb)
+        q0, outs = torch.randn(1, HQ * D, generator=g), []
+        for t in range(5):
+            new = torch.tensor([301 + t])
+            dfb = SimpleNamespace(forward_mode=mode(True), spec_info=None, req_pool_indices=rpi, seq_lens=new,
+                                  seq_lens_cpu=new, seq_lens_sum=int(new.sum()),
+                                  out_cache_loc=r2t[1, 300 + t:301 + t].long())
+            be.init_forward_metadata(dfb)
+            for i in range(LAYERS):
+                q = q0 + 0.5 * torch.randn(1, HQ * D, generator=g)
+                outs.append(be.forward_decode(q, torch.randn(1, HKV * D, generator=g),
+                                              torch.randn(1, HKV * D, generator=g), layer(i), dfb))
+        runs[p] = (outs, be.host_cache.counters.clone(), be)
+        host_stats.register(None)
+    for a, b in zip(runs[0][0], runs[8][0]):
+        assert torch.equal(a, b)
+    off, on = runs[0][1].sum(0), runs[8][1].sum(0)
+    assert off[Column.PREFETCH_ROWS] == 0 and on[Column.PREFETCH_ROWS] > 0 and on[Column.PREFETCH_HITS] > 0
+    assert on[Column.CACHE_HITS] > off[Column.CACHE_HITS]  # rows fetched ahead (and their later re-reads)
+    # 4 compared steps x 2 layers x 2 KV heads x 6 blocks; the selection moves little between steps
+    assert off[Column.OVERLAP_BLOCKS] == on[Column.OVERLAP_BLOCKS] == 4 * LAYERS * HKV * 6
+    assert 0 < off[Column.OVERLAP] <= off[Column.OVERLAP_BLOCKS] and off[Column.OVERLAP] == on[Column.OVERLAP]
+    be = runs[8][2]
+    r2t = mr.req_to_token_pool.req_to_token
+    be.init_forward_metadata(SimpleNamespace(  # the row is prefilled again: its flags and last selection go
+        forward_mode=mode(False), spec_info=None, req_pool_indices=torch.tensor([1]), seq_lens=torch.tensor([300]),
+        seq_lens_cpu=torch.tensor([300]), extend_prefix_lens_cpu=[0], out_cache_loc=r2t[1, :300].long()))
+    assert (be.host_cache.fetched[:, 1] == 0).all() and (be.host_cache.prev_blocks[:, 1] == -1).all()

@@ -52,6 +52,13 @@ def test_defaults_are_valid_and_match_the_paper():
     (dict(layer_budget_scale=2), "--asynctls-layer-budget-scale", "string"),
     (dict(layer_candidate_scale="3:0.5"), "--asynctls-layer-candidate-scale", "SCALE >= 1"),
     (dict(layer_candidate_scale="3;2"), "--asynctls-layer-candidate-scale", "LAYER:SCALE pairs"),
+    (dict(host_prefetch_rows=64), "--asynctls-host-prefetch-rows", "0 unless --asynctls-host-cache-tokens"),
+    (dict(host_kv_gib=8, host_cache_tokens=2048, host_prefetch_rows=-1), "--asynctls-host-prefetch-rows",
+     "[0, 1024]"),
+    (dict(host_kv_gib=8, host_cache_tokens=2048, host_prefetch_rows=1025), "--asynctls-host-prefetch-rows",
+     "[0, 1024]"),
+    (dict(host_kv_gib=8, host_cache_tokens=2048, host_prefetch_rows=1.5), "--asynctls-host-prefetch-rows",
+     "integer"),
 ])
 def test_bad_values_name_the_flag_and_range(kwargs, flag, allowed):
     with pytest.raises(AsyncTLSConfigError) as err:

@@ -37,18 +37,18 @@ def test_count_reads_hand_checked():
     counters = torch.zeros(2, len(Column), dtype=torch.int64)
     count_reads(SLOTS, GPU_ROWS, HITS, counters=counters, layer=1)
     # rows: 3 + 3 + 2 + 4; host: 150, 100, 250, 101; hits on host slots: 100, 250
-    assert counters[1].tolist() == [12, 4, 2, 0, 1]
+    assert counters[1, :5].tolist() == [12, 4, 2, 0, 1]
     assert counters[0].tolist() == [0] * len(Column)
     count_reads(SLOTS, GPU_ROWS, counters=counters, layer=1)
-    assert counters[1].tolist() == [24, 8, 2, 0, 2]
+    assert counters[1, :5].tolist() == [24, 8, 2, 0, 2]
 
 
 def test_count_reads_all_gpu_or_all_host():
     counters = torch.zeros(1, len(Column), dtype=torch.int64)
     count_reads(SLOTS, 1000, torch.ones_like(HITS), counters=counters, layer=0)
-    assert counters[0].tolist() == [12, 0, 0, 0, 1]
+    assert counters[0, :5].tolist() == [12, 0, 0, 0, 1]
     count_reads(SLOTS, 0, counters=counters, layer=0)
-    assert counters[0].tolist() == [24, 12, 0, 0, 2]
+    assert counters[0, :5].tolist() == [24, 12, 0, 0, 2]
 
 
 def test_snapshot_totals_deltas_and_derived_figures():
@@ -88,9 +88,33 @@ def test_steps_are_decode_steps_not_layer_steps():
 
 def test_summary_line():
     counts = host_stats.ReadCounts(rows=1_234_560, host_rows=617_280, cache_hits=154_320, cache_fills=0, steps=40,
-                                   bytes_per_row=512)
+                                   bytes_per_row=512, prefetch_hits=1_000, prefetch_rows=4_000, overlap=900,
+                                   overlap_blocks=1_000)
+    # late: 617,280 - 154,320 = 462,960 rows, 11,574 a step, 5,925,888 B a step = 0.37 ms at 16 GB/s;
+    # ahead: 100 rows a step = 51,200 B, a quarter of them read later
     assert counts.summary_line() == ("asynctls host reads: rows/step 30,864, host share 0.500, cache hit 0.250, "
-                                     "PCIe MB/step 5.93 (40 steps)")
+                                     "PCIe MB/step 5.93 (40 steps); late rows/step 11,574, ahead rows/step 100 "
+                                     "(0.05 MB), ahead used 0.250, block overlap 0.900, stall est ms/step 0.37")
+    assert counts.late_rows == 462_960 and counts.prefetch_bytes_per_step == 51_200
+    assert counts.stall_ms_per_step == pytest.approx(5_925_888 / 16e9 * 1e3)
+
+
+def test_prefetch_and_overlap_columns_in_snapshots():
+    """The prefetch kernel's and block_overlap's columns reach the snapshot, per layer and pooled."""
+    stats = HostReadStats(num_layers=2, bytes_per_row=512, device="cpu")
+    count_reads(SLOTS, GPU_ROWS, HITS, counters=stats.counters, layer=0)  # 1 step: 4 host rows, 2 hits
+    count_reads(SLOTS, GPU_ROWS, counters=stats.counters, layer=1)  # 4 host rows, no hit
+    stats.counters[0, Column.PREFETCH_ROWS] += 6  # fetched ahead
+    stats.counters[0, Column.PREFETCH_HITS] += 2  # of the 2 hits, both on fetched lines
+    stats.counters[:, Column.OVERLAP] += torch.tensor([7, 5])
+    stats.counters[:, Column.OVERLAP_BLOCKS] += torch.tensor([8, 8])
+    snap = stats.snapshot()
+    d = snap.delta
+    assert (d.prefetch_rows, d.prefetch_hits, d.overlap, d.overlap_blocks, d.steps) == (6, 2, 12, 16, 1)
+    assert (d.late_rows, d.late_rows_per_step, d.prefetch_hit_rate, d.block_overlap) == (6, 6, 2 / 6, 0.75)
+    assert d.prefetch_bytes_per_step == 6 * 512 and d.host_bytes == d.late_rows * 512
+    assert [(l.prefetch_rows, l.late_rows, l.block_overlap) for l in snap.layers] == [(6, 2, 7 / 8), (0, 4, 5 / 8)]
+    assert stats.snapshot().delta.block_overlap == 0.0  # an empty interval
 
 
 class FakeGauge:
@@ -128,7 +152,8 @@ def test_hook_logs_and_sets_gauges_at_the_log_interval(caplog):
         assert not caplog.records and not FakeGauge.made
         host_read_stats.report_host_reads(None, _reporter(ct=40))
     assert caplog.messages == ["asynctls host reads: rows/step 12, host share 0.333, cache hit 0.500, "
-                               "PCIe MB/step 0.00 (1 steps)"]
+                               "PCIe MB/step 0.00 (1 steps); late rows/step 2, ahead rows/step 0 (0.00 MB), "
+                               "ahead used 0.000, block overlap 0.000, stall est ms/step 0.00"]
     gauges = {g.name: g for g in FakeGauge.made}
     assert sorted(gauges) == sorted(name for name, _ in host_read_stats.GAUGES.values())
     key = tuple(sorted(_reporter(0).metrics_collector.labels.items()))
@@ -136,11 +161,15 @@ def test_hook_logs_and_sets_gauges_at_the_log_interval(caplog):
     assert gauges["sglang:asynctls_host_share"].values == {key: 4 / 12}
     assert gauges["sglang:asynctls_cache_hit_rate"].values == {key: 0.5}
     assert gauges["sglang:asynctls_rows_per_step"].values == {key: 12}
+    assert gauges["sglang:asynctls_late_rows_per_step"].values == {key: 2}  # host rows 150, 101 were not cached
+    assert gauges["sglang:asynctls_prefetch_rows_per_step"].values == {key: 0}
+    assert gauges["sglang:asynctls_block_overlap"].values == {key: 0.0}
+    assert gauges["sglang:asynctls_stall_ms_per_step_estimate"].values == {key: 2 * 512 / 16e9 * 1e3}
     assert {g.mode for g in FakeGauge.made} == {"mostrecent"}
 
     count_reads(SLOTS, 0, counters=stats.counters, layer=0)
     host_read_stats.report_host_reads(None, _reporter(ct=80))
-    assert len(FakeGauge.made) == 4  # made once a process
+    assert len(FakeGauge.made) == len(host_read_stats.GAUGES)  # made once a process
     assert gauges["sglang:asynctls_host_share"].values == {key: 1.0}  # the new interval only
 
 
@@ -151,7 +180,7 @@ def test_hook_on_other_ranks(caplog):
         host_read_stats.report_host_reads(None, _reporter(ct=40, log=True, metrics=False))
         assert len(caplog.records) == 1 and not FakeGauge.made
         host_read_stats.report_host_reads(None, _reporter(ct=80, log=False, metrics=True))
-        assert len(caplog.records) == 1 and len(FakeGauge.made) == 4
+        assert len(caplog.records) == 1 and len(FakeGauge.made) == len(host_read_stats.GAUGES)
     count_reads(SLOTS, GPU_ROWS, counters=stats.counters, layer=0)
     host_read_stats.report_host_reads(None, _reporter(ct=120, log=False, metrics=False))  # SGLang logs nothing
     assert stats.snapshot().delta.steps == 1  # so no snapshot was taken

@@ -141,6 +141,7 @@ CASES = {  # name: (page size, --max-running-requests, config changes); paged: o
     "paged.host": (16, 3, {"host_kv_gib": 0.001}),
     "paged.host-cache": (16, 3, {"host_kv_gib": 0.001, "host_cache_tokens": 16}),
     "page1.host-cache": (1, 3, {"host_kv_gib": 0.001, "host_cache_tokens": 16}),
+    "paged.host-prefetch": (16, 3, {"host_kv_gib": 0.001, "host_cache_tokens": 16, "host_prefetch_rows": 8}),
 }
 
 
@@ -164,6 +165,9 @@ def test_the_hook_charges_what_the_backend_allocates(monkeypatch, publish, case,
         assert req.req_to_token.shape[0] == mrr + 1 if mrr else req.req_to_token.shape[0] >= 2049
     if cfg.host_cache_tokens:
         assert backend.host_cache.k[0].numel() and fit.charge["host_row_cache"] == backend.host_cache.nbytes()
+    if cfg.host_kv_gib:  # the block-overlap count's last selections, and the prefetch's landed flags, are charged
+        assert backend.host_cache.prev_blocks is not None
+        assert (backend.host_cache.fetched is not None) == bool(cfg.host_prefetch_rows)
     # the pool and the buffers fit the budget, and one page more would not
     buffers = kv_sizing.plugin_buffers(kvc, cfg)
     assert fit.device_tokens * cell + sum(fit.charge.values()) <= budget

@@ -32,12 +32,12 @@ def test_reference_hits_fill_one_line_per_set_and_never_evict_a_hit():
     base = 1 * 2 * W
     assert ref.tolist() == [[[-1, -(base + 0) - 2, -(base + W) - 2, -1, -1]]]
     assert tags[1, 0, 0] == 102 and tags[1, 0, W] == 101 and stamps[1, 0, 0] == 10
-    assert counters.tolist() == [4, 3, 0, 2, 1]
+    assert counters[:5].tolist() == [4, 3, 0, 2, 1]
     ref = OR.host_cache_lookup(slots, rows, torch.tensor([11], device=DEV), active, tags, stamps, claims, 100,
                                counters, ways=W)
     # now 102 and 101 hit; 100 misses and takes set 0's next LRU line (way 1), not 102's line
     assert ref.tolist() == [[[-(base + 1) - 2, base + 0, base + W, -1, -1]]]
-    assert counters.tolist() == [8, 6, 2, 3, 2]
+    assert counters[:5].tolist() == [8, 6, 2, 3, 2]
     assert (claims == -1).all()
 
 
@@ -128,7 +128,7 @@ def test_reset_rows_drops_lines_and_zero_lines_only_count():
     sel = torch.tensor([[[3, 12, 15, -1]]], dtype=torch.int32, device=DEV)
     one = torch.ones(1, dtype=torch.int32, device=DEV)
     assert counting.for_layer(0, one, one * 9, torch.tensor([True], device=DEV))(sel) is None
-    assert counting.counters[0].tolist() == [3, 2, 0, 0, 1]
+    assert counting.counters[0, :5].tolist() == [3, 2, 0, 0, 1]
 
 
 def test_config_checks_the_cache_flag():

@@ -16,7 +16,8 @@ HERE = os.path.dirname(__file__)
 FLAGS = ["--enable-asynctls", "--asynctls-block-size", "--asynctls-block-budget", "--asynctls-token-budget",
          "--asynctls-label-channels", "--asynctls-channel-config", "--asynctls-sink-tokens",
          "--asynctls-local-window", "--asynctls-dense-below", "--asynctls-offload", "--asynctls-bound-slack",
-         "--asynctls-group-score", "--asynctls-dense-backend"]
+         "--asynctls-group-score", "--asynctls-dense-backend", "--asynctls-host-kv-gib",
+         "--asynctls-host-cache-tokens", "--asynctls-host-prefetch-rows"]
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +148,9 @@ def test_mla_model_is_accepted_as_mqa_over_the_latent(parse, models):
     (["--page-size", "16"], "--page-size"),
     (["--page-size", "96"], "--page-size"),
     (["--kv-cache-dtype", "fp8_e4m3"], "--kv-cache-dtype"),
+    (["--asynctls-host-prefetch-rows", "128"], "--asynctls-host-prefetch-rows"),  # no host-row cache to fill
+    (["--asynctls-host-kv-gib", "1", "--asynctls-host-cache-tokens", "64", "--asynctls-host-prefetch-rows", "2048",
+      "--max-running-requests", "4"], "--asynctls-host-prefetch-rows"),
 ])
 def test_bad_values_fail_at_launch_naming_the_flag(parse, models, capsys, argv, flag):
     with pytest.raises(SystemExit) as e:
@@ -185,6 +189,17 @@ def test_page_size_1_refuses_request_rows_that_cannot_fit_in_one_line(parse, mod
         parse(qwen3, *host, "--max-running-requests", "512")
     assert ("--asynctls-host-cache-tokens 2048 keeps host-row cache lines for every request row: 147.7 GiB for 513 "
             "request rows") in capsys.readouterr().err
+
+
+def test_host_prefetch_flag_reaches_the_config(parse, models):
+    sa = parse(models["tiny_llama"], "--enable-asynctls", "--asynctls-host-kv-gib", "1",
+               "--asynctls-host-cache-tokens", "64", "--asynctls-host-prefetch-rows", "128",
+               "--max-running-requests", "4")
+    from sglang_asynctls.runtime_config import config_of
+
+    cfg = config_of(pickle.loads(pickle.dumps(sa)))
+    assert (cfg.host_kv_gib, cfg.host_cache_tokens, cfg.host_prefetch_rows) == (1.0, 64, 128)
+    assert config_of(parse(models["tiny_llama"], "--enable-asynctls")).host_prefetch_rows == 0  # off by default
 
 
 def test_sliding_window_model_is_refused(parse, models, capsys):

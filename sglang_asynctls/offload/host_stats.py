@@ -1,6 +1,7 @@
 """Host-tier read counts per layer, accumulated on the GPU without a host sync and read out at SGLang's decode log
 interval: selected token rows read, how many of them sit in host slots (read over PCIe), how many of those the
-device-side hot-token cache served, rows written into that cache, and decode steps.
+device-side hot-token cache served, rows written into that cache, decode steps; with the prefetch, rows copied
+ahead and how many of them a later step read; and the coarse selection's block overlap with the previous step.
 
 With `--asynctls-host-kv-gib` a layer's KV buffer is one address range, GPU rows [0, gpu_rows) then host rows; a
 selected slot >= gpu_rows is a host read unless the cache serves it. The Triton `host_cache_lookup` adds into
@@ -29,8 +30,17 @@ class Column(IntEnum):
     ROWS = 0  # selected token rows read, counted per KV head (a slot read for 8 KV heads counts 8)
     HOST_ROWS = 1  # of ROWS, those in host slots (slot >= gpu_rows)
     CACHE_HITS = 2  # of HOST_ROWS, those served from the device cache (not read over PCIe)
-    CACHE_FILLS = 3  # rows written into the device cache
+    CACHE_FILLS = 3  # rows written into the device cache by decode (on a miss, as it reads the row)
     STEPS = 4  # decode steps counted: +1 per layer step
+    PREFETCH_HITS = 5  # of CACHE_HITS, the first read of a line the prefetch filled
+    PREFETCH_ROWS = 6  # host rows copied into the cache ahead of use (host_prefetch, on the side stream)
+    OVERLAP = 7  # sum over (long request, KV head) of |M_t n M_t-1|: coarse blocks the previous step selected too
+    OVERLAP_BLOCKS = 8  # sum of |M_t| over the same (request, KV head)s (those with a previous step)
+
+
+# In-kernel reads of random host rows, per PCIe direction (benchmarks/results/host_read_cost_h100.json: 12.2-16.2
+# GB/s for 1 to 9 requests of k_t 1,024 at host shares 0.25-1, H100): what the stall estimate divides late bytes by.
+HOST_READ_GBPS = 16.0
 
 
 def counters_bytes(num_layers: int) -> int:
@@ -59,6 +69,10 @@ class ReadCounts:
     cache_fills: int
     steps: int
     bytes_per_row: int
+    prefetch_hits: int = 0
+    prefetch_rows: int = 0
+    overlap: int = 0
+    overlap_blocks: int = 0
 
     @property
     def host_bytes(self) -> int:
@@ -81,10 +95,49 @@ class ReadCounts:
     def cache_hit_rate(self) -> float:
         return _ratio(self.cache_hits, self.host_rows)
 
+    @property
+    def late_rows(self) -> int:
+        """Host rows the attention read over PCIe inside the step (not in the cache when it ran): the rows a
+        prefetch came too late for, or never predicted. Their bytes are `host_bytes`."""
+        return self.host_rows - self.cache_hits
+
+    @property
+    def late_rows_per_step(self) -> float:
+        return _ratio(self.late_rows, self.steps)
+
+    @property
+    def prefetch_rows_per_step(self) -> float:
+        return _ratio(self.prefetch_rows, self.steps)
+
+    @property
+    def prefetch_bytes_per_step(self) -> float:
+        """Bytes copied host -> cache ahead of use a step (side stream: off the step's critical path)."""
+        return _ratio(self.prefetch_rows * self.bytes_per_row, self.steps)
+
+    @property
+    def prefetch_hit_rate(self) -> float:
+        """Share of the rows fetched ahead that a later step read from the cache."""
+        return _ratio(self.prefetch_hits, self.prefetch_rows)
+
+    @property
+    def block_overlap(self) -> float:
+        """|M_t n M_t-1| / |M_t|, averaged over long requests, KV heads, layers and steps (block-weighted)."""
+        return _ratio(self.overlap, self.overlap_blocks)
+
+    @property
+    def stall_ms_per_step(self) -> float:
+        """An estimate, not a measurement: late bytes a step at HOST_READ_GBPS (the GPU A/B measures the stall
+        share against an all-resident run, docs/offload.md)."""
+        return self.host_bytes_per_step / (HOST_READ_GBPS * 1e9) * 1e3
+
     def summary_line(self) -> str:
+        # the first part is what benchmarks/offload_capacity.py has always parsed; the prefetch figures follow it
         return (f"asynctls host reads: rows/step {self.rows_per_step:,.0f}, host share {self.host_share:.3f}, "
                 f"cache hit {self.cache_hit_rate:.3f}, PCIe MB/step {self.host_bytes_per_step / 1e6:.2f} "
-                f"({self.steps} steps)")
+                f"({self.steps} steps); late rows/step {self.late_rows_per_step:,.0f}, "
+                f"ahead rows/step {self.prefetch_rows_per_step:,.0f} ({self.prefetch_bytes_per_step / 1e6:.2f} "
+                f"MB), ahead used {self.prefetch_hit_rate:.3f}, block overlap {self.block_overlap:.3f}, "
+                f"stall est ms/step {self.stall_ms_per_step:.2f}")
 
 
 def _counts(per_layer: torch.Tensor, bytes_per_row: int) -> ReadCounts:
@@ -93,7 +146,8 @@ def _counts(per_layer: torch.Tensor, bytes_per_row: int) -> ReadCounts:
     tot = per_layer.sum(0).tolist()
     steps = int(per_layer[:, Column.STEPS].max()) if len(per_layer) else 0
     return ReadCounts(tot[Column.ROWS], tot[Column.HOST_ROWS], tot[Column.CACHE_HITS], tot[Column.CACHE_FILLS],
-                      steps, bytes_per_row)
+                      steps, bytes_per_row, tot[Column.PREFETCH_HITS], tot[Column.PREFETCH_ROWS],
+                      tot[Column.OVERLAP], tot[Column.OVERLAP_BLOCKS])
 
 
 @dataclass(frozen=True)
@@ -144,7 +198,7 @@ def count_reads(token_slots: torch.Tensor, gpu_rows: int, cache_hit_mask: Option
     hits = host & cache_hit_mask if cache_hit_mask is not None else torch.zeros_like(host)
     one = torch.ones((), dtype=torch.int64, device=counters.device)
     add = torch.stack([valid.sum(), host.sum(), hits.sum(), torch.zeros_like(one), one])
-    counters[layer] += add
+    counters[layer, :len(add)] += add
 
 
 _live: Optional[HostReadStats] = None
