@@ -90,6 +90,21 @@ def _check_host_tier(server_args, cfg) -> None:
     check_host_memory(cfg.host_kv_gib, ranks_here)
 
 
+def _check_disaggregation(args) -> None:
+    """PD disaggregation: AsyncTLS runs on the decode server only. Its prefill server runs stock SGLang (no index is
+    written or sent there): the decode server indexes the KV as it arrives (patches/prebuilt_batch.py), which reads
+    each key once per layer, far less than the transfer moved, and needs no change to SGLang's transfer engines."""
+    mode = getattr(args, "disaggregation_mode", "null") or "null"
+    if mode == "prefill":
+        raise AsyncTLSConfigError(f"{FLAGS['enabled']} belongs on the decode server of a PD pair: start the "
+                                  "--disaggregation-mode prefill server without it, with the decode server's "
+                                  "--page-size (64 unless set); the decode server indexes the KV as it arrives")
+    if mode == "decode" and getattr(args, "enable_hierarchical_cache", False):
+        # a prefix HiCache loads back onto the decode server would arrive in new slots that nobody indexes
+        raise AsyncTLSConfigError(f"{FLAGS['enabled']} cannot be combined with --enable-hierarchical-cache on a "
+                                  "--disaggregation-mode decode server yet")
+
+
 def _attn_tp_size(server_args) -> int:
     # SGLang's own split of --tp into attention DP x CP x TP, so the check sees the ranks the backend will see
     from sglang.srt.layers.dp_attention import compute_dp_attention_world_info
@@ -119,6 +134,7 @@ def from_cli_args_with_asynctls(original, cls, args):
             cfg = dataclasses.replace(cfg, enabled=True)
         if cfg.enabled:
             _check_before_sglang(cfg)
+            _check_disaggregation(args)
             _route_backend(args)
             _match_page_size(args, cfg)
             # the index plan of a prefill batch is built on the host per batch; a captured prefill graph would
