@@ -35,6 +35,7 @@ MODEL = os.environ.get("SERVE_BENCH_MODEL", "/root/qwen3_8b_fullvocab")
 COMMON = ["--load-format", "dummy", "--host", "127.0.0.1", "--port", str(PORT), "--cuda-graph-max-bs", "16"]
 # (requests, input tokens, output tokens, concurrency): the issue's W1 RAG, W2 chat/agent, W3 long generation
 WORKLOADS = {"w1": (16, 98304, 128, 4), "w2": (32, 49152, 1024, 8), "w3": (16, 32768, 4096, 16)}
+STOP_GRACE_S = 8  # SIGTERM, then SIGKILL for what is left of the server's process group
 METRICS = ("median_ttft_ms", "p99_ttft_ms", "median_itl_ms", "median_e2e_latency_ms", "request_throughput",
            "output_throughput", "duration", "completed")
 LOG_LINES = re.compile(r"max_total_num_tokens|KV Cache is allocated|avail mem|Capture cuda graph end|asynctls backend"
@@ -122,7 +123,7 @@ def workload(args) -> None:
            "--random-range-ratio", "1", "--num-prompts", str(n), "--max-concurrency", str(conc),
            "--output-file", out_file, "--flush-cache", "--seed", "1"]
     t0 = time.time()
-    mark = sum(1 for _ in open(os.path.join(args.dir, f"{args.label}_server.log")))
+    marks = {path: sum(1 for _ in open(path)) for path in _server_logs(args)}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     state = _state(args)
     row = {"name": args.name, "requests": n, "input_len": il, "output_len": ol, "concurrency": conc,
@@ -132,7 +133,7 @@ def workload(args) -> None:
         row.update({k: result.get(k) for k in METRICS})
     else:
         row["error"] = (proc.stdout + proc.stderr)[-3000:]
-    log = list(open(os.path.join(args.dir, f"{args.label}_server.log")))[mark:]
+    log = [line for path, mark in marks.items() for line in list(open(path))[mark:]]
     row["decode_log"] = [ln.strip()[:240] for ln in log if "Decode batch" in ln][-6:]
     row["prefill_log"] = [ln.strip()[:240] for ln in log if "Prefill batch" in ln][-3:]
     state.setdefault("workloads", {})[args.name] = row
@@ -140,12 +141,23 @@ def workload(args) -> None:
     print(json.dumps({k: row.get(k) for k in ("name", "wall_s", "returncode", *METRICS)}))
 
 
+def _server_logs(args) -> list:
+    """The server's log; a PD pair (pd_bench.py) logs decode there and prefill beside it."""
+    paths = [os.path.join(args.dir, f"{args.label}_{name}.log") for name in ("server", "prefill_server")]
+    return [p for p in paths if os.path.exists(p)]
+
+
 def stop(args) -> None:
-    pid = _state(args).get("pid")
-    if pid:
+    state = _state(args)
+    pids = state.get("pids") or [state.get("pid")]  # a PD pair (pd_bench.py): router, decode, prefill
+    for pid in filter(None, pids):
         try:
             os.killpg(pid, signal.SIGTERM)
-            time.sleep(8)
+        except ProcessLookupError:
+            pass
+    time.sleep(STOP_GRACE_S)
+    for pid in filter(None, pids):
+        try:
             os.killpg(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass

@@ -4,8 +4,9 @@ Target:  sglang.srt.managers.scheduler.Scheduler.get_internal_state, HookType.AF
 SGLang:  0.5.17
 Reason:  a leak check (benchmarks/soak.py) must see, after `/flush_cache`, that nothing is left allocated: SGLang
          reports its token usage, but not how many host-tier slots or host-row cache lines are in use, which only
-         the plugin knows. After get_internal_state builds its dict we add `asynctls`: the counts below and the
-         server's AsyncTLS config. It runs only when `/server_info` is asked (one host sync for the cache tags);
+         the plugin knows. After get_internal_state builds its dict we add `asynctls`: the counts below, the
+         backend's index counters (a PD smoke run checks the KV that arrived was indexed) and the server's
+         AsyncTLS config. It runs only when `/server_info` is asked (one host sync for the cache tags);
          nothing is added without --enable-asynctls, and a failure is reported in the dict, never raised.
 """
 
@@ -67,6 +68,8 @@ def pool_usage(scheduler, cfg) -> dict:
             "request_rows_in_use": len(live_rows),
             "running_requests": len(running.reqs) if running is not None else 0,
             "waiting_requests": len(scheduler.waiting_queue),
+            # pages and slots the index wrote, requests indexed on arrival (PD decode server)
+            "index": dict(getattr(backend, "stats", {})),
             "config": dataclasses.asdict(cfg)}
 
 

@@ -92,6 +92,22 @@ def _check_host_tier(server_args, cfg) -> None:
     check_host_memory(cfg.host_kv_gib, ranks_here)
 
 
+def _check_disaggregation(args) -> None:
+    """HiCache is refused (below). PD disaggregation: AsyncTLS runs on the decode server only. Its prefill server runs stock SGLang (no index is
+    written or sent there): the decode server indexes the KV as it arrives (patches/prebuilt_batch.py), which reads
+    each key once per layer, far less than the transfer moved, and needs no change to SGLang's transfer engines."""
+    mode = getattr(args, "disaggregation_mode", "null") or "null"
+    if mode == "prefill":
+        raise AsyncTLSConfigError(f"{FLAGS['enabled']} belongs on the decode server of a PD pair: start the "
+                                  "--disaggregation-mode prefill server without it, with the decode server's "
+                                  "--page-size (64 unless set); the decode server indexes the KV as it arrives")
+    if getattr(args, "enable_hierarchical_cache", False):
+        # a prefix HiCache loads back from host memory lands in new slots counted as reused prefix: the extend's
+        # index write skips them, so decode would select over stale labels and block bounds (PD decode servers too)
+        raise AsyncTLSConfigError(f"{FLAGS['enabled']} cannot be combined with --enable-hierarchical-cache yet: a "
+                                  "prefix it loads back would be decoded without an index")
+
+
 def _attn_world(server_args) -> tuple:
     """(attention TP size, attention DP size): SGLang's own split of --tp into attention DP x CP x TP, so the checks
     see the ranks the backend will see."""
@@ -179,6 +195,7 @@ def from_cli_args_with_asynctls(original, cls, args):
             cfg = dataclasses.replace(cfg, enabled=True)
         if cfg.enabled:
             _check_before_sglang(cfg)
+            _check_disaggregation(args)
             _route_backend(args)
             _match_page_size(args, cfg)
             # the index plan of a prefill batch is built on the host per batch; a captured prefill graph would

@@ -122,7 +122,7 @@ class AsyncTLSBackend(AttentionBackend):
         self._dense_fb = self._extend_plan = None
         # per decode step, computed at its first layer: [B, NB] page of every block, [B] sparse-path rows
         self._block_table = self._long_seq = self._decode_rows = None
-        self.stats = {"index_pages_written": 0, "index_slots_labelled": 0}
+        self.stats = {"index_pages_written": 0, "index_slots_labelled": 0, "index_arrivals": 0}
         logger.info("asynctls backend: %s inner, %s, sparse decode via %s, index %.1f MiB, %d blocks per request "
                     "max, label channels %s, (k_t, k_b) per layer %s", type(inner).__name__, cfg, self.sparse_impl,
                     self.index.nbytes() / 2**20, self.num_blocks,
@@ -200,17 +200,34 @@ class AsyncTLSBackend(AttentionBackend):
         return self.inner.support_triton()
 
     def _plan_index_extend(self, fb) -> None:
+        self._extend_plan = self._plan_index(fb.req_pool_indices, list(fb.extend_prefix_lens_cpu),
+                                             fb.seq_lens_cpu.tolist(), int(fb.out_cache_loc.numel()), "prefill")
+
+    def _plan_index(self, req_pool_indices, prefix_lens: list, seq_lens: list, num_new: int, what: str):
+        """The pages to index once [prefix, seq) of each request holds new keys: host-side lengths, no sync."""
         if self.host_cache is not None:  # a prefilled row may hold a new request: its cached rows are stale
-            self.host_cache.reset_rows(fb.req_pool_indices)
-        self._extend_plan = plan_extend(self.req_to_token, fb.req_pool_indices, list(fb.extend_prefix_lens_cpu),
-                                        fb.seq_lens_cpu.tolist(), self.cfg.block_size,
-                                        max_blocks=self.index.max_blocks)
-        new, reused = int(fb.out_cache_loc.numel()), sum(fb.extend_prefix_lens_cpu)
-        self.stats["index_pages_written"] += self._extend_plan.num_pages
-        self.stats["index_slots_labelled"] += new
-        # one line per prefill batch: radix reuse is visible as pages written << prompt pages
-        logger.info("asynctls index: prefill of %d new tokens wrote %d pages; %d prefix tokens reused",
-                    new, self._extend_plan.num_pages, reused)
+            self.host_cache.reset_rows(req_pool_indices)
+        plan = plan_extend(self.req_to_token, req_pool_indices, prefix_lens, seq_lens, self.cfg.block_size,
+                           max_blocks=self.index.max_blocks)
+        self.stats["index_pages_written"] += plan.num_pages
+        self.stats["index_slots_labelled"] += num_new
+        # one line per batch: radix reuse is visible as pages written << prompt pages
+        logger.info("asynctls index: %s of %d new tokens wrote %d pages; %d prefix tokens reused",
+                    what, num_new, plan.num_pages, sum(prefix_lens))
+        return plan
+
+    def index_arrived_kv(self, req_pool_indices: torch.Tensor, prefix_lens: list, seq_lens: list,
+                         new_loc: torch.Tensor) -> None:
+        """PD decode server: the keys of tokens [prefix_lens[i], seq_lens[i]) of each request arrived in the pool
+        from a prefill server (no forward wrote them). Index them, every layer, exactly as forward_extend would
+        after a local prefill of those tokens: the same plan, the same writer. req_pool_indices [B] int64 (device);
+        new_loc [N] int64 their slots in request order (an extend's out_cache_loc). Launches only, no host sync."""
+        self.stats["index_arrivals"] += len(seq_lens)
+        plan = self._plan_index(req_pool_indices, prefix_lens, seq_lens, int(new_loc.numel()), "arrived KV")
+        pool = self.token_to_kv_pool
+        for lid in range(pool.layer_num):
+            k_buffer = pool.get_key_buffer(lid + self.layer_offset)
+            self.index.write_extend(lid, k_buffer, new_loc, plan)
 
     # ------------------------------------------------------------------ forward
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):

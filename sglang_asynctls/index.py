@@ -8,8 +8,9 @@ Addressing follows the KV pool, so a prefix that the radix cache shares shares i
   per request instead (`request_rows`): row = req_pool_index * max_blocks + block. A prefill then recomputes every
   block of the request, the shared prefix's included (one read of its keys); labels stay per slot and shared.
 
-Notations for shapes: see `sglang_asynctls/reference.py`. All methods take tensors and ints; none syncs the host
-except `plan_extend`, which runs once per prefill batch from host-side lengths SGLang already holds.
+Notations for shapes: see `sglang_asynctls/reference.py`. All methods take tensors and ints; none syncs the host:
+`plan_extend` runs once per prefill (or arrival) batch from host-side lengths SGLang already holds, and queues one
+copy of them to the device.
 """
 
 from __future__ import annotations
@@ -88,10 +89,14 @@ def plan_extend(req_to_token, req_pool_indices, prefix_lens: List[int], seq_lens
     """max_blocks > 0: per-request rows (page size 1), row = req_pool_index * max_blocks + block."""
     pairs = pages_to_rewrite(prefix_lens, seq_lens, block_size, whole_request=max_blocks > 0)
     dev = req_to_token.device
-    reqs = torch.tensor([r for r, _ in pairs], dtype=torch.long, device=dev)
-    blocks = torch.tensor([j for _, j in pairs], dtype=torch.long, device=dev)
-    lens = torch.tensor([seq_lens[r] for r, _ in pairs], dtype=torch.long, device=dev)
-    prefix = torch.tensor([prefix_lens[r] for r, _ in pairs], dtype=torch.long, device=dev)
+    host = torch.tensor([[r for r, _ in pairs], [j for _, j in pairs], [seq_lens[r] for r, _ in pairs],
+                         [prefix_lens[r] for r, _ in pairs]], dtype=torch.long)  # [4, M]
+    if dev.type == "cuda":
+        # a blocking copy from pageable memory synchronizes the stream: a PD decode server plans in its decode
+        # loop, behind the forward in flight; from pinned memory the copy is queued (the caching host allocator
+        # keeps the buffer until it is done)
+        host = host.pin_memory()
+    reqs, blocks, lens, prefix = host.to(dev, non_blocking=True)
     pos = blocks[:, None] * block_size + torch.arange(block_size, device=dev)
     rows = req_pool_indices.long()[reqs] if pairs else reqs
     slots = req_to_token[rows[:, None], pos.clamp(max=req_to_token.shape[1] - 1)].long()

@@ -29,8 +29,8 @@ def register() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
     from sglang.srt.server_args import ATTENTION_BACKEND_CHOICES, add_attention_backend_choices
 
-    from sglang_asynctls.patches import (host_read_stats, kv_host_tier, kv_sizing, pool_usage, server_args_cli,
-                                         server_args_from_cli)
+    from sglang_asynctls.patches import (host_read_stats, kv_host_tier, kv_sizing, pool_usage, prebuilt_batch,
+                                         server_args_cli, server_args_from_cli)
 
     if BACKEND_NAME not in ATTENTION_BACKEND_CHOICES:
         add_attention_backend_choices([BACKEND_NAME])
@@ -48,4 +48,6 @@ def register() -> None:
     HookRegistry.register(host_read_stats.TARGET, host_read_stats.report_host_reads, HookType.AFTER)
     # /server_info's internal state gains the pools' usage (leak checks); a no-op without --enable-asynctls
     HookRegistry.register(pool_usage.TARGET, pool_usage.report_pool_usage, HookType.AFTER)
+    # PD decode server: index the KV that arrived from the prefill server; a no-op without --enable-asynctls
+    HookRegistry.register(prebuilt_batch.TARGET, prebuilt_batch.index_arrived_kv, HookType.AFTER)
     _registered = True

@@ -23,8 +23,8 @@ from sglang.srt.model_executor.forward_batch_info import ForwardMode  # noqa: E4
 SLOTS = 64 * BS
 
 
-def runner():
-    kv = pools.MHATokenToKVPool(SLOTS, BS, torch.float32, HKV, D, LAYERS, "cpu", False)
+def runner(page_size=BS):
+    kv = pools.MHATokenToKVPool(SLOTS, page_size, torch.float32, HKV, D, LAYERS, "cpu", False)
     req = pools.ReqToTokenPool(4, 1024, "cpu", False)
     req.req_to_token[1, :400] = torch.arange(10 * BS, 10 * BS + 400)
     req.req_to_token[3, :100] = torch.arange(40 * BS, 40 * BS + 100)
@@ -33,7 +33,7 @@ def runner():
                          full_attention_interval=None, linear_attn_registry_result=None, num_hidden_layers=LAYERS,
                          num_attention_heads=HQ, num_key_value_heads=HKV, head_dim=D, v_head_dim=D, context_len=1024)
     cfg = dataclasses.replace(CFG, dense_backend="torch_native")
-    return SimpleNamespace(server_args=SimpleNamespace(_asynctls_config=cfg), model_config=mc, page_size=BS,
+    return SimpleNamespace(server_args=SimpleNamespace(_asynctls_config=cfg), model_config=mc, page_size=page_size,
                            device="cpu", token_to_kv_pool=kv, req_to_token_pool=req)
 
 

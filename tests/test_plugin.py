@@ -202,6 +202,31 @@ def test_host_prefetch_flag_reaches_the_config(parse, models):
     assert config_of(parse(models["tiny_llama"], "--enable-asynctls")).host_prefetch_rows == 0  # off by default
 
 
+def test_pd_decode_server_is_accepted_and_its_prefill_server_runs_stock(parse, models, capsys):
+    """PD disaggregation: the decode server runs AsyncTLS (it indexes the KV as it arrives, with or without its radix
+    cache, with SGLang's fake transfer for smoke runs); a prefill server with the flag is refused with one line
+    saying to run it stock at the decode server's page size, and so is a decode server with HiCache."""
+    for extra in ([], ["--disaggregation-decode-enable-radix-cache"], ["--disaggregation-transfer-backend", "fake"],
+                  ["--page-size", "1"]):
+        sa = parse(models["tiny_llama"], "--enable-asynctls", "--disaggregation-mode", "decode", *extra)
+        assert sa.attention_backend == "asynctls" and sa._asynctls_config.enabled
+        assert sa.page_size == (1 if extra == ["--page-size", "1"] else 64)
+    stock_prefill = parse(models["tiny_llama"], "--disaggregation-mode", "prefill", "--page-size", "64")
+    assert stock_prefill.attention_backend != "asynctls" and not hasattr(stock_prefill, "_asynctls_config")
+    refused = [(["--disaggregation-mode", "prefill"], "start the --disaggregation-mode prefill server without it, "
+                                                      "with the decode server's --page-size (64 unless set)"),
+               (["--disaggregation-mode", "decode", "--disaggregation-decode-enable-radix-cache",
+                 "--enable-hierarchical-cache"], "cannot be combined with --enable-hierarchical-cache yet"),
+               (["--enable-hierarchical-cache"], "a prefix it loads back would be decoded without an index"),
+               (["--disaggregation-mode", "decode", "--asynctls-host-kv-gib", "1"],
+                "--asynctls-host-kv-gib cannot be combined with --disaggregation-mode yet")]
+    for argv, message in refused:
+        with pytest.raises(SystemExit) as e:
+            parse(models["tiny_llama"], "--enable-asynctls", *argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and err[-1].startswith("sglang-asynctls: error:") and message in err[-1]
+
+
 def test_sliding_window_model_is_refused(parse, models, capsys):
     with pytest.raises(SystemExit):
         parse(models["tiny_gemma2_swa"], "--enable-asynctls")

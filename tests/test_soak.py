@@ -133,7 +133,7 @@ FAKE = textwrap.dedent("""
     if "--fake-child" in argv:  # a scheduler-like child the launcher forgets to end
         import subprocess
         subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-    aborted, lock, active, cached = set(), threading.Lock(), [0], [0]
+    aborted, lock, active, cached, arrived = set(), threading.Lock(), [0], [0], [0]
     def tokens(body):
         ids = body.get("input_ids") or body["text"].split()
         if "--fake-random" in argv:
@@ -157,12 +157,14 @@ FAKE = textwrap.dedent("""
             report = {"kv_slots_in_use": held + cached[0], "kv_slots_evictable": cached[0],
                       "host_slots_in_use": cached[0] // 2,
                       "host_cache_lines_live": 0, "host_cache_lines_tagged": 0, "request_rows_in_use": 0,
-                      "running_requests": 0, "waiting_requests": 0, "config": {"dense_below": db}}
+                      "running_requests": 0, "waiting_requests": 0, "config": {"dense_below": db},
+                      "index": {"index_arrivals": arrived[0]}}
             self._send({"context_length": 8192, "max_total_num_tokens": 4096,
                         "internal_states": [{"asynctls": report}]})
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             cached[0] = 640
+            arrived[0] += "bootstrap_host" in body  # a PD decode server's arrived request (pd_bench.py smoke)
             if self.path == "/abort_request":
                 aborted.add(body["rid"])
                 return self._send({})

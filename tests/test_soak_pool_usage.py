@@ -24,7 +24,7 @@ def paged(pages: int, page: int, plan=None):
 
 
 def scheduler(allocator, rtp, host_cache=None, running=0, waiting=0, cfg=CFG):
-    backend = SimpleNamespace(host_cache=host_cache)
+    backend = SimpleNamespace(host_cache=host_cache, stats={"index_arrivals": 3})
     return SimpleNamespace(token_to_kv_pool_allocator=allocator, req_to_token_pool=rtp,
                            tp_worker=SimpleNamespace(model_runner=SimpleNamespace(attn_backend=backend)),
                            tree_cache=SimpleNamespace(evictable_size=lambda: 0),
@@ -79,6 +79,7 @@ def test_hook_adds_the_report_to_the_internal_state():
         "kv_slots_in_use": 128, "host_slots_in_use": 0, "host_slots_total": 256, "request_rows_in_use": 2,
         "running_requests": 2, "waiting_requests": 1}
     assert report["config"]["dense_below"] == CFG.dense_below and result.internal_state["startup_time"] == 1
+    assert report["index"] == {"index_arrivals": 3}
 
 
 def test_hook_leaves_stock_servers_alone_and_never_raises():
