@@ -112,3 +112,20 @@ def test_split_model_dir_restores_as_a_tree(tmp_path):
     r = _restore(tmp_path / "parts", dest)
     assert r.returncode == 0, r.stderr
     assert {p.name: p.read_bytes() for p in dest.iterdir()} == files
+
+
+def test_install_replaces_a_dir_or_a_dangling_link(tmp_path):
+    """A converted dir lands where an earlier staging left a dir or a link, even one whose target is gone (a cache
+    linked to a deleted /tmp folder broke the first-use staging)."""
+    for kind in ("dir", "dangling link"):
+        out = tmp_path / kind.replace(" ", "_")
+        if kind == "dir":
+            out.mkdir()
+            (out / "old").write_text("x")
+        else:
+            out.symlink_to(tmp_path / "gone")
+        new = tmp_path / f".{out.name}.tmp"
+        new.mkdir()
+        (new / "model.safetensors").write_text("new")
+        stage.install_dir(new, out)
+        assert not out.is_symlink() and sorted(p.name for p in out.iterdir()) == ["model.safetensors"]

@@ -188,13 +188,21 @@ def convert(gguf: Path, out: Path) -> Path:
         os.chmod(tmp, 0o755)
         for f in tmp.iterdir():  # mkstemp-style 0600 files would be unreadable for another user of the host
             os.chmod(f, 0o644)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        install_dir(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
     return out
+
+
+def install_dir(tmp: Path, out: Path) -> None:
+    """Put the finished dir tmp at out, replacing what is there: a dir, or a link (its target may be gone: a
+    dangling link would make the rename fail, and the target is not ours to delete)."""
+    if out.is_symlink():
+        out.unlink()
+    elif out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
 
 
 class PartWriter:
