@@ -76,8 +76,8 @@ class ReadCounts:
 
     @property
     def host_bytes(self) -> int:
-        """Bytes read over PCIe: host rows the cache did not serve."""
-        return (self.host_rows - self.cache_hits) * self.bytes_per_row
+        """Bytes read over PCIe inside the step: the late rows'."""
+        return self.late_rows * self.bytes_per_row
 
     @property
     def host_bytes_per_step(self) -> float:
