@@ -187,7 +187,7 @@ def drive(argv) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- the summary
-def _runs(directory: str) -> dict:
+def runs_in(directory: str) -> dict:
     runs = {}
     for path in sorted(glob.glob(os.path.join(directory, "*.json"))):
         state = json.load(open(path))
@@ -215,7 +215,7 @@ def _prefill_ratio(one_batch_path, ours: str, baseline: str):
     return _ratio(pick(ours), pick(baseline)), rows
 
 
-def _parity(ours: dict, base: dict) -> dict:
+def parity_match(ours: dict, base: dict) -> dict:
     a, b = (ours or {}).get("parity"), (base or {}).get("parity")
     if not a or not b:
         return {"short_identical": None}
@@ -226,7 +226,7 @@ def _parity(ours: dict, base: dict) -> dict:
 
 
 def summarize(args) -> None:
-    runs = _runs(args.dir)
+    runs = runs_in(args.dir)
     ours, base = runs.get(args.ours), runs.get(args.baseline)
     rows = [{"method": label, "workload": w, **{k: _metric(run, w, k) for k in METRICS}}
             for label, run in runs.items() for w in WORKLOADS if w in run.get("workloads", {})]
@@ -237,7 +237,7 @@ def summarize(args) -> None:
              for w in WORKLOADS}
     prefill, one_batch_rows = _prefill_ratio(args.one_batch, args.ours, args.baseline)
     # free memory at ready: from the runs, or from servers started again in --memory-dir (after a sizing fix)
-    memory_runs = _runs(args.memory_dir) if args.memory_dir else runs
+    memory_runs = runs_in(args.memory_dir) if args.memory_dir else runs
     free = {label: run.get("gpu_free_gib_at_ready") for label, run in memory_runs.items()}
     summary = {"baseline_backend": args.baseline,
                **{f"{w}_e2e_ratio": e2e[w] for w in WORKLOADS},
@@ -248,7 +248,7 @@ def summarize(args) -> None:
                "free_mem_gap_gib": (round(free[args.baseline] - free[args.ours], 2)
                                     if free.get(args.baseline) is not None and free.get(args.ours) is not None
                                     else None),
-               "parity_vs_baseline": _parity(ours, base)}
+               "parity_vs_baseline": parity_match(ours, base)}
     any_run = next(iter(runs.values()), {})
     result = {"benchmark": "serve_bench", "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"),
               **{k: any_run.get(k) for k in ("gpu", "gpu_count", "torch", "triton", "sglang", "sglang-asynctls")},

@@ -48,7 +48,7 @@ def create_asynctls_backend(model_runner):
     # the launcher resolved "auto"; a program that built ServerArgs itself (sgl.Engine) resolves it here
     name = dense_backend.resolve(cfg, model_runner.server_args)
     logger.info("asynctls: prefill and short decode run SGLang's %s backend", name)
-    return AsyncTLSBackend(model_runner, dense_backend.build(model_runner, name))
+    return AsyncTLSBackend(model_runner, dense_backend.build(model_runner, name), inner_name=name)
 
 
 def _model_config(model_runner):
@@ -92,8 +92,9 @@ def _build_index(cfg, spec, pool, k0, channels, impl: str, request_rows) -> Inde
 class AsyncTLSBackend(AttentionBackend):
     """Stock backend `inner` for prefill and short decode rows; AsyncTLS sparse decode for the long rows."""
 
-    def __init__(self, model_runner, inner: AttentionBackend):
-        self.inner = inner
+    def __init__(self, model_runner, inner: AttentionBackend, inner_name: Optional[str] = None):
+        self.inner, self.inner_name = inner, inner_name
+        self._stamped = {}
         self.token_to_kv_pool = pool = model_runner.token_to_kv_pool
         self.req_to_token_pool = model_runner.req_to_token_pool
         self.req_to_token = model_runner.req_to_token_pool.req_to_token
@@ -135,6 +136,25 @@ class AsyncTLSBackend(AttentionBackend):
         if name == "inner":
             raise AttributeError(name)
         return getattr(self.inner, name)
+
+    # SGLang stamps the registered name ("asynctls") on the backend it built. Model code picks its forward path by
+    # that name (DeepSeek/GLM MLA: deepseek_v2's dispatch_attn_forward_method, then forward_mla's absorbed-core
+    # check), so it must read the inner backend's: an MLA model then runs exactly the path it runs on stock.
+    @property
+    def prefill_attention_backend_str(self):
+        return self.inner_name or self._stamped.get("prefill")
+
+    @prefill_attention_backend_str.setter
+    def prefill_attention_backend_str(self, registered):
+        self._stamped["prefill"] = registered
+
+    @property
+    def decode_attention_backend_str(self):
+        return self.inner_name or self._stamped.get("decode")
+
+    @decode_attention_backend_str.setter
+    def decode_attention_backend_str(self, registered):
+        self._stamped["decode"] = registered
 
     # ------------------------------------------------------------------ the dense view: long requests hidden
     def _is_sparse_step(self, fb) -> bool:
@@ -232,7 +252,9 @@ class AsyncTLSBackend(AttentionBackend):
     # ------------------------------------------------------------------ forward
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         o = self.inner.forward_extend(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
-        if self._extend_plan is not None:  # keys are in the pool now (written by the inner backend or the model)
+        # MLA's chunked-prefix prefill (fa3, FlashInfer) calls a layer once for the new tokens, then once per prefix
+        # chunk with attn_attend_prefix_cache set: the new keys are indexed at the first call only
+        if self._extend_plan is not None and not getattr(forward_batch, "attn_attend_prefix_cache", None):
             k_buffer = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
             self.index.write_extend(layer.layer_id - self.layer_offset, k_buffer, forward_batch.out_cache_loc,
                                     self._extend_plan)

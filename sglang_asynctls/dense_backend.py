@@ -1,9 +1,9 @@
 """Which stock SGLang backend runs prefill and short-sequence decode under `--enable-asynctls` (the inner backend).
 
 `--asynctls-dense-backend auto` means what stock SGLang would pick for this model, GPU and flags
-(`ServerArgs._get_default_attn_backend`: `fa3` on Hopper for GQA/MHA models, FlashInfer or Triton elsewhere), so a
-user's prefill and short requests run the very kernels they run without the plugin. The name is resolved once, in
-the launcher, and travels in the config to every scheduler process.
+(`ServerArgs._get_default_attn_backend`: `fa3` on Hopper for GQA/MHA and MLA models, FlashInfer or Triton
+elsewhere), so a user's prefill and short requests run the very kernels they run without the plugin. The name is
+resolved once, in the launcher, and travels in the config to every scheduler process.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ from sglang_asynctls.config import AUTO, FLAGS, AsyncTLSConfigError
 logger = logging.getLogger(__name__)
 
 WRAPPABLE = ("fa3", "flashinfer", "triton")  # stock backends measured as the inner backend (GQA/MHA)
-MLA_WRAPPABLE = ("triton",)  # MLA: the sparse path reads the latent pool as Triton's MLA backend lays it out
+# MLA: every one of these keeps the latent in SGLang's MLATokenToKVPool ([slots, 1, kv_lora_rank + rope]), the
+# layout the sparse path reads; the model sees the inner's name (AsyncTLSBackend.*_attention_backend_str)
+MLA_WRAPPABLE = ("fa3", "flashinfer", "triton")
 TEST_ONLY = ("torch_native",)  # SGLang's CPU backend: lets the CPU tests run a real stock backend inside ours
 
 
@@ -41,11 +43,11 @@ def resolve(cfg, server_args, default=None) -> str:
         name = picked if picked in allowed else _fallback(allowed)
         if name != picked:
             logger.info("asynctls: stock SGLang would pick %s here; %s runs %s instead (%s)", picked, flag, name,
-                        "MLA" if use_mla else "host tier" if cfg.host_kv_gib > 0 else "not wrappable")
+                        "host tier" if cfg.host_kv_gib > 0 else "not wrappable")
         return name
     if name not in allowed and name not in TEST_ONLY:
-        why = ("with " + FLAGS["host_kv_gib"]) if cfg.host_kv_gib > 0 else ("for MLA models" if use_mla else "")
-        raise AsyncTLSConfigError(f"{flag} must be one of {', '.join(('auto',) + allowed)} {why} (got {name!r})")
+        why = f" with {FLAGS['host_kv_gib']}" if cfg.host_kv_gib > 0 else ""
+        raise AsyncTLSConfigError(f"{flag} must be one of {', '.join(('auto',) + allowed)}{why} (got {name!r})")
     return name
 
 

@@ -86,20 +86,25 @@ def test_dense_backend_auto_is_what_stock_sglang_picks(parse, models):
                  )._asynctls_config.dense_backend == "triton"
 
 
-def test_dense_backend_for_mla_and_the_host_tier_is_triton():
-    """The MLA sparse path and the host tier's prefix gather are built on Triton's layouts: auto picks it, an
-    explicit other backend is refused naming the flag."""
+def test_dense_backend_for_mla_is_stocks_and_for_the_host_tier_triton():
+    """MLA wraps fa3, FlashInfer or Triton (all keep the latent in SGLang's MLA pool): auto picks stock's choice.
+    The host tier's prefix gather is built on Triton's extend kernel: auto picks Triton, another is refused naming
+    the flag."""
     from sglang_asynctls.config import AsyncTLSConfig, AsyncTLSConfigError
     from sglang_asynctls.dense_backend import resolve
 
     gqa, mla = SimpleNamespace(use_mla_backend=lambda: False), SimpleNamespace(use_mla_backend=lambda: True)
     auto = AsyncTLSConfig(enabled=True)
     assert resolve(auto, gqa, default="fa3") == "fa3"
-    assert resolve(auto, mla, default="fa3") == "triton"
+    assert resolve(auto, mla, default="fa3") == "fa3"
+    assert resolve(AsyncTLSConfig(enabled=True, dense_backend="flashinfer"), mla, default="fa3") == "flashinfer"
+    assert resolve(auto, mla, default="flashmla") in ("flashinfer", "triton")  # not wrappable: the fallback
     assert resolve(AsyncTLSConfig(enabled=True, host_kv_gib=8.0), gqa, default="fa3") == "triton"
+    assert resolve(AsyncTLSConfig(enabled=True, host_kv_gib=8.0), mla, default="fa3") == "triton"
     assert resolve(AsyncTLSConfig(enabled=True, dense_backend="flashinfer"), gqa, default="fa3") == "flashinfer"
-    with pytest.raises(AsyncTLSConfigError, match="--asynctls-dense-backend must be one of auto, triton"):
-        resolve(AsyncTLSConfig(enabled=True, dense_backend="fa3"), mla, default="fa3")
+    with pytest.raises(AsyncTLSConfigError, match="--asynctls-dense-backend must be one of auto, fa3, flashinfer, "
+                                                  "triton"):
+        resolve(AsyncTLSConfig(enabled=True, dense_backend="flashmla"), mla, default="fa3")
     with pytest.raises(AsyncTLSConfigError, match="--asynctls-dense-backend .* with --asynctls-host-kv-gib"):
         resolve(AsyncTLSConfig(enabled=True, dense_backend="fa3", host_kv_gib=8.0), gqa, default="fa3")
 

@@ -8,11 +8,15 @@
 #   host.sh serve-start LABEL [flags]        start LABEL's server (detached) and run the parity prompts
 #   host.sh serve-load LABEL w1|w2|w3 [stop] one workload against it (then stop it)
 #   host.sh one-batch METHOD...              bench_one_batch prefill + decode at 2 x 98,304 (e2e_throughput.py)
+#   host.sh mla-parity INNER                 dummy GLM-4.7-Flash (8 layers): stock INNER, then asynctls with INNER
+#                                            inside, each answering the parity prompts (results in /root/mla)
+#   host.sh mla-one-batch METHOD...          bench_one_batch at 2 x 98,304 on that model
 # Served-request results go to /root/sb; each step copies what it wrote to $OUT. A step whose prerequisite failed
 # returns at once ("skipped"), so a batch of device calls costs little after a failure.
 set -o pipefail
 [ -f /root/stage/p2/scripts/env.sh ] && source /root/stage/p2/scripts/env.sh
 D=/root/sb; B=benchmarks/serve_bench.py
+GLM=/root/glm8; MLA=/root/mla
 copy_out() { [ -n "$OUT" ] && cp "$@" "$OUT"/ 2>/dev/null; true; }
 
 install() {
@@ -88,9 +92,25 @@ serve-load)
   copy_out $D/$L.json $D/${L}_server.log; exit $rc ;;
 one-batch)
   shift
-  [ -f $D/asynctls_ok ] || { echo "skipped: asynctls did not start"; exit 1; }
+  [ -f $D/prepared ] || { echo "skipped: not prepared"; exit 1; }
   python3 benchmarks/e2e_throughput.py run --methods "$@" --points 2x98304 --model /root/qwen3_8b_fullvocab \
     --results $D/one_batch.jsonl --raw $D/one_batch_raw.jsonl --timeout 280
   copy_out $D/one_batch.jsonl ;;
+mla-parity)
+  I=${2:?usage: host.sh mla-parity fa3|flashinfer|triton}
+  [ -f $D/prepared ] || { echo "skipped: not prepared"; exit 1; }
+  [ -d $GLM ] || python3 benchmarks/gpu/model_dirs.py glm $GLM --layers 8 --tokenizer-from /root/qwen3_8b_fullvocab
+  for L in $I asynctls_$I; do
+    if [ $L = $I ]; then F=(--attention-backend $I); else F=(--enable-asynctls --asynctls-dense-backend $I); fi
+    python3 $B start --label $L --dir $MLA --model $GLM -- "${F[@]}" && python3 $B parity --label $L --dir $MLA --model $GLM
+    rc=$?; [ $rc -eq 0 ] || tail -30 $MLA/${L}_server.log | cut -c1-300
+    python3 $B stop --label $L --dir $MLA; copy_out $MLA/$L.json $MLA/${L}_server.log; [ $rc -eq 0 ] || exit $rc
+  done ;;
+mla-one-batch)
+  shift
+  [ -d $GLM ] || { echo "skipped: no $GLM (host.sh mla-parity makes it)"; exit 1; }
+  python3 benchmarks/e2e_throughput.py run --methods "$@" --points 2x98304 --model $GLM \
+    --results $MLA/one_batch.jsonl --raw $MLA/one_batch_raw.jsonl --timeout 280
+  copy_out $MLA/one_batch.jsonl ;;
 *) sed -n '2,12p' "$0"; exit 2 ;;
 esac
