@@ -37,8 +37,10 @@ def summarize(args) -> None:
     ob = _one_batch(os.path.join(args.dir, "one_batch.jsonl"))
     ratio = lambda key, base: (round(ob["asynctls"][key] / ob[base][key], 4)  # noqa: E731
                                if "asynctls" in ob and base in ob else None)
-    summary = {f"{i}_short_identical": f"{p['parity']['short_identical']}/{p['parity'].get('short_total')}"
-               for i, p in pairs.items()}
+    summary = {}
+    for i, p in pairs.items():
+        summary[f"{i}_short_identical"] = f"{p['parity']['short_identical']}/{p['parity'].get('short_total')}"
+        summary[f"{i}_short_logprob_max_abs_diff"] = p["parity"].get("short_logprob_max_abs_diff")
     summary.update({"prefill_ratio_2x98k_vs_fa3": ratio("prefill_latency_s", "fa3"),
                     "decode_step_ratio_2x98k_vs_fa3": ratio("median_decode_latency_s", "fa3")})
     any_run = next(iter(runs.values()), {})

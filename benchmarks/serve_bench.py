@@ -86,17 +86,22 @@ def start(args) -> None:
     print(f"{args.label} ready in {time.time() - t0:.0f} s, {_gpu_free_gib()} GiB free")
 
 
-def _generate(input_ids, new_tokens: int) -> list:
-    body = {"input_ids": input_ids, "sampling_params": {"max_new_tokens": new_tokens, "temperature": 0,
-                                                        "ignore_eos": True}}
+def _generate(input_ids, new_tokens: int, logprobs: bool = False):
+    """Greedy output ids; with logprobs, (ids, the chosen tokens' logprobs)."""
+    body = {"input_ids": input_ids, "return_logprob": logprobs,
+            "sampling_params": {"max_new_tokens": new_tokens, "temperature": 0, "ignore_eos": True}}
     req = urllib.request.Request(f"http://127.0.0.1:{PORT}/generate", json.dumps(body).encode(),
                                  {"Content-Type": "application/json"})
     out = json.loads(urllib.request.urlopen(req, timeout=600).read())
-    return out["output_ids"]
+    if not logprobs:
+        return out["output_ids"]
+    return out["output_ids"], [lp for lp, *_ in out["meta_info"]["output_token_logprobs"]]
 
 
 def parity(args) -> None:
-    """Greedy output ids of 8 short prompts (dense under asynctls) and one 40k prompt (sparse), fixed seeds."""
+    """Greedy output ids of 8 short prompts (dense under asynctls) and one 40k prompt (sparse), fixed seeds; the
+    short ones' logprobs too: dummy weights repeat a few tokens, so equal ids alone say little, equal logprobs say
+    the same kernels ran."""
     import random
 
     rng = random.Random(0)
@@ -104,8 +109,9 @@ def parity(args) -> None:
     long_prompt = [rng.randrange(1000, 150000) for _ in range(40000)]
     t0 = time.time()
     state = _state(args)
-    state["parity"] = {"short": [_generate(p, 32) for p in short], "long": _generate(long_prompt, 32),
-                       "seconds": round(time.time() - t0, 1)}
+    answers = [_generate(p, 32, logprobs=True) for p in short]
+    state["parity"] = {"short": [ids for ids, _ in answers], "short_logprobs": [lps for _, lps in answers],
+                       "long": _generate(long_prompt, 32), "seconds": round(time.time() - t0, 1)}
     _save(args, state)
     print(f"{args.label} parity prompts done in {time.time() - t0:.0f} s")
 
@@ -220,7 +226,11 @@ def parity_match(ours: dict, base: dict) -> dict:
     if not a or not b:
         return {"short_identical": None}
     same = [x == y for x, y in zip(a["short"], b["short"])]
-    return {"short_identical": sum(same), "short_total": len(same), "long_identical": a["long"] == b["long"],
+    # over the prompts whose ids agree (None: a run without logprobs)
+    diffs = [abs(p - q) for ok, x, y in zip(same, a.get("short_logprobs") or [], b.get("short_logprobs") or [])
+             if ok for p, q in zip(x, y) if p is not None and q is not None]
+    return {"short_identical": sum(same), "short_total": len(same),
+            "short_logprob_max_abs_diff": max(diffs) if diffs else None, "long_identical": a["long"] == b["long"],
             "long_first_diverging_token": next((i for i, (x, y) in enumerate(zip(a["long"], b["long"])) if x != y),
                                                None)}
 

@@ -43,8 +43,8 @@ def test_summary_ratios_and_parity(tmp_path):
     assert s["ttft_ratio_max"] == 1.1  # w3: 9900 / 9000 (w1 failed and is left out)
     assert (s["w2_output_tok_s_ratio"], s["w3_output_tok_s_ratio"]) == (1.5, 2.0)
     assert s["prefill_ratio_96k_b2"] == 1.05 and s["free_mem_gap_gib"] == 0.5
-    assert s["parity_vs_baseline"] == {"short_identical": 2, "short_total": 3, "long_identical": False,
-                                       "long_first_diverging_token": 2}
+    assert s["parity_vs_baseline"] == {"short_identical": 2, "short_total": 3, "short_logprob_max_abs_diff": None,
+                                       "long_identical": False, "long_first_diverging_token": 2}
     assert os.path.getsize(tmp_path / "serve_bench_h200.png") > 1000
 
 
@@ -54,8 +54,9 @@ def test_mla_inner_summary_pairs_each_stock_backend_with_asynctls_around_it(tmp_
     for label, short, ready in (("fa3", [[1], [2]], 50.0), ("asynctls_fa3", [[1], [2]], 90.0),
                                 ("flashinfer", [[1], [2]], 55.0), ("asynctls_flashinfer", [[1], [0]], 95.0),
                                 ("triton", [[1], [2]], 40.0)):  # no asynctls_triton run: no triton pair
+        lps = [[-0.5], [-1.0 - 0.25 * label.startswith("asynctls")]]  # the second prompt's logprob differs
         run = {"label": label, "server_cmd": ["python", label], "gpu": "NVIDIA H200", "ready_s": ready,
-               "gpu_free_gib_at_ready": 9.0, "parity": {"short": short, "long": [5]}}
+               "gpu_free_gib_at_ready": 9.0, "parity": {"short": short, "short_logprobs": lps, "long": [5]}}
         (tmp_path / f"{label}.json").write_text(json.dumps(run))
     rows = [{"method": m, "batch": 2, "input_len": 98304, "rc": 0, "prefill_latency_s": p,
              "median_decode_latency_s": d} for m, p, d in (("fa3", 10.0, 0.004), ("asynctls", 10.2, 0.003))]
@@ -64,6 +65,7 @@ def test_mla_inner_summary_pairs_each_stock_backend_with_asynctls_around_it(tmp_
     sys.argv = ["mla_inner.py", "summarize", "--dir", str(tmp_path), "--json", str(out)]
     main()
     s = json.load(open(out))["summary"]
-    assert s == {"fa3_short_identical": "2/2", "flashinfer_short_identical": "1/2",
+    assert s == {"fa3_short_identical": "2/2", "fa3_short_logprob_max_abs_diff": 0.25,
+                 "flashinfer_short_identical": "1/2", "flashinfer_short_logprob_max_abs_diff": 0.0,
                  "prefill_ratio_2x98k_vs_fa3": 1.02, "decode_step_ratio_2x98k_vs_fa3": 0.75}
     assert os.path.getsize(tmp_path / "mla_inner_h200.png") > 1000
