@@ -99,9 +99,10 @@ def _generate(input_ids, new_tokens: int, logprobs: bool = False):
 
 
 def parity(args) -> None:
-    """Greedy output ids of 8 short prompts (dense under asynctls) and one 40k prompt (sparse), fixed seeds; the
-    short ones' logprobs too: dummy weights repeat a few tokens, so equal ids alone say little, equal logprobs say
-    the same kernels ran."""
+    """Greedy output ids of 8 short prompts (dense under asynctls) and one 40k prompt (sparse), fixed seeds, and
+    the short ones' logprobs. On dummy weights both are weak evidence: the logits are near uniform, and asynctls
+    (fa3 inside) matched stock FlashInfer's logprobs exactly too (serve_bench_flashinfer_h200.json); real-weight
+    parity is server_parity.py's."""
     import random
 
     rng = random.Random(0)
