@@ -11,6 +11,9 @@
 #   host.sh mla-parity INNER                 dummy GLM-4.7-Flash (8 layers): stock INNER, then asynctls with INNER
 #                                            inside, each answering the parity prompts (results in /root/mla)
 #   host.sh mla-one-batch METHOD...          bench_one_batch at 2 x 98,304 on that model
+#   host.sh jit-out                          (host, last call) Triton's and FlashInfer's JIT caches as <= 15 MiB
+#                                            parts under $OUT, to carry into the next lease
+#   host.sh jit-in DIR                       (host, before any server) unpack parts carried in DIR
 # Served-request results go to /root/sb; each step copies what it wrote to $OUT. A step whose prerequisite failed
 # returns at once ("skipped"), so a batch of device calls costs little after a failure.
 set -o pipefail
@@ -112,5 +115,12 @@ mla-one-batch)
   python3 benchmarks/e2e_throughput.py run --methods "$@" --points 2x98304 --model $GLM \
     --results $MLA/one_batch.jsonl --raw $MLA/one_batch_raw.jsonl --timeout 280
   copy_out $MLA/one_batch.jsonl ;;
-*) sed -n '2,12p' "$0"; exit 2 ;;
+jit-out)  # a fresh machine compiles for ~90 s (our Triton kernels) and ~115 s (FlashInfer) before its first ready
+  tar -C /root -czf /tmp/jit.tgz .triton/cache .cache/flashinfer 2>/dev/null; ls -la /tmp/jit.tgz
+  [ "$(stat -c %s /tmp/jit.tgz)" -le $((60 << 20)) ] || { echo "JIT caches too large to bring back (64 MiB)"; exit 1; }
+  split -b 15M -d /tmp/jit.tgz "$OUT/jit.tgz.part" && (cd "$OUT" && md5sum jit.tgz.part* > jit.md5) ;;
+jit-in)
+  (cd "${2:?usage: host.sh jit-in DIR}" && md5sum -c --quiet jit.md5) || exit 1
+  cat "$2"/jit.tgz.part* | tar -C /root -xzf - && du -sh /root/.triton/cache /root/.cache/flashinfer 2>/dev/null; true ;;
+*) sed -n '2,18p' "$0"; exit 2 ;;
 esac
