@@ -14,10 +14,10 @@ from sglang_asynctls.config import AUTO, FLAGS, AsyncTLSConfigError
 
 logger = logging.getLogger(__name__)
 
-WRAPPABLE = ("fa3", "flashinfer", "triton")  # stock backends measured as the inner backend (GQA/MHA)
-# MLA: every one of these keeps the latent in SGLang's MLATokenToKVPool ([slots, 1, kv_lora_rank + rope]), the
-# layout the sparse path reads; the model sees the inner's name (AsyncTLSBackend.*_attention_backend_str)
-MLA_WRAPPABLE = ("fa3", "flashinfer", "triton")
+# the stock backends that can be the inner one, GQA/MHA and MLA alike: for MLA each keeps the latent in SGLang's
+# MLATokenToKVPool ([slots, 1, kv_lora_rank + rope]), the layout the sparse path reads, and the model is shown the
+# inner's name (AsyncTLSBackend.*_attention_backend_str)
+WRAPPABLE = ("fa3", "flashinfer", "triton")
 TEST_ONLY = ("torch_native",)  # SGLang's CPU backend: lets the CPU tests run a real stock backend inside ours
 
 
@@ -31,8 +31,7 @@ def resolve(cfg, server_args, default=None) -> str:
     """The concrete inner backend for cfg.dense_backend; raises AsyncTLSConfigError naming the flag when the
     combination cannot work. `default` (tests) stands in for stock's own choice."""
     flag = FLAGS["dense_backend"]
-    use_mla = server_args.use_mla_backend()
-    allowed = MLA_WRAPPABLE if use_mla else WRAPPABLE
+    allowed = WRAPPABLE
     if cfg.host_kv_gib > 0:
         # the host tier's prefill gathers a host-held prefix before Triton's extend kernel (offload/staged_prefix.py);
         # no other backend has that adapter yet
