@@ -33,6 +33,10 @@ def add_asynctls_args(_result, parser: argparse.ArgumentParser) -> None:
     ]
     for field, text in ints:
         g.add_argument(FLAGS[field], type=int, default=getattr(_D, field), help=f"{text} Default: %(default)s.")
+    g.add_argument(FLAGS["sparse_min_kv_mib"], type=float, default=_D.sparse_min_kv_mib, metavar="MIB",
+                   help="Decode a step sparsely only when its long requests (--asynctls-dense-below or more tokens) "
+                        "hold at least MIB of KV per layer; below it the whole step runs the stock decode, which "
+                        "is cheaper at low batch x context. Default: %(default)s (every such step is sparse).")
     g.add_argument(FLAGS["label_channels"], type=int, default=None,
                    help="d_c: heavy key channels kept as INT4 labels (even). Default: 32 for GQA, 128 for MLA.")
     g.add_argument(FLAGS["bound_slack"], type=float, default=_D.bound_slack,

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
-from sglang_asynctls import dense_backend, kernel_choice
+from sglang_asynctls import dense_backend, kernel_choice, step_choice
 from sglang_asynctls.index import IndexPool, plan_extend
 from sglang_asynctls.model_spec import (check_config_for_model, from_sglang_model_config, kv_heads_of_rank,
                                         resolved_layer_schedule)
@@ -120,10 +120,16 @@ class AsyncTLSBackend(AttentionBackend):
                                                         max(kb for _, kb in self.budgets))
                            if cfg.host_kv_gib > 0 else None)
         self._graph_lens: Optional[torch.Tensor] = None  # CUDA graphs: the dense view's lengths, at a fixed address
+        # --asynctls-sparse-min-kv-mib: the length from which a request decodes sparsely this step (step_choice.py);
+        # an int in eager steps, under CUDA graphs a device scalar the captured graph reads
+        self._from = cfg.dense_below
+        self._graph_from: Optional[torch.Tensor] = None
+        self.min_sparse_bytes = int(cfg.sparse_min_kv_mib * 2**20)
+        self.row_bytes = step_choice.kv_row_bytes(k0, pool.get_value_buffer(self.layer_offset))
         self._dense_fb = self._extend_plan = None
         # per decode step, computed at its first layer: [B, NB] page of every block, [B] sparse-path rows
         self._block_table = self._long_seq = self._decode_rows = None
-        self.stats = {"index_pages_written": 0, "index_slots_labelled": 0, "index_arrivals": 0}
+        self.stats = {"index_pages_written": 0, "index_slots_labelled": 0, "index_arrivals": 0, "dense_steps": 0}
         logger.info("asynctls backend: %s inner, %s, sparse decode via %s, index %.1f MiB, %d blocks per request "
                     "max, label channels %s, (k_t, k_b) per layer %s", type(inner).__name__, cfg, self.sparse_impl,
                     self.index.nbytes() / 2**20, self.num_blocks,
@@ -162,13 +168,20 @@ class AsyncTLSBackend(AttentionBackend):
 
     def _dense_view(self, fb, graph: bool):
         """fb with every request of >= dense_below tokens shown one token long: the inner backend reads one KV row
-        of it (the first, which every request has) and its output row is replaced by the sparse one. With graph,
-        the lengths live in a buffer whose address the captured graph keeps."""
-        n = self.cfg.dense_below
+        of it (the first, which every request has) and its output row is replaced by the sparse one; in a dense
+        step (step_choice.py) every request keeps its length. With graph, the lengths and the step's sparse
+        threshold live in buffers whose addresses the captured graph keeps."""
+        n = step_choice.sparse_from(getattr(fb, "seq_lens_cpu", None), self.cfg.dense_below, self.min_sparse_bytes,
+                                    self.row_bytes)
+        if n == step_choice.NEVER:  # lengths known here: count the steps the flag turned dense
+            self.stats["dense_steps"] += bool((fb.seq_lens_cpu >= self.cfg.dense_below).any())
         view = copy.copy(fb)
         lens = torch.where(fb.seq_lens >= n, torch.ones_like(fb.seq_lens), fb.seq_lens)
+        self._from = n
         if graph:
             lens = self._graph_lens[: len(lens)].copy_(lens)
+            if self._graph_from is not None:  # the flag is on: the threshold changes from step to step
+                self._from = self._graph_from.fill_(n)
         view.seq_lens = lens
         if getattr(fb, "seq_lens_cpu", None) is not None:
             cpu = fb.seq_lens_cpu
@@ -206,8 +219,12 @@ class AsyncTLSBackend(AttentionBackend):
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
         # int64, as the graph runners' own seq_lens buffers (model_executor/runner/base_runner.py); 8 bytes a batch
-        # row (4 KiB at SGLang's largest default max bs, 512), the one buffer the KV sizing hook does not charge
+        # row (4 KiB at SGLang's largest default max bs, 512) and 8 for the step's sparse threshold, the buffers
+        # the KV sizing hook does not charge
         self._graph_lens = torch.zeros(max_bs, dtype=torch.int64, device=self.req_to_token.device)
+        if self.min_sparse_bytes:
+            self._graph_from = torch.full((1,), self.cfg.dense_below, dtype=torch.int64,
+                                          device=self.req_to_token.device)
         self.inner.init_cuda_graph_state(max_bs, max_num_tokens)
 
     def get_cuda_graph_seq_len_fill_value(self):
@@ -277,8 +294,12 @@ class AsyncTLSBackend(AttentionBackend):
         # captured: about B x 1.1 MiB for Qwen3-8B at k_b 128 (docs/launch.md), not charged in the KV sizing
         if lid == 0 or self._block_table is None:  # once per step, shared by the layers (fixed within a step)
             self._block_table = ix.block_table(self.req_to_token, rpi, self.num_blocks)
-            self._long_seq = seq_lens >= cfg.dense_below
+            self._long_seq = seq_lens >= self._from
             self._decode_rows = ix.decode_rows(rpi, seq_lens)
+            # with dense steps possible, the rows the kernels do not write are one token long to them, so a dense
+            # step's sparse stages do next to no work (flag off: the real lengths, as before the flag)
+            self._kernel_lens = (torch.where(self._long_seq, seq_lens, torch.ones_like(seq_lens))
+                                 if self.min_sparse_bytes else None)
         ix.write_decode(lid, k_buffer, forward_batch.out_cache_loc, seq_lens, self._decode_rows)
         q3 = q.reshape(-1, layer.tp_q_head_num, q.numel() // (q.shape[0] * layer.tp_q_head_num))  # [B, Hq, D]
         if q_rope is not None:  # MLA with the rope part passed apart: the sparse path scores the whole latent key
@@ -291,7 +312,8 @@ class AsyncTLSBackend(AttentionBackend):
             q3 = q3.contiguous()
         token_budget, block_budget = self.budgets[layer.layer_id]
         o_sparse = self.sparse_fn(
-            q3, k_buffer, v_buffer, self.req_to_token, rpi, seq_lens, ix.kmin[lid], ix.kmax[lid], self._block_table,
+            q3, k_buffer, v_buffer, self.req_to_token, rpi, self._kernel_lens if self.min_sparse_bytes else seq_lens,
+            ix.kmin[lid], ix.kmax[lid], self._block_table,
             ix.labels[lid], ix.label_scale[lid], ix.channels[lid], block_size=cfg.block_size,
             block_budget=block_budget, token_budget=token_budget, sink_tokens=cfg.sink_tokens,
             local_window=cfg.local_window, sm_scale=layer.scaling, bound_slack=cfg.bound_slack,

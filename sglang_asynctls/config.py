@@ -50,6 +50,7 @@ FLAGS = {
     "host_kv_gib": "--asynctls-host-kv-gib",
     "host_cache_tokens": "--asynctls-host-cache-tokens",
     "host_prefetch_rows": "--asynctls-host-prefetch-rows",
+    "sparse_min_kv_mib": "--asynctls-sparse-min-kv-mib",
 }
 MAX_PREFETCH_ROWS = 1024  # rows one host_prefetch program ranks and copies (kernels/host_prefetch.py tiles)
 
@@ -115,6 +116,9 @@ class AsyncTLSConfig:
     sink_tokens:    first tokens always attended
     local_window:   last tokens always attended (the open, unindexed block is always selected as well)
     dense_below:    sequences shorter than this decode densely (bit-identical to the dense backend)
+    sparse_min_kv_mib: a decode step goes sparse only when its requests of dense_below tokens or more hold at
+                    least this many MiB of KV per layer; below it the whole step decodes densely (0 = every step
+                    with a long request is sparse; step_choice.py)
     offload:        keep full KV in pinned host memory, a resident block set on the GPU
     host_kv_gib:    GiB of pinned host memory per rank appended to the KV pool's address range (0 = none): slots
                     past the GPU's share live in host RAM and are read over PCIe (patches/kv_host_tier.py)
@@ -142,6 +146,7 @@ class AsyncTLSConfig:
     sink_tokens: int = 64
     local_window: int = 128
     dense_below: int = 8192
+    sparse_min_kv_mib: float = 0.0
     offload: bool = False
     host_kv_gib: float = 0.0
     host_cache_tokens: int = 0
@@ -154,6 +159,7 @@ class AsyncTLSConfig:
         _check_int("sink_tokens", self.sink_tokens, 0)
         _check_int("local_window", self.local_window, 0)
         _check_int("dense_below", self.dense_below, 0)
+        _check_float("sparse_min_kv_mib", self.sparse_min_kv_mib, 0.0, float(1 << 20))
         # the sink, local-window and open blocks are always kept, so the budget must hold them
         _check_int("block_budget", self.block_budget, self.forced_blocks, 1 << 16)
         cap = self.block_budget * bs

@@ -116,7 +116,7 @@ def test_radix_shared_prefix_is_not_reindexed():
                          seq_lens=torch.tensor([140]), seq_lens_cpu=torch.tensor([140]), extend_prefix_lens_cpu=[128],
                          out_cache_loc=r2t[3, 128:140].long())
     be.init_forward_metadata(fb)
-    assert be.stats == {"index_pages_written": 1, "index_slots_labelled": 12, "index_arrivals": 0}
+    assert be.stats == {"index_pages_written": 1, "index_slots_labelled": 12, "index_arrivals": 0, "dense_steps": 0}
 
 
 def test_tensor_parallel_rank_indexes_its_slice_of_the_calibration(tmp_path, monkeypatch):

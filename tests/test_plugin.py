@@ -17,7 +17,7 @@ FLAGS = ["--enable-asynctls", "--asynctls-block-size", "--asynctls-block-budget"
          "--asynctls-label-channels", "--asynctls-channel-config", "--asynctls-sink-tokens",
          "--asynctls-local-window", "--asynctls-dense-below", "--asynctls-offload", "--asynctls-bound-slack",
          "--asynctls-group-score", "--asynctls-dense-backend", "--asynctls-host-kv-gib",
-         "--asynctls-host-cache-tokens", "--asynctls-host-prefetch-rows"]
+         "--asynctls-host-cache-tokens", "--asynctls-host-prefetch-rows", "--asynctls-sparse-min-kv-mib"]
 
 
 @pytest.fixture(scope="module")
