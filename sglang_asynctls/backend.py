@@ -89,6 +89,20 @@ def _build_index(cfg, spec, pool, k0, channels, impl: str, request_rows) -> Inde
                      request_rows=request_rows)
 
 
+class _InnerName:
+    """A backend-name attribute SGLang sets (AttentionBackend.*_attention_backend_str) that reads as the inner
+    backend's name; what SGLang set is kept, and read only when the inner's name is not known (tests)."""
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, backend, owner=None):
+        return self if backend is None else backend.inner_name or backend._stamped.get(self.name)
+
+    def __set__(self, backend, registered):
+        backend._stamped[self.name] = registered
+
+
 class AsyncTLSBackend(AttentionBackend):
     """Stock backend `inner` for prefill and short decode rows; AsyncTLS sparse decode for the long rows."""
 
@@ -146,21 +160,8 @@ class AsyncTLSBackend(AttentionBackend):
     # SGLang stamps the registered name ("asynctls") on the backend it built. Model code picks its forward path by
     # that name (DeepSeek/GLM MLA: deepseek_v2's dispatch_attn_forward_method, then forward_mla's absorbed-core
     # check), so it must read the inner backend's: an MLA model then runs exactly the path it runs on stock.
-    @property
-    def prefill_attention_backend_str(self):
-        return self.inner_name or self._stamped.get("prefill")
-
-    @prefill_attention_backend_str.setter
-    def prefill_attention_backend_str(self, registered):
-        self._stamped["prefill"] = registered
-
-    @property
-    def decode_attention_backend_str(self):
-        return self.inner_name or self._stamped.get("decode")
-
-    @decode_attention_backend_str.setter
-    def decode_attention_backend_str(self, registered):
-        self._stamped["decode"] = registered
+    prefill_attention_backend_str = _InnerName()
+    decode_attention_backend_str = _InnerName()
 
     # ------------------------------------------------------------------ the dense view: long requests hidden
     def _is_sparse_step(self, fb) -> bool:
