@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import threading
+import time
 
 import pytest
 
@@ -74,12 +75,12 @@ def test_launch_matrix_of_the_gpu_run():
 
 
 class FakeServer(http.server.ThreadingHTTPServer):
-    """/generate answers every prompt right, except the ids in `wrong`."""
+    """/generate answers every prompt right, except the ids in `wrong`; the ids in `stall` answer after 30 s."""
 
     def __init__(self, prompts):
         super().__init__(("127.0.0.1", 0), FakeHandler)
         self.by_ids = {tuple(p["input_ids"]): p for p in prompts}
-        self.wrong = set()
+        self.wrong, self.stall = set(), set()
         self.seen = []
 
 
@@ -89,6 +90,8 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
         assert self.path == "/generate" and body["sampling_params"]["temperature"] == 0
         p = self.server.by_ids[tuple(body["input_ids"])]
         self.server.seen.append(p["id"])
+        if p["id"] in self.server.stall:
+            time.sleep(30)
         right = p["answer"] + "\n    x" if p["task"] == "code" else f" {p['answer']}."
         text = " 00000." if p["id"] in self.server.wrong else right
         data = json.dumps({"text": text, "output_ids": [ord(c) for c in text]}).encode()
@@ -135,3 +138,24 @@ def test_run_and_summary_against_a_fake_server(tmp_path, prompts):
 def test_failed_prompt_is_an_error_not_a_wrong_answer():
     out = fs.generate("http://127.0.0.1:9", {"input_ids": [1], "max_new_tokens": 1}, timeout=2)
     assert "error" in out
+
+
+def test_deadline_records_unanswered_prompts_as_errors(tmp_path, prompts):
+    """A run under a device's per-call limit writes what it got: late prompts are errors, the rest are kept."""
+    few = prompts[:6]
+    pfile = tmp_path / "p.jsonl"
+    pfile.write_text("".join(json.dumps(p) + "\n" for p in few))
+    srv = FakeServer(few)
+    srv.stall = {few[1]["id"]}
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    t0 = time.time()
+    try:
+        fs.main(["run", "--prompts", str(pfile), "--out", str(tmp_path / "dense.json"), "--deadline-s", "3",
+                 "--url", f"http://127.0.0.1:{srv.server_address[1]}"])
+    finally:
+        srv.shutdown()
+    assert time.time() - t0 < 20
+    out = json.loads((tmp_path / "dense.json").read_text())["outputs"]
+    assert list(out) == [p["id"] for p in few]
+    assert "deadline" in out[few[1]["id"]]["error"]
+    assert all("text" in out[p["id"]] for p in few if p["id"] != few[1]["id"])

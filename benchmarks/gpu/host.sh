@@ -11,6 +11,10 @@
 #   host.sh mla-parity INNER                 dummy GLM-4.7-Flash (8 layers): stock INNER, then asynctls with INNER
 #                                            inside, each answering the parity prompts (results in /root/mla)
 #   host.sh mla-one-batch METHOD...          bench_one_batch at 2 x 98,304 on that model
+#   host.sh qwen-restore                     (host) rejoin /root/q15 (stage_qwen25coder.py --parts) into
+#                                            /root/qwen25coder-1.5b
+#   host.sh fidelity LABEL [run flags]       benchmarks/fidelity_server.py run on it, prompts /root/fs/prompts.jsonl.gz,
+#                                            result /root/fs/runs/LABEL.json (under the 600 s call limit)
 #   host.sh jit-out                          (host, last call) Triton's and FlashInfer's JIT caches as <= 15 MiB
 #                                            parts under $OUT, to carry into the next lease
 #   host.sh jit-in DIR                       (host, before any server) unpack parts carried in DIR
@@ -20,6 +24,7 @@ set -o pipefail
 [ -f /root/stage/p2/scripts/env.sh ] && source /root/stage/p2/scripts/env.sh
 D=/root/sb; B=benchmarks/serve_bench.py
 GLM=/root/glm8; MLA=/root/mla
+Q15=/root/qwen25coder-1.5b; FS=/root/fs
 copy_out() { [ -n "$OUT" ] && cp "$@" "$OUT"/ 2>/dev/null; true; }
 
 install() {
@@ -122,5 +127,17 @@ jit-out)  # a fresh machine compiles for ~90 s (our Triton kernels) and ~115 s (
 jit-in)
   (cd "${2:?usage: host.sh jit-in DIR}" && md5sum -c --quiet jit.md5) || exit 1
   cat "$2"/jit.tgz.part* | tar -C /root -xzf - && du -sh /root/.triton/cache /root/.cache/flashinfer 2>/dev/null; true ;;
-*) sed -n '2,18p' "$0"; exit 2 ;;
+qwen-restore)
+  [ -f $D/prepared ] || { echo "skipped: not prepared"; exit 1; }
+  PYTHONPATH=/root/site bash /root/q15/RESTORE.sh $Q15 2>&1 | grep -v "de-quantizing GGUF tensors" | tail -3
+  [ -f $Q15/model.safetensors ] && touch /root/fs_model_ok ;;
+fidelity)
+  L=${2:?usage: host.sh fidelity LABEL [run flags]}; shift 2
+  [ -f /root/fs_model_ok ] || { echo "skipped: no $Q15"; exit 1; }
+  mkdir -p $FS/runs
+  python3 benchmarks/fidelity_server.py run --prompts $FS/prompts.jsonl.gz --launch $Q15 --out $FS/runs/$L.json \
+    --label $L --concurrency 32 --deadline-s ${DEADLINE_S:-520} "$@" 2>&1 | grep -v "prompts:" | tail -3
+  rc=${PIPESTATUS[0]}; grep -E "Traceback|Error|max_total_num_tokens|KV Cache" $FS/runs/$L.log | tail -4 | cut -c1-300
+  copy_out $FS/runs/$L.json $FS/runs/$L.log; exit $rc ;;
+*) sed -n '2,22p' "$0"; exit 2 ;;
 esac
