@@ -5,7 +5,8 @@ completed exactly) and agrees (the completion is the dense launch's, token for t
 ids). Summary keys per (context, budget 1/f), e.g. 32k at 1/32:
     retrieval_ratio_vs_dense_32k_b32   min over needle tasks of sparse accuracy / dense accuracy (a task dense
                                        never answers is left out; null when none is left)
-    agreement_32k_b32                  share of all prompts whose completion equals dense's
+    agreement_32k_b32                  share of prompts right exactly when dense is right on them
+    identical_32k_b32                  share of prompts whose completion equals dense's, token for token
     code_completion_ratio_32k_b32      code accuracy / dense code accuracy (null when dense got none)
 """
 
@@ -47,8 +48,10 @@ def samples(prompts: Sequence[dict], runs: Sequence[dict]) -> List[dict]:
                        label=run["label"], error=out.get("error"))
             if not row["error"]:
                 d = dense_out.get(pid)
+                known = d is not None and not d.get("error")
                 row.update(correct=correct(p, out["text"]), completion=out["text"],
-                           agrees=None if d is None or d.get("error") else _same(out, d))
+                           agrees=_same(out, d) if known else None)
+                row["consistent"] = row["correct"] == correct(p, d["text"]) if known else None
             rows.append(row)
     return rows
 
@@ -83,11 +86,12 @@ def summarize(prompts: Sequence[dict], runs: Sequence[dict], fractions: Sequence
             key = f"{int(c) // 1024}k_b{f}"
             per_task = {t: _ratio(sparse.get(t), dense.get(t)) for t in NEEDLE_TASKS if t in sparse}
             known = [v for v in per_task.values() if v is not None]
-            agree = [r["agrees"] for r in rows if r["context"] == int(c) and r["budget"] == budget_label(f)
-                     and not r["error"] and r["agrees"] is not None]
+            here = [r for r in rows if r["context"] == int(c) and r["budget"] == budget_label(f)
+                    and not r["error"] and r["agrees"] is not None]
             summary[f"retrieval_ratio_vs_dense_{key}"] = min(known) if known else None
             summary[f"retrieval_ratio_per_task_{key}"] = per_task
-            summary[f"agreement_{key}"] = mean(agree) if agree else None
+            summary[f"agreement_{key}"] = mean(r["consistent"] for r in here) if here else None
+            summary[f"identical_{key}"] = mean(r["agrees"] for r in here) if here else None
             summary[f"code_completion_ratio_{key}"] = _ratio(sparse.get("code"), dense.get("code"))
     summary["errors"] = sum(1 for r in rows if r["error"])
     return {"summary": summary, "scores": sc, "samples": rows}

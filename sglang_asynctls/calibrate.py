@@ -54,7 +54,11 @@ def stdlib_dir() -> Path:
 
 
 def stdlib_source(module_file: str) -> str:
-    return (stdlib_dir() / module_file).read_text()
+    """A stdlib module's text; "zipfile.py" became the package zipfile/ in Python 3.12, read its __init__.py."""
+    path = stdlib_dir() / module_file
+    if not path.is_file() and (path.with_suffix("") / "__init__.py").is_file():
+        path = path.with_suffix("") / "__init__.py"
+    return path.read_text()
 
 
 def text_digest(module_files: Sequence[str]) -> str:

@@ -136,3 +136,17 @@ def test_cli_on_a_model_dir(tiny_dir, tmp_path):
         m.prefill(ids, stats)
     assert meta["channels"] == stats.ranked_channels().tolist()
     assert stats.q.abs().sum() > 0 and stats.k.abs().sum() > 0
+
+
+def test_stdlib_source_reads_a_module_that_became_a_package(tmp_path, monkeypatch):
+    """Python 3.12's stdlib has zipfile/__init__.py where 3.11 has zipfile.py; the evaluation digest reads both."""
+    from sglang_asynctls import calibrate
+
+    (tmp_path / "zipfile").mkdir()
+    (tmp_path / "zipfile" / "__init__.py").write_text("PKG = 1\n")
+    (tmp_path / "ast.py").write_text("MOD = 1\n")
+    monkeypatch.setenv(calibrate.STDLIB_ENV, str(tmp_path))
+    assert calibrate.stdlib_source("zipfile.py") == "PKG = 1\n"
+    assert calibrate.stdlib_source("ast.py") == "MOD = 1\n"
+    with pytest.raises(FileNotFoundError):
+        calibrate.stdlib_source("absent.py")

@@ -159,3 +159,21 @@ def test_deadline_records_unanswered_prompts_as_errors(tmp_path, prompts):
     assert list(out) == [p["id"] for p in few]
     assert "deadline" in out[few[1]["id"]]["error"]
     assert all("text" in out[p["id"]] for p in few if p["id"] != few[1]["id"])
+
+
+def test_agreement_is_right_when_dense_is_right_not_identical_text():
+    """The issue's agreement: a sparse answer counts when it is right exactly when dense's is, whatever its words;
+    identical_* keeps the stricter token-for-token share."""
+    import fidelity_server_report as report
+
+    ps = [dict(id=f"passkey/1024/{i}/0", task="passkey", context=1024, answer="12345", score="contains")
+          for i in range(4)]
+    dense = {"label": "dense", "token_budget": None, "served": {},
+             "outputs": {ps[0]["id"]: {"text": " 12345."}, ps[1]["id"]: {"text": " 99999."},
+                         ps[2]["id"]: {"text": " 12345."}, ps[3]["id"]: {"text": " 11111."}}}
+    sparse = {"label": "kt128", "token_budget": 128, "served": {"1024": 8},
+              "outputs": {ps[0]["id"]: {"text": " 12345!"}, ps[1]["id"]: {"text": " 88888."},  # both agree
+                          ps[2]["id"]: {"text": " 54321."}, ps[3]["id"]: {"text": " 11111."}}}  # wrong, same
+    s = report.summarize(ps, [dense, sparse], [8])["summary"]
+    assert s["agreement_1k_b8"] == pytest.approx(3 / 4)
+    assert s["identical_1k_b8"] == pytest.approx(1 / 4)
