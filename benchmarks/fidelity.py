@@ -64,6 +64,23 @@ def depths(n: int):
     return [0.05 + 0.9 * k / max(1, n - 1) for k in range(n)]
 
 
+def code_ids(tok, module: str, context: int) -> torch.Tensor:
+    """`context` tokens of code: the module, then the next evaluation modules after it while it is shorter (no
+    stdlib file reaches 16k tokens of Qwen2.5's tokenizer; indexing past the text was a device-side assert)."""
+    mods = calibrate.EVALUATION_MODULES
+    start = mods.index(module) if module in mods else -1
+    text, ids = calibrate.stdlib_source(module), None
+    for k in range(1, len(mods) + 1):
+        ids = tok(text).input_ids
+        if len(ids) >= context:
+            break
+        nxt = mods[(start + k) % len(mods)]
+        text += f"\n\n# ---- {nxt}\n" + calibrate.stdlib_source(nxt)
+    if len(ids) < context:
+        raise ValueError(f"the evaluation modules hold {len(ids)} tokens, fewer than the context {context}")
+    return torch.tensor(ids[:context])
+
+
 class Runner:
     def __init__(self, args):
         self.args = args
@@ -128,7 +145,7 @@ class Runner:
                         answers=[a for _, a in t.questions], completions=texts)
 
     def code(self, context: int, module: str) -> None:
-        ids = torch.tensor(self.tok(calibrate.stdlib_source(module)).input_ids[:context])
+        ids = code_ids(self.tok, module, context)
         w = self.args.window
         pos = torch.arange(context - w - 1, context - 1)  # inputs; targets are ids[pos + 1]
         recall = {}

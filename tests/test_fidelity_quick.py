@@ -31,3 +31,20 @@ def test_quick_fidelity_run(tmp_path):
     methods = {(r["method"], r["budget"]) for r in data["rows"]}
     assert {("dense", "dense"), ("asynctls", "1/8"), ("quest", "1/16"), ("token_only", "1/8")} <= methods
     assert out.with_suffix(".png").stat().st_size > 10_000
+
+
+def test_code_ids_continue_into_the_next_module_past_a_short_file():
+    """No stdlib file reaches 16k tokens: the code task at 16k/32k reads the next evaluation modules after its own
+    (it once indexed past the text, a device-side assert on the GPU); a file long enough is read alone, as before."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import fidelity as bench
+
+    from sglang_asynctls import calibrate, smollm2
+
+    tok = smollm2.load_tokenizer()
+    own = tok(calibrate.stdlib_source("ast.py")).input_ids
+    assert bench.code_ids(tok, "ast.py", 2048).tolist() == own[:2048]
+    long = bench.code_ids(tok, "ast.py", len(own) + 3000)
+    assert len(long) == len(own) + 3000 and long[:len(own) - 2].tolist() == own[:len(own) - 2]
+    with pytest.raises(ValueError, match="fewer than the context"):
+        bench.code_ids(tok, "ast.py", 10 ** 7)
