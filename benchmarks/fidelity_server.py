@@ -33,6 +33,7 @@ import fidelity_server_report as report  # noqa: E402
 import server_parity  # noqa: E402
 
 DENSE_BELOW = 4096
+RUN_KEYS = ("token_budget", "block_budget", "served", "server_flags", "environment", "ready_s", "wall_s")
 SERVER_CONTEXT = 32768
 
 
@@ -41,13 +42,14 @@ def served_contexts(token_budget: int, contexts, fractions) -> dict:
     return {str(c): f for c in contexts for f in fractions if c // f == token_budget}
 
 
-def asynctls_flags(token_budget: int, dense_below: int = DENSE_BELOW) -> list:
+def asynctls_flags(token_budget: int, dense_below: int = DENSE_BELOW, block_budget: int = None) -> list:
+    """The reference harness's budget for k_t (k_b * 64 = 4 k_t unless block_budget is given)."""
     from sglang_asynctls.fidelity import Budget
 
     b = Budget.fraction_of(token_budget, 1)
     return ["--enable-asynctls", "--asynctls-token-budget", str(b.token_budget), "--asynctls-block-budget",
-            str(b.block_budget), "--asynctls-sink-tokens", str(b.sink_tokens), "--asynctls-local-window",
-            str(b.local_window), "--asynctls-dense-below", str(dense_below)]
+            str(block_budget or b.block_budget), "--asynctls-sink-tokens", str(b.sink_tokens),
+            "--asynctls-local-window", str(b.local_window), "--asynctls-dense-below", str(dense_below)]
 
 
 def token_budgets(contexts, fractions) -> list:
@@ -101,9 +103,13 @@ def run(args) -> None:
     if not served:
         sys.exit(f"k_t {args.token_budget} serves no context of {contexts} at fractions {args.fractions}")
     todo = [p for p in prompts if str(p["context"]) in served]
-    flags = (asynctls_flags(args.token_budget, args.dense_below) if args.token_budget else []) + args.server_args
+    if args.block_budget and not args.token_budget:
+        sys.exit("--block-budget needs --token-budget (the dense run has no budgets)")
+    flags = (asynctls_flags(args.token_budget, args.dense_below, args.block_budget) if args.token_budget
+             else []) + args.server_args
     result = {"label": args.label or (f"kt{args.token_budget}" if args.token_budget else "dense"),
-              "token_budget": args.token_budget, "served": served, "server_flags": flags,
+              "token_budget": args.token_budget, "block_budget": args.block_budget, "served": served,
+              "server_flags": flags,
               "environment": server_parity.environment(), "prompts_file": str(args.prompts)}
     proc = None
     if args.launch:
@@ -167,8 +173,7 @@ def summarize(args) -> None:
     runs = [json.loads(Path(r).read_text()) for r in args.runs]
     result = report.summarize(prompts, runs, args.fractions)
     result = {"benchmark": "fidelity_server", "command": " ".join(["python"] + sys.argv),
-              "runs": {r["label"]: {k: r.get(k) for k in ("token_budget", "served", "server_flags", "environment",
-                                                            "ready_s", "wall_s")} for r in runs}, **result}
+              "runs": {r["label"]: {k: r.get(k) for k in RUN_KEYS} for r in runs}, **result}
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     env = runs[0].get("environment", {})
     report.plot(result, args.out.with_suffix(".png"), f"{args.title} ({env.get('gpu', '?')})")
@@ -202,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, type=Path)
     r.add_argument("--token-budget", type=int, default=None, help="k_t of this launch; none = dense (stock)")
     r.add_argument("--label", default=None)
+    r.add_argument("--block-budget", type=int, default=None, help="k_b of this launch (default 4 k_t / 64)")
     r.add_argument("--dense-below", type=int, default=DENSE_BELOW)
     where = r.add_mutually_exclusive_group(required=True)
     where.add_argument("--url", help="a running server, e.g. http://127.0.0.1:30000")
@@ -210,8 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--timeout", type=float, default=600, help="seconds per request")
     r.add_argument("--concurrency", type=int, default=4)
     r.add_argument("--deadline-s", type=float, default=None,
-                   help="the whole run, launch included, stops waiting this many seconds after it began (under a per-call "
-                        "limit); prompts not answered by then are errors, not wrong answers")
+                   help="the whole run, launch included, stops waiting this many seconds after it began (under a "
+                        "per-call limit); prompts not answered by then are errors, not wrong answers")
     r.add_argument("server_args", nargs=argparse.REMAINDER, help="after --: more server flags")
     sm = sub.choices["summarize"]
     sm.add_argument("runs", nargs="+")

@@ -20,8 +20,18 @@ from typing import Dict, List, Optional, Sequence
 from fidelity_server_prompts import NEEDLE_TASKS, TASKS, correct, prompts_per_task
 
 
-def budget_label(fraction: Optional[int]) -> str:
-    return "dense" if fraction is None else f"1/{fraction}"
+def budget_label(fraction: Optional[int], block_budget: Optional[int] = None) -> str:
+    """"dense", "1/32", or "1/32 kb128" for a run whose k_b is not the default 4 k_t / 64."""
+    if fraction is None:
+        return "dense"
+    return f"1/{fraction}" + (f" kb{block_budget}" if block_budget else "")
+
+
+def _budget_order(label: str) -> tuple:
+    if label == "dense":
+        return (0, 0)
+    frac, _, kb = label[2:].partition(" kb")
+    return (int(frac), int(kb or 0))
 
 
 def _same(a: dict, b: dict) -> bool:
@@ -44,8 +54,8 @@ def samples(prompts: Sequence[dict], runs: Sequence[dict]) -> List[dict]:
             fraction = run["served"].get(str(p["context"])) if run["token_budget"] is not None else None
             if run["token_budget"] is not None and fraction is None:
                 continue  # served for another context's budget
-            row = dict(id=pid, task=p["task"], context=p["context"], budget=budget_label(fraction),
-                       label=run["label"], error=out.get("error"))
+            row = dict(id=pid, task=p["task"], context=p["context"], label=run["label"], error=out.get("error"),
+                       budget=budget_label(fraction, run.get("block_budget")))
             if not row["error"]:
                 d = dense_out.get(pid)
                 known = d is not None and not d.get("error")
@@ -80,19 +90,19 @@ def summarize(prompts: Sequence[dict], runs: Sequence[dict], fractions: Sequence
     for c, by_budget in sc.items():
         dense = by_budget.get("dense", {})
         for f in fractions:
-            sparse = by_budget.get(budget_label(f))
-            if sparse is None:
-                continue
-            key = f"{int(c) // 1024}k_b{f}"
-            per_task = {t: _ratio(sparse.get(t), dense.get(t)) for t in NEEDLE_TASKS if t in sparse}
-            known = [v for v in per_task.values() if v is not None]
-            here = [r for r in rows if r["context"] == int(c) and r["budget"] == budget_label(f)
-                    and not r["error"] and r["agrees"] is not None]
-            summary[f"retrieval_ratio_vs_dense_{key}"] = min(known) if known else None
-            summary[f"retrieval_ratio_per_task_{key}"] = per_task
-            summary[f"agreement_{key}"] = mean(r["consistent"] for r in here) if here else None
-            summary[f"identical_{key}"] = mean(r["agrees"] for r in here) if here else None
-            summary[f"code_completion_ratio_{key}"] = _ratio(sparse.get("code"), dense.get("code"))
+            for label in sorted((b for b in by_budget if b.split(" ")[0] == budget_label(f)), key=_budget_order):
+                sparse = by_budget[label]
+                kb = label.partition(" kb")[2]
+                key = f"{int(c) // 1024}k_b{f}" + (f"_kb{kb}" if kb else "")
+                per_task = {t: _ratio(sparse.get(t), dense.get(t)) for t in NEEDLE_TASKS if t in sparse}
+                known = [v for v in per_task.values() if v is not None]
+                here = [r for r in rows if r["context"] == int(c) and r["budget"] == label
+                        and not r["error"] and r["agrees"] is not None]
+                summary[f"retrieval_ratio_vs_dense_{key}"] = min(known) if known else None
+                summary[f"retrieval_ratio_per_task_{key}"] = per_task
+                summary[f"agreement_{key}"] = mean(r["consistent"] for r in here) if here else None
+                summary[f"identical_{key}"] = mean(r["agrees"] for r in here) if here else None
+                summary[f"code_completion_ratio_{key}"] = _ratio(sparse.get("code"), dense.get("code"))
     summary["errors"] = sum(1 for r in rows if r["error"])
     return {"summary": summary, "scores": sc, "samples": rows}
 
@@ -105,7 +115,7 @@ def plot(result: dict, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     sc = result["scores"]
-    budgets = sorted({b for c in sc.values() for b in c}, key=lambda b: 0 if b == "dense" else int(b[2:]))
+    budgets = sorted({b for c in sc.values() for b in c}, key=_budget_order)
     tasks = [t for t in TASKS if any(t in v for c in sc.values() for v in c.values())]
     fig, axes = plt.subplots(1, len(tasks), figsize=(3.4 * len(tasks), 3.6), sharey=True, squeeze=False)
     for ax, task in zip(axes[0], tasks):

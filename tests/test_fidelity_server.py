@@ -174,6 +174,12 @@ def test_agreement_is_right_when_dense_is_right_not_identical_text():
     sparse = {"label": "kt128", "token_budget": 128, "served": {"1024": 8},
               "outputs": {ps[0]["id"]: {"text": " 12345!"}, ps[1]["id"]: {"text": " 88888."},  # both agree
                           ps[2]["id"]: {"text": " 54321."}, ps[3]["id"]: {"text": " 11111."}}}  # wrong, same
-    s = report.summarize(ps, [dense, sparse], [8])["summary"]
+    wide = dict(sparse, label="kt128_kb32", block_budget=32,  # same k_t, more candidates: its own keys
+                outputs={pid: {"text": " 12345."} for pid in dense["outputs"]})
+    result = report.summarize(ps, [dense, sparse, wide], [8])
+    s = result["summary"]
     assert s["agreement_1k_b8"] == pytest.approx(3 / 4)
     assert s["identical_1k_b8"] == pytest.approx(1 / 4)
+    assert s["retrieval_ratio_vs_dense_1k_b8"] == pytest.approx(1 / 2)
+    assert s["retrieval_ratio_vs_dense_1k_b8_kb32"] == 2.0 and s["agreement_1k_b8_kb32"] == pytest.approx(2 / 4)
+    assert set(result["scores"]["1024"]) == {"dense", "1/8", "1/8 kb32"}
