@@ -33,7 +33,7 @@ import fidelity_server_report as report  # noqa: E402
 import server_parity  # noqa: E402
 
 DENSE_BELOW = 4096
-RUN_KEYS = ("token_budget", "block_budget", "served", "server_flags", "environment", "ready_s", "wall_s")
+RUN_KEYS = ("date", "token_budget", "block_budget", "served", "server_flags", "environment", "ready_s", "wall_s")
 SERVER_CONTEXT = 32768
 
 
@@ -108,9 +108,9 @@ def run(args) -> None:
     flags = (asynctls_flags(args.token_budget, args.dense_below, args.block_budget) if args.token_budget
              else []) + args.server_args
     result = {"label": args.label or (f"kt{args.token_budget}" if args.token_budget else "dense"),
+              "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started)),
               "token_budget": args.token_budget, "block_budget": args.block_budget, "served": served,
-              "server_flags": flags,
-              "environment": server_parity.environment(), "prompts_file": str(args.prompts)}
+              "server_flags": flags, "environment": server_parity.environment(), "prompts_file": str(args.prompts)}
     proc = None
     if args.launch:
         url = f"http://127.0.0.1:{server_parity.PORT}"
@@ -172,7 +172,9 @@ def summarize(args) -> None:
     prompts = read_prompts(args.prompts)
     runs = [json.loads(Path(r).read_text()) for r in args.runs]
     result = report.summarize(prompts, runs, args.fractions)
+    dates = sorted(r["date"] for r in runs if r.get("date"))
     result = {"benchmark": "fidelity_server", "command": " ".join(["python"] + sys.argv),
+              "date": f"{dates[0]} .. {dates[-1]}" if dates else None, "build": args.build,
               "runs": {r["label"]: {k: r.get(k) for k in RUN_KEYS} for r in runs}, **result}
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     env = runs[0].get("environment", {})
@@ -222,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     sm = sub.choices["summarize"]
     sm.add_argument("runs", nargs="+")
     sm.add_argument("--out", required=True, type=Path)
+    sm.add_argument("--build", default=None, help="the commit the runs' working tree was at (the host has no .git)")
     sm.add_argument("--title", default="Qwen2.5-Coder fidelity through SGLang")
     return p
 

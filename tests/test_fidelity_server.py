@@ -120,6 +120,7 @@ def test_run_and_summary_against_a_fake_server(tmp_path, prompts):
         assert len(srv.seen) == len(prompts)
         run = json.loads((tmp_path / "kt128.json").read_text())
         assert run["served"] == {"1024": 8, "2048": 16} and "--asynctls-token-budget" in run["server_flags"]
+        assert run["date"].endswith(" UTC") and run["date"][:2] == "20"
     finally:
         srv.shutdown()
     out = tmp_path / "result.json"
